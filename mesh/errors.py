@@ -1,0 +1,108 @@
+"""Domain errors and the one table that maps them to gRPC status codes.
+
+Service code raises these; the server interceptor turns them into statuses with
+rich details (field violations, retry hints) so callers can tell what to do.
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+
+class RagloomError(Exception):
+    """Base of every error a service reports to its caller."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def details(self) -> list:
+        """Extra google.rpc error details packed into the status."""
+        return []
+
+
+class InvalidArgument(RagloomError):
+    """The request is malformed; retrying it unchanged cannot succeed."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+        self.description = message
+
+    def details(self) -> list:
+        violation = error_details_pb2.BadRequest.FieldViolation(field=self.field, description=self.description)
+        return [error_details_pb2.BadRequest(field_violations=[violation])]
+
+
+class NotFound(RagloomError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class FailedPrecondition(RagloomError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Overloaded(RagloomError):
+    """Too much work in flight; the caller should back off and retry."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def details(self) -> list:
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(int(self.retry_after_s * 1000))
+        return [error_details_pb2.RetryInfo(retry_delay=delay)]
+
+
+class Unavailable(RagloomError):
+    """A dependency is down or unreachable; retrying later may succeed."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(RagloomError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class PermissionDenied(RagloomError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+# Status codes of a failed downstream call that pass through unchanged; any other
+# downstream failure (INTERNAL, UNKNOWN, ...) is the dependency's fault, not the caller's.
+_PASS_THROUGH = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.CANCELLED,
+}
+
+
+def to_status(exc: BaseException, service: str = "") -> grpc.Status:
+    """The rich status a handler failing with `exc` reports."""
+    if isinstance(exc, RagloomError):
+        code, message, details = exc.code, exc.message, exc.details()
+    elif isinstance(exc, grpc.aio.AioRpcError):
+        # A call to another service failed: say which, keep its code when it means the same here.
+        code = exc.code() if exc.code() in _PASS_THROUGH else grpc.StatusCode.UNAVAILABLE
+        message, details = f"{service or 'dependency'} call failed: {exc.details()}", []
+    else:
+        code, message, details = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}", []
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message)
+    for detail in details:
+        status.details.add().Pack(detail)
+    return rpc_status.to_status(status)

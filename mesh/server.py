@@ -1,0 +1,193 @@
+"""One server lifecycle for every service.
+
+grpc.aio server with the error interceptor and size/keepalive options → standard
+health (NOT_SERVING until warm) and reflection → start → warm the service → SERVING
+→ wait for SIGTERM/SIGINT → NOT_SERVING → graceful stop → close the service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from mesh.errors import to_status
+from mesh.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Service(Protocol):
+    """What the bootstrap needs from a service."""
+
+    #: Short name used in logs and error messages, e.g. "indexer".
+    name: str
+    #: Fully qualified gRPC service names it implements (for health and reflection).
+    service_names: list[str]
+
+    def register(self, server: grpc.aio.Server) -> None:
+        """Adds the servicers to the server."""
+
+    async def start(self) -> None:
+        """Loads models / data. Health says NOT_SERVING until this returns."""
+
+    async def close(self) -> None:
+        """Releases resources after the server has stopped."""
+
+
+def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
+    size = settings.max_message_mb * 1024 * 1024
+    return [
+        ("grpc.max_receive_message_length", size),
+        ("grpc.max_send_message_length", size),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps every exception a handler raises to a status code, for unary and streaming handlers."""
+
+    def __init__(self, service: str):
+        self.service = service
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary(handler.stream_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                self._wrap_stream(handler.stream_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _wrap_unary(self, behavior, method: str):
+        async def wrapped(request, context):
+            try:
+                return await behavior(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - this is the one place errors become statuses
+                await self._abort(context, method, exc)
+
+        return wrapped
+
+    def _wrap_stream(self, behavior, method: str):
+        async def wrapped(request, context):
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                await self._abort(context, method, exc)
+
+        return wrapped
+
+    async def _abort(self, context, method: str, exc: Exception) -> None:
+        status = to_status(exc, self.service)
+        if status.code is grpc.StatusCode.INTERNAL:
+            log.exception("%s failed", method, exc_info=exc)
+        else:
+            log.info("%s -> %s: %s", method, status.code.name, status.details)
+        await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+async def serve(
+    service: Service,
+    settings: ServiceSettings,
+    *,
+    on_ready: Callable[[int], Awaitable[None] | None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Runs `service` until SIGTERM/SIGINT (or `stop` is set), then shuts it down gracefully."""
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(service.name)], options=server_options(settings))
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    for name in ("", *service.service_names):
+        await health.set(name, NOT_SERVING)
+    service.register(server)
+    reflection.enable_server_reflection(
+        [*service.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    port = server.add_insecure_port(settings.address)
+    if port == 0:
+        raise OSError(f"{service.name}: cannot listen on {settings.address}")
+    await server.start()
+    log.info("%s listening on %s:%d (warming up)", service.name, settings.host, port)
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
+            pass
+    try:
+        warm = asyncio.ensure_future(service.start())
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({warm, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if warm.done():
+            warm.result()  # a failed warm-up ends the process with its error
+            for name in ("", *service.service_names):
+                await health.set(name, SERVING)
+            log.info("%s serving on %s:%d", service.name, settings.host, port)
+            if on_ready is not None:
+                result = on_ready(port)
+                if asyncio.iscoroutine(result):
+                    await result
+            await stopped
+        else:
+            warm.cancel()
+        log.info("%s shutting down (grace %.1fs)", service.name, settings.grace_s)
+    finally:
+        await health.enter_graceful_shutdown()
+        await server.stop(settings.grace_s)
+        await service.close()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.remove_signal_handler(sig)
+            except (NotImplementedError, RuntimeError):
+                pass
+        log.info("%s stopped", service.name)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
