@@ -1,0 +1,1 @@
+"""Embedding service: ONNX Runtime over a sentence-transformers model, L2-normalised vectors."""

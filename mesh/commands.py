@@ -1,0 +1,187 @@
+"""Client commands of the CLI: ingest, ask, search, delete — all through the router's public API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from importlib import resources
+from pathlib import Path
+
+import grpc
+from tqdm import tqdm
+
+from ragloom.router.v1 import router_pb2, router_pb2_grpc
+from router.parsing import format_for, supported
+
+
+def _stub(args: argparse.Namespace) -> router_pb2_grpc.RouterServiceStub:
+    size = 64 * 1024 * 1024
+    channel = grpc.insecure_channel(
+        args.router, options=[("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)]
+    )
+    return router_pb2_grpc.RouterServiceStub(channel)
+
+
+def _fail(args: argparse.Namespace, exc: grpc.RpcError) -> int:
+    print(f"ragloom: {exc.code().name}: {exc.details()}", file=sys.stderr)
+    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        print(f"ragloom: is the mesh running (`ragloom up`)? router address: {args.router}", file=sys.stderr)
+    return 1
+
+
+def _files(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Files to ingest (folders walked for supported types) and paths that cannot be used."""
+    found, problems = [], []
+    for path in paths:
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and supported(p.name)
+                                and not any(part.startswith(".") for part in p.relative_to(path).parts)))
+        elif path.is_file():
+            found.append(path)
+        else:
+            problems.append((path, "no such file or folder"))
+    return found, problems
+
+
+def _sample_files() -> list[Path]:
+    folder = resources.files("router") / "samples"
+    return sorted(Path(str(p)) for p in folder.iterdir() if p.is_file() and supported(p.name))
+
+
+def ingest(args: argparse.Namespace) -> int:
+    paths = list(args.paths) + (_sample_files() if args.sample else [])
+    if not paths:
+        print("ragloom ingest: name files or folders, or --sample", file=sys.stderr)
+        return 2
+    files, failures = _files(paths)
+    failures = [(str(p), why) for p, why in failures]
+    stub = _stub(args)
+    chunks = 0
+    started = time.perf_counter()
+
+    def send(path: Path) -> router_pb2.IngestResponse:
+        source = str(path.resolve())
+        doc = router_pb2.Document(id=source, source=source, content=path.read_bytes(), format=format_for(path.name))
+        return stub.Ingest(router_pb2.IngestRequest(documents=[doc]), timeout=args.timeout)
+
+    with ThreadPoolExecutor(max_workers=max(1, args.concurrency)) as pool, \
+            tqdm(total=len(files), unit="file", desc="ingesting", file=sys.stderr, disable=args.json or None) as bar:
+        futures = {pool.submit(send, f): f for f in files}
+        for future in as_completed(futures):
+            path = futures[future]
+            try:
+                chunks += sum(d.chunks for d in future.result().documents)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAVAILABLE and not chunks:
+                    pool.shutdown(cancel_futures=True)
+                    return _fail(args, exc)
+                failures.append((str(path), f"{exc.code().name}: {exc.details()}"))
+                bar.write(f"skipped {path}: {exc.details()}", file=sys.stderr)
+            except OSError as exc:
+                failures.append((str(path), str(exc)))
+                bar.write(f"skipped {path}: {exc}", file=sys.stderr)
+            bar.update()
+    elapsed = time.perf_counter() - started
+    ingested = len(files) - sum(1 for p, _ in failures if Path(p) in set(map(Path, map(str, files))))
+    summary = {
+        "files": ingested, "chunks": chunks, "failed": [{"path": p, "error": e} for p, e in failures],
+        "seconds": round(elapsed, 3), "chunks_per_second": round(chunks / elapsed, 1) if elapsed else 0.0,
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"ingested {ingested} file(s), {chunks} chunks in {elapsed:.1f}s "
+              f"({summary['chunks_per_second']} chunks/s); {len(failures)} failed")
+        for path, error in failures:
+            print(f"  failed: {path}: {error}")
+    return 1 if failures and not ingested else 0
+
+
+def _ask_request(args: argparse.Namespace) -> router_pb2.AskRequest:
+    request = router_pb2.AskRequest(question=args.question)
+    if args.top_k is not None:
+        request.top_k = args.top_k
+    if args.max_tokens is not None:
+        request.max_tokens = args.max_tokens
+    return request
+
+
+def _source_json(s: router_pb2.Source) -> dict:
+    return {"number": s.number, "score": round(s.score, 4), "document_id": s.document_id,
+            "source": s.source, "chunk_id": s.chunk_id, "shard_id": s.shard_id, "text": s.text}
+
+
+def ask(args: argparse.Namespace) -> int:
+    stub = _stub(args)
+    try:
+        if args.json:
+            reply = stub.Ask(_ask_request(args), timeout=args.timeout)
+            print(json.dumps({
+                "answer": reply.answer, "citations": list(reply.citations),
+                "sources": [_source_json(s) for s in reply.sources],
+                "timings": {k: round(v, 1) for k, v in _fields(reply.timings).items()},
+            }, indent=2))
+            return 0
+        sources: list[router_pb2.Source] = []
+        done = None
+        for event in stub.AskStream(_ask_request(args), timeout=args.timeout):
+            kind = event.WhichOneof("event")
+            if kind == "sources":
+                sources = list(event.sources.sources)
+            elif kind == "token":
+                sys.stdout.write(event.token)
+                sys.stdout.flush()
+            elif kind == "done":
+                done = event.done
+    except grpc.RpcError as exc:
+        print()
+        return _fail(args, exc)
+    cited = list(done.citations) if done else []
+    print("\n\nSources:")
+    for s in sources:
+        mark = "*" if s.number in cited else " "
+        print(f" {mark}[{s.number}] {s.source}  (score {s.score:.3f})")
+    if done:
+        t = done.timings
+        print(f"\n* cited · first token {t.time_to_first_token_ms:.0f} ms · total {t.total_ms:.0f} ms · "
+              f"{done.completion_tokens} tokens", file=sys.stderr)
+    return 0
+
+
+def _fields(message) -> dict:
+    return {field.name: value for field, value in message.ListFields()}
+
+
+def search(args: argparse.Namespace) -> int:
+    request = router_pb2.SearchRequest(query=args.query)
+    if args.top_k is not None:
+        request.top_k = args.top_k
+    try:
+        reply = _stub(args).Search(request, timeout=args.timeout)
+    except grpc.RpcError as exc:
+        return _fail(args, exc)
+    hits = [{"score": round(h.score, 4), "document_id": h.document_id, "source": h.source,
+             "chunk_id": h.chunk_id, "shard_id": h.shard_id, "text": h.text} for h in reply.hits]
+    if args.json:
+        print(json.dumps(hits, indent=2))
+        return 0
+    for i, h in enumerate(hits, 1):
+        snippet = " ".join(h["text"].split())[:160]
+        print(f"{i:>2}. {h['score']:.3f}  {h['source']}\n    {snippet}…")
+    if not hits:
+        print("no results (is anything ingested?)")
+    return 0
+
+
+def delete(args: argparse.Namespace) -> int:
+    stub = _stub(args)
+    for doc_id in args.document_ids:
+        try:
+            reply = stub.DeleteDocument(router_pb2.DeleteDocumentRequest(document_id=doc_id), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            return _fail(args, exc)
+        print(f"{doc_id}: removed {reply.removed_chunks} chunks")
+    return 0

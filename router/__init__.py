@@ -1,0 +1,1 @@
+"""The public API and the RAG flow: ingest, search, ask."""

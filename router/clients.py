@@ -1,0 +1,92 @@
+"""Typed clients for the services the router calls; every call carries a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+import numpy as np
+
+from mesh.client import Deadline, channel
+from ragloom.embedder.v1 import embedder_pb2, embedder_pb2_grpc
+from ragloom.generator.v1 import generator_pb2, generator_pb2_grpc
+from ragloom.indexer.v1 import indexer_pb2, indexer_pb2_grpc
+
+
+class EmbedderClient:
+    def __init__(self, target: str, timeout_s: float, batch_texts: int = 64, parallel: int = 2):
+        self.target = target
+        self.timeout_s = timeout_s
+        self.batch_texts = batch_texts
+        self._channel = channel(target)
+        self._stub = embedder_pb2_grpc.EmbedderServiceStub(self._channel)
+        self._parallel = asyncio.Semaphore(parallel)
+
+    async def info(self, deadline: Deadline) -> embedder_pb2.InfoResponse:
+        return await self._stub.Info(embedder_pb2.InfoRequest(), timeout=deadline.timeout(self.timeout_s))
+
+    async def embed(self, texts: Sequence[str], deadline: Deadline) -> np.ndarray:
+        """Vectors for `texts` (n, dim), sent in batches with a few calls in flight."""
+
+        async def one(batch: Sequence[str]) -> np.ndarray:
+            async with self._parallel:
+                reply = await self._stub.Embed(
+                    embedder_pb2.EmbedRequest(texts=batch), timeout=deadline.timeout(self.timeout_s)
+                )
+            return np.array([e.values for e in reply.embeddings], dtype=np.float32).reshape(len(batch), -1)
+
+        batches = [texts[i : i + self.batch_texts] for i in range(0, len(texts), self.batch_texts)]
+        return np.concatenate(await asyncio.gather(*(one(b) for b in batches)))
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class ShardClient:
+    def __init__(self, shard_id: int, target: str, timeout_s: float):
+        self.shard_id = shard_id
+        self.target = target
+        self.timeout_s = timeout_s
+        self._channel = channel(target)
+        self._stub = indexer_pb2_grpc.IndexerServiceStub(self._channel)
+
+    async def upsert(self, chunks: list[indexer_pb2.Chunk], deadline: Deadline) -> indexer_pb2.UpsertResponse:
+        request = indexer_pb2.UpsertRequest(chunks=chunks, replace_documents=True, shard_id=self.shard_id)
+        return await self._stub.Upsert(request, timeout=deadline.timeout(self.timeout_s))
+
+    async def delete(self, document_ids: list[str], deadline: Deadline) -> indexer_pb2.DeleteResponse:
+        request = indexer_pb2.DeleteRequest(document_ids=document_ids, shard_id=self.shard_id)
+        return await self._stub.Delete(request, timeout=deadline.timeout(self.timeout_s))
+
+    async def search(self, vectors: np.ndarray, k: int, ef: int, deadline: Deadline) -> indexer_pb2.SearchResponse:
+        request = indexer_pb2.SearchRequest(
+            queries=[indexer_pb2.Vector(values=v) for v in vectors], k=k, ef=ef, shard_id=self.shard_id
+        )
+        return await self._stub.Search(request, timeout=deadline.timeout(self.timeout_s))
+
+    async def stats(self, deadline: Deadline) -> indexer_pb2.StatsResponse:
+        return await self._stub.Stats(indexer_pb2.StatsRequest(), timeout=deadline.timeout(self.timeout_s))
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class GeneratorClient:
+    def __init__(self, target: str, timeout_s: float):
+        self.target = target
+        self.timeout_s = timeout_s
+        self._channel = channel(target)
+        self._stub = generator_pb2_grpc.GeneratorServiceStub(self._channel)
+
+    async def generate(
+        self, request: generator_pb2.GenerateRequest, deadline: Deadline
+    ) -> AsyncIterator[generator_pb2.GenerateResponse]:
+        call = self._stub.Generate(request, timeout=deadline.timeout(self.timeout_s))
+        try:
+            async for reply in call:
+                yield reply
+        finally:
+            call.cancel()  # our caller went away: stop the generator spending compute
+
+    async def close(self) -> None:
+        await self._channel.close()

