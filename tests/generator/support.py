@@ -7,24 +7,45 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from generator.server import Settings, create_service
+import grpc
+from google.protobuf.message import Message
+from google.rpc import status_pb2
+
+from generator.server import GeneratorService, Settings, create_service
 from mesh.server import serve
 
 
+_M = TypeVar("_M", bound=Message)
+
+
+def status_details(error: grpc.aio.AioRpcError, kind: type[_M]) -> list[_M]:
+    """The google.rpc details of type `kind` packed into a failed call's status."""
+    found = []
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            for detail in status_pb2.Status.FromString(value).details:
+                if detail.Is(kind.DESCRIPTOR):
+                    message = kind()
+                    detail.Unpack(message)
+                    found.append(message)
+    return found
+
+
 @contextlib.asynccontextmanager
-async def running_generator(settings: Settings) -> AsyncIterator[str]:
-    """Serves the generator until the block ends; yields its address once health says SERVING."""
+async def running_generator(settings: Settings) -> AsyncIterator[tuple[str, GeneratorService]]:
+    """Serves the generator until the block ends; yields its address and the service once health says SERVING."""
     loop = asyncio.get_running_loop()
     ready: asyncio.Future[int] = loop.create_future()
     stop = asyncio.Event()
-    task = asyncio.create_task(serve(create_service(settings), settings, on_ready=ready.set_result, stop=stop))
+    service = create_service(settings)
+    task = asyncio.create_task(serve(service, settings, on_ready=ready.set_result, stop=stop))
     try:
         await asyncio.wait({ready, task}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
         if task.done():
             task.result()  # serve failed: raise its error
-        yield f"127.0.0.1:{ready.result()}"
+        yield f"127.0.0.1:{ready.result()}", service
     finally:
         stop.set()
         await task

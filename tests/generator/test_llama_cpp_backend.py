@@ -1,0 +1,80 @@
+"""The llama.cpp backend with the packaged SmolLM2 model, without gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import pytest_asyncio
+
+from generator.backends import ChatMessage, Delta, Finished, GenerationParams
+from generator.backends.llama_cpp import LlamaCppBackend
+from mesh.errors import Overloaded
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+COUNT = [ChatMessage("user", "Count from 1 to 300, one number per line.")]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def backend():
+    backend = LlamaCppBackend(context_tokens=1024)
+    await backend.start()
+    yield backend
+    await backend.close()
+
+
+async def generate(backend: LlamaCppBackend, params: GenerationParams) -> tuple[str, Finished]:
+    items = [item async for item in backend.stream(params)]
+    *deltas, finished = items
+    assert all(isinstance(item, Delta) and item.text for item in deltas)
+    assert isinstance(finished, Finished)
+    return "".join(delta.text for delta in deltas), finished
+
+
+async def test_streams_deltas_then_usage_and_respects_max_tokens(backend):
+    params = GenerationParams(messages=COUNT, max_tokens=8, temperature=0.0)
+
+    items = [item async for item in backend.stream(params)]
+
+    assert len(items) >= 4 and all(isinstance(item, Delta) for item in items[:-1])
+    assert items[-1] == Finished("length", prompt_tokens=items[-1].prompt_tokens, completion_tokens=8)
+    assert items[-1].prompt_tokens > 10  # the chat template wraps the question
+
+
+async def test_greedy_generation_is_repeatable_and_a_stop_sequence_holds(backend):
+    params = GenerationParams(messages=COUNT, max_tokens=40, temperature=0.0)
+    text, _ = await generate(backend, params)
+    assert "3" in text
+
+    stopped, finished = await generate(backend, GenerationParams(messages=COUNT, max_tokens=40, temperature=0.0, stop=["3"]))
+
+    assert finished.finish_reason == "stop"
+    assert "3" not in stopped
+    assert text.startswith(stopped)
+
+
+async def test_closing_the_stream_stops_the_worker(backend):
+    stream = backend.stream(GenerationParams(messages=COUNT, max_tokens=400, temperature=0.0))
+    for _ in range(3):
+        assert isinstance(await anext(stream), Delta)
+    await stream.aclose()
+    at_close = backend.tokens_sampled
+
+    # The next generation gets the context only once the worker has let go of it.
+    _, finished = await generate(backend, GenerationParams(messages=COUNT, max_tokens=1, temperature=0.0))
+    await asyncio.sleep(0.2)
+
+    assert finished.completion_tokens == 1
+    assert backend.tokens_sampled - at_close <= 3  # the token in flight, at most one more, then this one
+
+
+async def test_a_busy_model_turns_away_waiters_after_queue_timeout(backend, monkeypatch):
+    monkeypatch.setattr(backend, "queue_timeout_s", 0.1)
+    busy = backend.stream(GenerationParams(messages=COUNT, max_tokens=400, temperature=0.0))
+    await anext(busy)
+    try:
+        with pytest.raises(Overloaded):
+            await anext(backend.stream(GenerationParams(messages=COUNT, max_tokens=1)))
+    finally:
+        await busy.aclose()

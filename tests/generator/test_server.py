@@ -1,0 +1,103 @@
+"""The generator over gRPC with the llama.cpp backend: request validation, streaming, Info."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import pytest_asyncio
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from generator.server import Settings
+from ragloom.generator.v1 import generator_pb2, generator_pb2_grpc
+
+from .support import running_generator, status_details
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+Message = generator_pb2.Message
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def server():
+    settings = Settings(port=0, grace_s=0.5, context_tokens=1024)
+    async with running_generator(settings) as (target, service), grpc.aio.insecure_channel(target) as channel:
+        yield channel, service
+
+
+@pytest.fixture
+def channel(server):
+    return server[0]
+
+
+@pytest.fixture
+def stub(channel):
+    return generator_pb2_grpc.GeneratorServiceStub(channel)
+
+
+def user(text: str = "Name a colour.") -> list[Message]:
+    return [Message(role="user", content=text)]
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (generator_pb2.GenerateRequest(), "messages"),
+        (generator_pb2.GenerateRequest(messages=[Message(role="user", content="  \n")]), "messages"),
+        (generator_pb2.GenerateRequest(messages=[Message(role="robot", content="hi")]), "messages[0].role"),
+        (generator_pb2.GenerateRequest(messages=user(), max_tokens=0), "max_tokens"),
+        (generator_pb2.GenerateRequest(messages=user(), max_tokens=-5), "max_tokens"),
+        (generator_pb2.GenerateRequest(messages=user(), temperature=-0.1), "temperature"),
+        (generator_pb2.GenerateRequest(messages=user(), top_p=0.0), "top_p"),
+        (generator_pb2.GenerateRequest(messages=user(), top_p=1.5), "top_p"),
+        (generator_pb2.GenerateRequest(messages=user(), stop=["ok", ""]), "stop[1]"),
+    ],
+)
+async def test_bad_requests_are_invalid_argument_naming_the_field(stub, request_, field):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        [reply async for reply in stub.Generate(request_, timeout=10)]
+
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith(f"{field}: ")
+    [bad_request] = status_details(caught.value, error_details_pb2.BadRequest)
+    assert [v.field for v in bad_request.field_violations] == [field]
+
+
+async def test_generates_after_bad_requests_and_stays_serving(channel, stub):
+    request = generator_pb2.GenerateRequest(messages=user(), max_tokens=6, temperature=0.0, top_p=1.0, seed=7)
+
+    replies = [reply async for reply in stub.Generate(request, timeout=30)]
+
+    *pieces, last = replies
+    assert len(pieces) >= 2 and all(p.text and not p.HasField("usage") for p in pieces)
+    assert (last.text, last.finish_reason) == ("", generator_pb2.FINISH_REASON_LENGTH)
+    assert last.usage.completion_tokens == 6 and last.usage.prompt_tokens > 0
+    assert 0 < last.usage.time_to_first_token_ms <= last.usage.total_ms
+    health = await health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service="ragloom.generator.v1.GeneratorService"), timeout=5
+    )
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_info_describes_backend_and_model(stub):
+    info = await stub.Info(generator_pb2.InfoRequest(), timeout=5)
+
+    assert (info.backend, info.model, info.context_tokens) == ("llama_cpp", "SmolLM2-135M-Instruct.Q4_1.gguf", 1024)
+
+
+async def test_a_call_past_its_deadline_stops_the_generation(server, stub):
+    backend = server[1].backend
+    long_reply = generator_pb2.GenerateRequest(
+        messages=user("Count from 1 to 300, one number per line."), max_tokens=400, temperature=0.0
+    )
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        [reply async for reply in stub.Generate(long_reply, timeout=0.5)]
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    at_deadline = backend.tokens_sampled
+
+    # Served only once the cancelled generation has let go of the model.
+    replies = [reply async for reply in stub.Generate(generator_pb2.GenerateRequest(messages=user(), max_tokens=1), timeout=30)]
+
+    assert replies[-1].usage.completion_tokens == 1
+    assert backend.tokens_sampled - at_deadline <= 3
