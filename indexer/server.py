@@ -103,8 +103,16 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
             )
             for c in request.chunks
         ]
-        upserted, removed, sequence = await self._service.run(ShardStore.upsert, chunks, request.replace_documents)
-        return indexer_pb2.UpsertResponse(upserted=upserted, removed=removed, sequence=sequence)
+
+        def write(store: ShardStore):
+            # One worker-thread call, so no other write can land between the count and the upsert.
+            previous = store.chunk_counts(list(dict.fromkeys(c.document_id for c in chunks)))
+            return previous, store.upsert(chunks, request.replace_documents)
+
+        previous, (upserted, removed, sequence) = await self._service.run(write)
+        return indexer_pb2.UpsertResponse(
+            upserted=upserted, removed=removed, sequence=sequence, previous_chunks=previous
+        )
 
     async def Delete(self, request: indexer_pb2.DeleteRequest, context) -> indexer_pb2.DeleteResponse:
         self._check_shard(request)

@@ -213,6 +213,13 @@ class ShardStore:
             results.append(hits)
         return results
 
+    def chunk_counts(self, document_ids: Sequence[str]) -> dict[str, int]:
+        """Chunks held for each of `document_ids` (0 for documents not here)."""
+        counts = dict.fromkeys(document_ids, 0)
+        keys = list(counts)
+        counts.update(self._select("SELECT document_id, COUNT(*) FROM chunks WHERE document_id IN ({}) GROUP BY document_id", keys))
+        return counts
+
     def stats(self) -> ShardStats:
         live, documents = self._db.execute("SELECT COUNT(*), COUNT(DISTINCT document_id) FROM chunks").fetchone()
         return ShardStats(

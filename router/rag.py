@@ -155,10 +155,9 @@ class Rag:
         replies = await asyncio.gather(
             *(self.shards[shard].upsert(chunks, deadline) for shard, chunks in per_shard.items())
         )
-        removed = dict(zip(per_shard, (r.removed for r in replies)))
-        for result in results:  # the shard reports removals per request; attribute them when one doc per shard
-            if sum(1 for r in results if r.shard_id == result.shard_id) == 1:
-                result.replaced_chunks = removed.get(result.shard_id, 0)
+        previous = {doc_id: n for reply in replies for doc_id, n in reply.previous_chunks.items()}
+        for result in results:
+            result.replaced_chunks = previous.get(result.id, 0)
         timings.index_ms = clock.lap()
         timings.total_ms = clock.total()
         return results, timings

@@ -61,9 +61,11 @@ class Backend(ABC):
     def from_settings(cls, settings: Settings) -> Backend:
         """The backend configured by the service settings."""
 
+    @abstractmethod
     async def start(self) -> None:
         """Loads the model or opens connections; called once before the first `stream`."""
 
+    @abstractmethod
     async def close(self) -> None:
         """Releases what `start` acquired."""
 

@@ -34,7 +34,11 @@ def packaged_model_path() -> Path:
 
 
 class _TokenMeter:
-    """A pass-through logits processor: llama.cpp calls it once per sampled token with the ids so far."""
+    """A pass-through logits processor, called once per sampled token with the ids so far.
+
+    The first call sees exactly the templated prompt, so it gives the prompt length too. The count
+    includes an end-of-turn token when the model emits one.
+    """
 
     def __init__(self, on_token: Callable[[], None]):
         self._on_token = on_token
@@ -51,8 +55,14 @@ class _TokenMeter:
 
 @register("llama_cpp")
 class LlamaCppBackend(Backend):
-    def __init__(self, model_path: str | Path = "", *, context_tokens: int = 2048, threads: int = 0,
-                 queue_timeout_s: float = 30.0):
+    def __init__(
+        self,
+        model_path: str | Path = "",
+        *,
+        context_tokens: int = 2048,
+        threads: int = 0,
+        queue_timeout_s: float = 30.0,
+    ):
         self.model_path = Path(model_path).expanduser() if model_path else packaged_model_path()
         self.context_tokens = context_tokens
         self.threads = threads or usable_cpus()

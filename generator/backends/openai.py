@@ -23,16 +23,22 @@ MAX_CONNECTIONS = 64
 
 @register("openai")
 class OpenAIBackend(Backend):
-    def __init__(self, base_url: str, model: str = "", *, api_key: str = "", context_tokens: int = 0,
-                 request_timeout_s: float = 120.0, queue_timeout_s: float = 30.0):
+    def __init__(
+        self,
+        base_url: str,
+        model: str = "",
+        *,
+        api_key: str = "",
+        context_tokens: int = 0,
+        request_timeout_s: float = 120.0,
+        queue_timeout_s: float = 30.0,
+    ):
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.context_tokens = context_tokens
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # read: the longest silence between two chunks; pool: the longest wait for a free connection.
-        self._timeout = httpx.Timeout(
-            request_timeout_s, connect=min(10.0, request_timeout_s), pool=queue_timeout_s
-        )
+        self._timeout = httpx.Timeout(request_timeout_s, connect=min(10.0, request_timeout_s), pool=queue_timeout_s)
         self._client: httpx.AsyncClient | None = None
 
     @classmethod
@@ -123,7 +129,7 @@ async def _sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]
     async for line in response.aiter_lines():
         if not line.startswith("data:"):
             continue  # blank separators, comments (": keep-alive"), event/id fields
-        data = line[len("data:"):].strip()
+        data = line.removeprefix("data:").strip()
         if data == "[DONE]":
             return
         try:

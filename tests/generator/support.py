@@ -54,7 +54,8 @@ async def running_generator(settings: Settings) -> AsyncIterator[tuple[str, Gene
 def chunk(text: str | None = None, finish_reason: str | None = None) -> dict[str, Any]:
     """One chat.completion.chunk event."""
     delta = {"content": text} if text is not None else {}
-    return {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+    choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+    return {"object": "chat.completion.chunk", "choices": [choice]}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
@@ -121,7 +122,8 @@ class FakeOpenAI:
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
         _, path, _ = head[0].split(" ", 2)
-        headers = {name.strip().lower(): value.strip() for name, value in (line.split(":", 1) for line in head[1:] if line)}
+        fields = (line.split(":", 1) for line in head[1:] if line)
+        headers = {name.strip().lower(): value.strip() for name, value in fields}
         body = await reader.readexactly(int(headers.get("content-length", "0")))
         self.requests.append(Request(path, headers, json.loads(body)))
         reply = self.reply
@@ -130,7 +132,8 @@ class FakeOpenAI:
             payload = json.dumps(reply.error or {}).encode()
             writer.write(
                 f"HTTP/1.1 {reply.status} Error\r\nContent-Type: application/json\r\n{extra}"
-                f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload
+                f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
+                + payload
             )
             await writer.drain()
             return

@@ -18,7 +18,7 @@ COUNT = [ChatMessage("user", "Count from 1 to 300, one number per line.")]
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def backend():
-    backend = LlamaCppBackend(context_tokens=1024)
+    backend = LlamaCppBackend(context_tokens=1024, threads=1)  # one thread: steady on a busy 2-core box
     await backend.start()
     yield backend
     await backend.close()
@@ -47,7 +47,9 @@ async def test_greedy_generation_is_repeatable_and_a_stop_sequence_holds(backend
     text, _ = await generate(backend, params)
     assert "3" in text
 
-    stopped, finished = await generate(backend, GenerationParams(messages=COUNT, max_tokens=40, temperature=0.0, stop=["3"]))
+    stopped, finished = await generate(
+        backend, GenerationParams(messages=COUNT, max_tokens=40, temperature=0.0, stop=["3"])
+    )
 
     assert finished.finish_reason == "stop"
     assert "3" not in stopped

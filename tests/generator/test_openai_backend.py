@@ -40,7 +40,11 @@ async def test_text_streams_as_the_upstream_produces_it(fake, backend):
     fake.reply = Reply(events=[*map(chunk, words), chunk(finish_reason="stop"), usage(12, 4)], delay_s=0.1)
     params = GenerationParams(
         messages=[ChatMessage("system", "Be brief."), ChatMessage("user", "Say hi.")],
-        max_tokens=8, temperature=0.5, top_p=0.9, stop=["\n\n"], seed=42,
+        max_tokens=8,
+        temperature=0.5,
+        top_p=0.9,
+        stop=["\n\n"],
+        seed=42,
     )
 
     items, sent_at_first_delta = [], None
@@ -164,7 +168,11 @@ async def test_grpc_streams_text_then_finish_and_usage(fake, stub):
 
 @pytest.mark.parametrize(
     ("status", "code"),
-    [(429, grpc.StatusCode.RESOURCE_EXHAUSTED), (503, grpc.StatusCode.UNAVAILABLE), (400, grpc.StatusCode.INVALID_ARGUMENT)],
+    [
+        (429, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (503, grpc.StatusCode.UNAVAILABLE),
+        (400, grpc.StatusCode.INVALID_ARGUMENT),
+    ],
 )
 async def test_grpc_reports_upstream_errors_by_meaning(fake, stub, status, code):
     fake.reply = Reply(status=status, error={"error": {"message": "upstream says no"}}, headers={"Retry-After": "2"})

@@ -20,7 +20,7 @@ Message = generator_pb2.Message
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def server():
-    settings = Settings(port=0, grace_s=0.5, context_tokens=1024)
+    settings = Settings(port=0, grace_s=0.5, context_tokens=1024, threads=1)
     async with running_generator(settings) as (target, service), grpc.aio.insecure_channel(target) as channel:
         yield channel, service
 
@@ -97,7 +97,8 @@ async def test_a_call_past_its_deadline_stops_the_generation(server, stub):
     at_deadline = backend.tokens_sampled
 
     # Served only once the cancelled generation has let go of the model.
-    replies = [reply async for reply in stub.Generate(generator_pb2.GenerateRequest(messages=user(), max_tokens=1), timeout=30)]
+    short = generator_pb2.GenerateRequest(messages=user(), max_tokens=1)
+    replies = [reply async for reply in stub.Generate(short, timeout=30)]
 
     assert replies[-1].usage.completion_tokens == 1
     assert backend.tokens_sampled - at_deadline <= 3

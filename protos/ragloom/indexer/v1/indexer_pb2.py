@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n ragloom/indexer/v1/indexer.proto\x12\x12ragloom.indexer.v1\"\xc8\x01\n\x05\x43hunk\x12\x10\n\x08\x63hunk_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x39\n\x08metadata\x18\x05 \x03(\x0b\x32\'.ragloom.indexer.v1.Chunk.MetadataEntry\x12\x0e\n\x06vector\x18\x06 \x03(\x02\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"y\n\rUpsertRequest\x12)\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x19.ragloom.indexer.v1.Chunk\x12\x19\n\x11replace_documents\x18\x02 \x01(\x08\x12\x15\n\x08shard_id\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x0b\n\t_shard_id\"E\n\x0eUpsertResponse\x12\x10\n\x08upserted\x18\x01 \x01(\r\x12\x0f\n\x07removed\x18\x02 \x01(\r\x12\x10\n\x08sequence\x18\x03 \x01(\x04\"I\n\rDeleteRequest\x12\x14\n\x0c\x64ocument_ids\x18\x01 \x03(\t\x12\x15\n\x08shard_id\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\x0b\n\t_shard_id\"3\n\x0e\x44\x65leteResponse\x12\x0f\n\x07removed\x18\x01 \x01(\r\x12\x10\n\x08sequence\x18\x02 \x01(\x04\"w\n\rSearchRequest\x12+\n\x07queries\x18\x01 \x03(\x0b\x32\x1a.ragloom.indexer.v1.Vector\x12\t\n\x01k\x18\x02 \x01(\r\x12\n\n\x02\x65\x66\x18\x03 \x01(\r\x12\x15\n\x08shard_id\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x0b\n\t_shard_id\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xc3\x01\n\x03Hit\x12\x10\n\x08\x63hunk_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x37\n\x08metadata\x18\x06 \x03(\x0b\x32%.ragloom.indexer.v1.Hit.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"4\n\x0bQueryResult\x12%\n\x04hits\x18\x01 \x03(\x0b\x32\x17.ragloom.indexer.v1.Hit\"T\n\x0eSearchResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.ragloom.indexer.v1.QueryResult\x12\x10\n\x08shard_id\x18\x02 \x01(\r\"\x0e\n\x0cStatsRequest\"\x80\x01\n\rStatsResponse\x12\x10\n\x08shard_id\x18\x01 \x01(\r\x12\x13\n\x0blive_chunks\x18\x02 \x01(\x04\x12\x11\n\tdocuments\x18\x03 \x01(\x04\x12\x11\n\tdimension\x18\x04 \x01(\r\x12\x10\n\x08sequence\x18\x05 \x01(\x04\x12\x10\n\x08\x63\x61pacity\x18\x06 \x01(\x04\x32\xd1\x02\n\x0eIndexerService\x12O\n\x06Upsert\x12!.ragloom.indexer.v1.UpsertRequest\x1a\".ragloom.indexer.v1.UpsertResponse\x12O\n\x06\x44\x65lete\x12!.ragloom.indexer.v1.DeleteRequest\x1a\".ragloom.indexer.v1.DeleteResponse\x12O\n\x06Search\x12!.ragloom.indexer.v1.SearchRequest\x1a\".ragloom.indexer.v1.SearchResponse\x12L\n\x05Stats\x12 .ragloom.indexer.v1.StatsRequest\x1a!.ragloom.indexer.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n ragloom/indexer/v1/indexer.proto\x12\x12ragloom.indexer.v1\"\xc8\x01\n\x05\x43hunk\x12\x10\n\x08\x63hunk_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x39\n\x08metadata\x18\x05 \x03(\x0b\x32\'.ragloom.indexer.v1.Chunk.MetadataEntry\x12\x0e\n\x06vector\x18\x06 \x03(\x02\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"y\n\rUpsertRequest\x12)\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x19.ragloom.indexer.v1.Chunk\x12\x19\n\x11replace_documents\x18\x02 \x01(\x08\x12\x15\n\x08shard_id\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x0b\n\t_shard_id\"\xcd\x01\n\x0eUpsertResponse\x12\x10\n\x08upserted\x18\x01 \x01(\r\x12\x0f\n\x07removed\x18\x02 \x01(\r\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12O\n\x0fprevious_chunks\x18\x04 \x03(\x0b\x32\x36.ragloom.indexer.v1.UpsertResponse.PreviousChunksEntry\x1a\x35\n\x13PreviousChunksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"I\n\rDeleteRequest\x12\x14\n\x0c\x64ocument_ids\x18\x01 \x03(\t\x12\x15\n\x08shard_id\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\x0b\n\t_shard_id\"3\n\x0e\x44\x65leteResponse\x12\x0f\n\x07removed\x18\x01 \x01(\r\x12\x10\n\x08sequence\x18\x02 \x01(\x04\"w\n\rSearchRequest\x12+\n\x07queries\x18\x01 \x03(\x0b\x32\x1a.ragloom.indexer.v1.Vector\x12\t\n\x01k\x18\x02 \x01(\r\x12\n\n\x02\x65\x66\x18\x03 \x01(\r\x12\x15\n\x08shard_id\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x0b\n\t_shard_id\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xc3\x01\n\x03Hit\x12\x10\n\x08\x63hunk_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x37\n\x08metadata\x18\x06 \x03(\x0b\x32%.ragloom.indexer.v1.Hit.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"4\n\x0bQueryResult\x12%\n\x04hits\x18\x01 \x03(\x0b\x32\x17.ragloom.indexer.v1.Hit\"T\n\x0eSearchResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.ragloom.indexer.v1.QueryResult\x12\x10\n\x08shard_id\x18\x02 \x01(\r\"\x0e\n\x0cStatsRequest\"\x80\x01\n\rStatsResponse\x12\x10\n\x08shard_id\x18\x01 \x01(\r\x12\x13\n\x0blive_chunks\x18\x02 \x01(\x04\x12\x11\n\tdocuments\x18\x03 \x01(\x04\x12\x11\n\tdimension\x18\x04 \x01(\r\x12\x10\n\x08sequence\x18\x05 \x01(\x04\x12\x10\n\x08\x63\x61pacity\x18\x06 \x01(\x04\x32\xd1\x02\n\x0eIndexerService\x12O\n\x06Upsert\x12!.ragloom.indexer.v1.UpsertRequest\x1a\".ragloom.indexer.v1.UpsertResponse\x12O\n\x06\x44\x65lete\x12!.ragloom.indexer.v1.DeleteRequest\x1a\".ragloom.indexer.v1.DeleteResponse\x12O\n\x06Search\x12!.ragloom.indexer.v1.SearchRequest\x1a\".ragloom.indexer.v1.SearchResponse\x12L\n\x05Stats\x12 .ragloom.indexer.v1.StatsRequest\x1a!.ragloom.indexer.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,6 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CHUNK_METADATAENTRY']._loaded_options = None
   _globals['_CHUNK_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_UPSERTRESPONSE_PREVIOUSCHUNKSENTRY']._loaded_options = None
+  _globals['_UPSERTRESPONSE_PREVIOUSCHUNKSENTRY']._serialized_options = b'8\001'
   _globals['_HIT_METADATAENTRY']._loaded_options = None
   _globals['_HIT_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_CHUNK']._serialized_start=57
@@ -41,28 +43,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHUNK_METADATAENTRY']._serialized_end=257
   _globals['_UPSERTREQUEST']._serialized_start=259
   _globals['_UPSERTREQUEST']._serialized_end=380
-  _globals['_UPSERTRESPONSE']._serialized_start=382
-  _globals['_UPSERTRESPONSE']._serialized_end=451
-  _globals['_DELETEREQUEST']._serialized_start=453
-  _globals['_DELETEREQUEST']._serialized_end=526
-  _globals['_DELETERESPONSE']._serialized_start=528
-  _globals['_DELETERESPONSE']._serialized_end=579
-  _globals['_SEARCHREQUEST']._serialized_start=581
-  _globals['_SEARCHREQUEST']._serialized_end=700
-  _globals['_VECTOR']._serialized_start=702
-  _globals['_VECTOR']._serialized_end=726
-  _globals['_HIT']._serialized_start=729
-  _globals['_HIT']._serialized_end=924
+  _globals['_UPSERTRESPONSE']._serialized_start=383
+  _globals['_UPSERTRESPONSE']._serialized_end=588
+  _globals['_UPSERTRESPONSE_PREVIOUSCHUNKSENTRY']._serialized_start=535
+  _globals['_UPSERTRESPONSE_PREVIOUSCHUNKSENTRY']._serialized_end=588
+  _globals['_DELETEREQUEST']._serialized_start=590
+  _globals['_DELETEREQUEST']._serialized_end=663
+  _globals['_DELETERESPONSE']._serialized_start=665
+  _globals['_DELETERESPONSE']._serialized_end=716
+  _globals['_SEARCHREQUEST']._serialized_start=718
+  _globals['_SEARCHREQUEST']._serialized_end=837
+  _globals['_VECTOR']._serialized_start=839
+  _globals['_VECTOR']._serialized_end=863
+  _globals['_HIT']._serialized_start=866
+  _globals['_HIT']._serialized_end=1061
   _globals['_HIT_METADATAENTRY']._serialized_start=210
   _globals['_HIT_METADATAENTRY']._serialized_end=257
-  _globals['_QUERYRESULT']._serialized_start=926
-  _globals['_QUERYRESULT']._serialized_end=978
-  _globals['_SEARCHRESPONSE']._serialized_start=980
-  _globals['_SEARCHRESPONSE']._serialized_end=1064
-  _globals['_STATSREQUEST']._serialized_start=1066
-  _globals['_STATSREQUEST']._serialized_end=1080
-  _globals['_STATSRESPONSE']._serialized_start=1083
-  _globals['_STATSRESPONSE']._serialized_end=1211
-  _globals['_INDEXERSERVICE']._serialized_start=1214
-  _globals['_INDEXERSERVICE']._serialized_end=1551
+  _globals['_QUERYRESULT']._serialized_start=1063
+  _globals['_QUERYRESULT']._serialized_end=1115
+  _globals['_SEARCHRESPONSE']._serialized_start=1117
+  _globals['_SEARCHRESPONSE']._serialized_end=1201
+  _globals['_STATSREQUEST']._serialized_start=1203
+  _globals['_STATSREQUEST']._serialized_end=1217
+  _globals['_STATSRESPONSE']._serialized_start=1220
+  _globals['_STATSRESPONSE']._serialized_end=1348
+  _globals['_INDEXERSERVICE']._serialized_start=1351
+  _globals['_INDEXERSERVICE']._serialized_end=1688
 # @@protoc_insertion_point(module_scope)

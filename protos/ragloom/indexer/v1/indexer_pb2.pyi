@@ -40,14 +40,23 @@ class UpsertRequest(_message.Message):
     def __init__(self, chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., replace_documents: _Optional[bool] = ..., shard_id: _Optional[int] = ...) -> None: ...
 
 class UpsertResponse(_message.Message):
-    __slots__ = ("upserted", "removed", "sequence")
+    __slots__ = ("upserted", "removed", "sequence", "previous_chunks")
+    class PreviousChunksEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     UPSERTED_FIELD_NUMBER: _ClassVar[int]
     REMOVED_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     upserted: int
     removed: int
     sequence: int
-    def __init__(self, upserted: _Optional[int] = ..., removed: _Optional[int] = ..., sequence: _Optional[int] = ...) -> None: ...
+    previous_chunks: _containers.ScalarMap[str, int]
+    def __init__(self, upserted: _Optional[int] = ..., removed: _Optional[int] = ..., sequence: _Optional[int] = ..., previous_chunks: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
     __slots__ = ("document_ids", "shard_id")
