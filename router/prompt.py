@@ -12,6 +12,9 @@ SYSTEM_PROMPT = (
     "If the sources do not contain the answer, say that you do not know."
 )
 
+# A small model sometimes starts copying the sources back out; these end the answer there.
+STOP_SEQUENCES = ["\n\n[", "\nSources:", "\nQuestion:"]
+
 _CITATION = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
 
 
@@ -34,7 +37,7 @@ def build_messages(
     used_tokens = count_tokens(SYSTEM_PROMPT) + count_tokens(header) + 16
     blocks, used = [], []
     for passage in passages:
-        label = f"[{passage.number}] (from {passage.source})\n"
+        label = f"[{passage.number}] "
         room = budget_tokens - used_tokens - count_tokens(label)
         if room < 24:
             break

@@ -17,7 +17,7 @@ from ragloom.indexer.v1 import indexer_pb2
 from router.chunking import Chunker
 from router.clients import EmbedderClient, GeneratorClient, ShardClient
 from router.parsing import format_for, parse
-from router.prompt import Passage, build_messages, cited_numbers
+from router.prompt import STOP_SEQUENCES, Passage, build_messages, cited_numbers
 from router.sharding import shard_for
 
 
@@ -257,6 +257,7 @@ class Rag:
         request = generator_pb2.GenerateRequest(
             messages=[generator_pb2.Message(**m) for m in messages],
             max_tokens=max_tokens,
+            stop=STOP_SEQUENCES,
             temperature=self.config.temperature if temperature is None else temperature,
         )
         gen_start = time.perf_counter()

@@ -62,11 +62,13 @@ class LlamaCppBackend(Backend):
         context_tokens: int = 2048,
         threads: int = 0,
         queue_timeout_s: float = 30.0,
+        repeat_penalty: float = 1.15,
     ):
         self.model_path = Path(model_path).expanduser() if model_path else packaged_model_path()
         self.context_tokens = context_tokens
         self.threads = threads or usable_cpus()
         self.queue_timeout_s = queue_timeout_s
+        self.repeat_penalty = repeat_penalty
         self._llm: llama_cpp.Llama | None = None
         # A llama.cpp context holds one sequence: generations take turns on one worker thread.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
@@ -80,6 +82,7 @@ class LlamaCppBackend(Backend):
             context_tokens=settings.context_tokens,
             threads=settings.threads,
             queue_timeout_s=settings.queue_timeout_s,
+            repeat_penalty=settings.repeat_penalty,
         )
 
     @property
@@ -162,7 +165,7 @@ class LlamaCppBackend(Backend):
     ) -> None:
         """Runs on the worker thread; hands every chunk to `emit` and checks `cancelled` after each."""
         meter = _TokenMeter(self._count_token)
-        options: dict[str, Any] = {}
+        options: dict[str, Any] = {"repeat_penalty": self.repeat_penalty}
         if params.temperature is not None:
             options["temperature"] = params.temperature
         if params.top_p is not None:

@@ -13,7 +13,7 @@ def test_sources_are_numbered_and_cut_to_the_budget():
     messages, used = build_messages("Why?", passages, words, budget_tokens=260)
     assert [m["role"] for m in messages] == ["system", "user"]
     user = messages[1]["content"]
-    assert "[1] (from doc1.txt)" in user and "Question: Why?" in user
+    assert "[1] word" in user and "Question: Why?" in user
     assert 1 <= len(used) < 5 and [p.number for p in used] == list(range(1, len(used) + 1))
     assert words(messages[0]["content"]) + words(user) <= 260
 

@@ -1,0 +1,151 @@
+"""The shared bootstrap: error mapping for unary and streaming handlers, health through the lifecycle."""
+
+import asyncio
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from mesh.errors import InvalidArgument, Overloaded, Unavailable
+from mesh.server import serve
+from mesh.settings import ServiceSettings
+
+SERVICE = "test.Echo"
+
+
+def _raise(exc):
+    raise exc
+
+
+FAILURES = {
+    "invalid": lambda: _raise(InvalidArgument("texts[2]", "text is empty")),
+    "overloaded": lambda: _raise(Overloaded("busy", retry_after_s=2.5)),
+    "down": lambda: _raise(Unavailable("shard 1 unreachable")),
+    "bug": lambda: _raise(ZeroDivisionError("division by zero")),
+}
+
+
+class EchoService:
+    name = "echo"
+    service_names = [SERVICE]
+
+    def __init__(self):
+        self.warm = asyncio.Event()
+        self.closed = False
+
+    def register(self, server):
+        async def unary(request: bytes, context):
+            if request.decode() in FAILURES:
+                FAILURES[request.decode()]()
+            return request
+
+        async def stream(request: bytes, context):
+            yield b"first"
+            if request.decode() in FAILURES:
+                FAILURES[request.decode()]()
+            yield b"never"
+
+        handlers = {
+            "Unary": grpc.unary_unary_rpc_method_handler(unary),
+            "Stream": grpc.unary_stream_rpc_method_handler(stream),
+        }
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
+
+    async def start(self):
+        await self.warm.wait()
+
+    async def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+async def running():
+    service, stop = EchoService(), asyncio.Event()
+    settings = ServiceSettings(port=0, grace_s=1)
+    ready = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(serve(service, settings, on_ready=ready.set_result, stop=stop))
+    yield service, stop, ready, task
+    stop.set()
+    service.warm.set()
+    await asyncio.wait_for(task, 10)
+
+
+async def _serving(service, ready):
+    service.warm.set()
+    return await asyncio.wait_for(ready, 10)
+
+
+async def test_errors_map_to_status_codes_for_unary_and_streaming(running):
+    service, _, ready, _ = running
+    port = await _serving(service, ready)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        unary = channel.unary_unary(f"/{SERVICE}/Unary")
+        stream = channel.unary_stream(f"/{SERVICE}/Stream")
+        assert await unary(b"hi", timeout=5) == b"hi"
+        expected = {
+            "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+            "overloaded": grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "down": grpc.StatusCode.UNAVAILABLE,
+            "bug": grpc.StatusCode.INTERNAL,
+        }
+        for name, code in expected.items():
+            with pytest.raises(grpc.aio.AioRpcError) as unary_error:
+                await unary(name.encode(), timeout=5)
+            assert unary_error.value.code() == code
+            received = []
+            with pytest.raises(grpc.aio.AioRpcError) as stream_error:
+                async for item in stream(name.encode(), timeout=5):
+                    received.append(item)
+            assert stream_error.value.code() == code and received == [b"first"]
+
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await unary(b"invalid", timeout=5)
+        assert info.value.details() == "texts[2]: text is empty"
+        status = rpc_status.from_call(info.value)
+        violation = error_details_pb2.BadRequest()
+        status.details[0].Unpack(violation)
+        assert violation.field_violations[0].field == "texts[2]"
+
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await unary(b"overloaded", timeout=5)
+        retry = error_details_pb2.RetryInfo()
+        rpc_status.from_call(info.value).details[0].Unpack(retry)
+        assert retry.retry_delay.ToMilliseconds() == 2500
+
+
+async def test_health_is_not_serving_until_warm_and_after_stop(running):
+    service, stop, ready, task = running
+    assert not ready.done(), "on_ready must wait for the warm-up"
+    port = await _serving(service, ready)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert service.closed
+
+
+async def test_not_serving_while_warming_up(unused_tcp_port):
+    service, stop = EchoService(), asyncio.Event()
+    settings = ServiceSettings(port=unused_tcp_port, grace_s=1)
+    task = asyncio.create_task(serve(service, settings, stop=stop))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{unused_tcp_port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            await channel.channel_ready()
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            service.warm.set()
+            for _ in range(50):
+                reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+                await asyncio.sleep(0.02)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        stop.set()
+        service.warm.set()
+        await asyncio.wait_for(task, 10)
