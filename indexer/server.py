@@ -1,8 +1,11 @@
-"""gRPC face of one indexer shard: converts proto ⇄ store types and nothing else."""
+"""gRPC face of one indexer shard: the servicer converts proto ⇄ store types; the service owns
+the store's thread and the background work (snapshots, catch-up from peer replicas)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -12,11 +15,15 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
+from indexer import convert
+from indexer.replication import CatchUp
+from indexer.snapshots import Manifest
+from indexer.store import ShardStore, WriteResult
 from mesh.errors import FailedPrecondition, InvalidArgument, Unavailable
 from mesh.settings import ServiceSettings, option
 from ragloom.indexer.v1 import indexer_pb2, indexer_pb2_grpc
 
-from indexer.store import ChunkRecord, HitRecord, ShardStore
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -29,18 +36,33 @@ class Settings(ServiceSettings):
     default_ef: int = option(64, "HNSW search breadth when a request leaves ef at 0")
     max_k: int = option(1000, "most hits a query may ask for")
     max_batch: int = option(4096, "most chunks, queries or document ids per request")
+    hnsw_m: int = option(16, "HNSW links per node (used when the index is built from scratch)")
+    ef_construction: int = option(200, "HNSW build breadth (used when the index is built from scratch)")
+    exact_search_max: int = option(2048, "filtered searches allowing at most this many chunks are answered by brute force")
+    snapshot_every: int = option(10_000, "chunks written or removed after which the index is snapshotted")
+    snapshot_interval_s: float = option(300.0, "longest a change waits for a snapshot (0: only by count and at shutdown)")
+    snapshots_kept: int = option(2, "index snapshots kept; a corrupt newest one falls back to the one before")
+    peers: list[str] = option([], "other replicas of this shard (host:port, comma-separated) to catch up from")
+    catchup_interval_s: float = option(10.0, "seconds between pulls from the peers")
+    catchup_timeout_s: float = option(60.0, "longest one pull from a peer may take; an unfinished pull resumes later")
+    changes_batch: int = option(512, "rows per Changes batch when the caller leaves batch_size at 0")
 
     def validate(self) -> None:
         super().validate()
         if self.shard_id < 0:
             raise ValueError(f"shard_id must not be negative, got {self.shard_id}")
-        for name in ("dimension", "default_ef", "max_k", "max_batch"):
+        positive = ("dimension", "default_ef", "max_k", "max_batch", "hnsw_m", "ef_construction", "snapshot_every",
+                    "snapshots_kept", "catchup_interval_s", "catchup_timeout_s", "changes_batch")
+        for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("exact_search_max", "snapshot_interval_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
 
 
 class IndexerService:
-    """Owns the shard's store and the one thread every store call runs on."""
+    """Owns the shard's store, the one thread every store call runs on, and the background loops."""
 
     name = "indexer"
     service_names = [indexer_pb2.DESCRIPTOR.services_by_name["IndexerService"].full_name]
@@ -52,25 +74,38 @@ class IndexerService:
         # searches, and SQLite's connection stays on the thread that opened it. The event loop
         # only awaits, so health checks keep answering during long writes and searches.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"indexer-{settings.shard_id}")
+        self.catch_up = CatchUp(
+            self.run, settings.peers, settings.shard_id, settings.catchup_timeout_s, settings.changes_batch
+        )
+        self._snapshot_due = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._snapshot_lock = asyncio.Lock()
+        self._loops: list[asyncio.Task] = []
 
     def register(self, server: grpc.aio.Server) -> None:
         indexer_pb2_grpc.add_IndexerServiceServicer_to_server(IndexerServicer(self), server)
 
     async def start(self) -> None:
         await self._on_worker(self._open)
+        if self.catch_up.peers:
+            await self.catch_up.pull_all()  # a replica that was down serves only once it has caught up
+        self._loops = [asyncio.create_task(self._snapshot_loop())]
+        if self.catch_up.peers:
+            self._loops.append(asyncio.create_task(self._catch_up_loop()))
 
     async def close(self) -> None:
+        self._stopping.set()
+        # Loops finish what they are doing (a snapshot half-published would race the last one).
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        await self.catch_up.close()
+        if self._store is not None:
+            try:
+                await self.snapshot()  # the next start then replays nothing
+            except Exception:  # noqa: BLE001 - the data is safe in SQLite; the next start replays more
+                log.exception("snapshot at shutdown failed")
         # Queued behind any open still running, so a shutdown during warm-up closes what it opened.
         await self._on_worker(self._close)
         self._executor.shutdown(wait=False)
-
-    def _open(self) -> None:
-        self._store = ShardStore(self.settings.data_dir, self.settings.dimension)
-
-    def _close(self) -> None:
-        store, self._store = self._store, None
-        if store is not None:
-            store.close()
 
     async def run(self, call: Callable[..., T], *args) -> T:
         """Runs `call(store, *args)` on the store's thread."""
@@ -79,9 +114,75 @@ class IndexerService:
             raise Unavailable(f"indexer shard {self.settings.shard_id} is not ready")
         return await self._on_worker(call, store, *args)
 
+    async def write(self, call: Callable[..., T], *args) -> T:
+        """`run` for a write: asks for a snapshot once enough has changed since the last one."""
+        result = await self.run(call, *args)
+        if self._store is not None and self._store.unsnapshotted >= self.settings.snapshot_every:
+            self._snapshot_due.set()
+        return result
+
+    async def snapshot(self) -> Manifest | None:
+        """Snapshots the index unless the newest snapshot is current. Searches wait only while the
+        index is copied into a file; checksum, fsync and rename run on another thread."""
+        async with self._snapshot_lock:
+            started = time.perf_counter()
+            staged = await self.run(ShardStore.stage_snapshot)
+            if staged is None:
+                return None
+            saved = time.perf_counter()
+            manifest = await asyncio.to_thread(self._store.publish_snapshot, staged)
+            await self.run(ShardStore.snapshot_published, manifest)
+            log.info("snapshot at sequence %d: %.1f MB saved in %.2fs (searches waited), published in %.2fs",
+                     manifest.sequence, manifest.bytes / 1e6, saved - started, time.perf_counter() - saved)
+            return manifest
+
+    def _open(self) -> None:
+        s = self.settings
+        self._store = ShardStore(
+            s.data_dir, s.dimension, m=s.hnsw_m, ef_construction=s.ef_construction,
+            snapshots_kept=s.snapshots_kept, exact_search_max=s.exact_search_max,
+        )
+
+    def _close(self) -> None:
+        store, self._store = self._store, None
+        if store is not None:
+            store.close()
+
     async def _on_worker(self, call: Callable[..., T], *args) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, call, *args)
+
+    async def _snapshot_loop(self) -> None:
+        interval = self.settings.snapshot_interval_s or None
+        while not self._stopping.is_set():
+            await _first_of(self._snapshot_due, self._stopping, timeout=interval)
+            self._snapshot_due.clear()
+            if self._stopping.is_set():
+                return
+            try:
+                await self.snapshot()
+            except Exception:  # noqa: BLE001 - a failed snapshot costs replay time at the next start, not data
+                log.exception("snapshot failed")
+
+    async def _catch_up_loop(self) -> None:
+        while not self._stopping.is_set():
+            await _first_of(self._stopping, timeout=self.settings.catchup_interval_s)
+            if self._stopping.is_set():
+                return
+            try:
+                await self.catch_up.pull_all()
+            except Unavailable:  # the store closed under a pull: shutting down
+                return
+
+
+async def _first_of(*events: asyncio.Event, timeout: float | None) -> None:
+    """Returns once any of `events` is set, or after `timeout` seconds."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
@@ -92,33 +193,27 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
     async def Upsert(self, request: indexer_pb2.UpsertRequest, context) -> indexer_pb2.UpsertResponse:
         self._check_shard(request)
         self._check_batch("chunks", request.chunks)
-        chunks = [
-            ChunkRecord(
-                chunk_id=c.chunk_id,
-                document_id=c.document_id,
-                vector=np.asarray(c.vector, dtype=np.float32),
-                text=c.text,
-                source=c.source,
-                metadata=dict(c.metadata),
-            )
-            for c in request.chunks
-        ]
+        chunks = [convert.chunk_record(c) for c in request.chunks]
+        version = request.version if request.HasField("version") else None
+        tenant = chunks[0].tenant
 
-        def write(store: ShardStore):
+        def write(store: ShardStore) -> tuple[dict[str, int], WriteResult]:
             # One worker-thread call, so no other write can land between the count and the upsert.
-            previous = store.chunk_counts(list(dict.fromkeys(c.document_id for c in chunks)))
-            return previous, store.upsert(chunks, request.replace_documents)
+            previous = store.chunk_counts(list(dict.fromkeys(c.document_id for c in chunks)), tenant)
+            return previous, store.upsert(chunks, request.replace_documents, version)
 
-        previous, (upserted, removed, sequence) = await self._service.run(write)
+        previous, result = await self._service.write(write)
         return indexer_pb2.UpsertResponse(
-            upserted=upserted, removed=removed, sequence=sequence, previous_chunks=previous
+            upserted=result.written, removed=result.removed, sequence=result.sequence, previous_chunks=previous,
+            skipped=result.skipped, version=result.version,
         )
 
     async def Delete(self, request: indexer_pb2.DeleteRequest, context) -> indexer_pb2.DeleteResponse:
         self._check_shard(request)
         self._check_batch("document_ids", request.document_ids)
-        removed, sequence = await self._service.run(ShardStore.delete, list(request.document_ids))
-        return indexer_pb2.DeleteResponse(removed=removed, sequence=sequence)
+        version = request.version if request.HasField("version") else None
+        result = await self._service.write(ShardStore.delete, list(request.document_ids), request.tenant, version)
+        return indexer_pb2.DeleteResponse(removed=result.removed, sequence=result.sequence, version=result.version)
 
     async def Search(self, request: indexer_pb2.SearchRequest, context) -> indexer_pb2.SearchResponse:
         self._check_shard(request)
@@ -127,14 +222,15 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
             raise InvalidArgument("k", f"must be between 1 and {self._settings.max_k}, got {request.k}")
         queries = self._query_matrix(request.queries)
         ef = request.ef or self._settings.default_ef
-        results = await self._service.run(ShardStore.search, queries, request.k, ef)
+        results = await self._service.run(ShardStore.search, queries, request.k, ef, convert.search_filter(request))
         return indexer_pb2.SearchResponse(
-            results=[indexer_pb2.QueryResult(hits=[_hit(h) for h in hits]) for hits in results],
+            results=[indexer_pb2.QueryResult(hits=[convert.hit_message(h) for h in hits]) for hits in results],
             shard_id=self._settings.shard_id,
         )
 
     async def Stats(self, request: indexer_pb2.StatsRequest, context) -> indexer_pb2.StatsResponse:
         stats = await self._service.run(ShardStore.stats)
+        now = time.monotonic()
         return indexer_pb2.StatsResponse(
             shard_id=self._settings.shard_id,
             live_chunks=stats.live_chunks,
@@ -142,7 +238,38 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
             dimension=stats.dimension,
             sequence=stats.sequence,
             capacity=stats.capacity,
+            deleted_chunks=stats.deleted_chunks,
+            max_version=stats.max_version,
+            snapshot_sequence=stats.snapshot_sequence,
+            snapshot_age_s=stats.snapshot_age_s,
+            index_bytes=stats.index_bytes,
+            rss_bytes=stats.rss_bytes,
+            tenants=stats.tenants,
+            store_id=stats.store_id,
+            tombstones=stats.tombstones,
+            peers=[
+                indexer_pb2.PeerStatus(
+                    address=peer.address, store_id=peer.store_id, sequence=peer.sequence, error=peer.error,
+                    caught_up_age_s=None if peer.caught_up_at is None else now - peer.caught_up_at,
+                )
+                for peer in self._service.catch_up.peers.values()
+            ],
         )
+
+    async def Changes(self, request: indexer_pb2.ChangesRequest, context):
+        self._check_shard(request)
+        limit = min(request.batch_size or self._settings.changes_batch, self._settings.max_batch)
+
+        def first_page(store: ShardStore):
+            # A cursor is a position in one store's sequence: another store's means nothing here.
+            since = request.since_sequence if request.store_id == store.store_id else 0
+            return store.changes(since, request.since_version, limit)
+
+        page = await self._service.run(first_page)
+        yield convert.change_batch(page)
+        while not page.done:
+            page = await self._service.run(ShardStore.changes, page.sequence, request.since_version, limit)
+            yield convert.change_batch(page)
 
     def _check_shard(self, request) -> None:
         if request.HasField("shard_id") and request.shard_id != self._settings.shard_id:
@@ -162,17 +289,6 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
             if len(query.values) != dimension:
                 raise InvalidArgument(f"queries[{i}].values", f"expected {dimension} values, got {len(query.values)}")
         return np.array([query.values for query in queries], dtype=np.float32)
-
-
-def _hit(hit: HitRecord) -> indexer_pb2.Hit:
-    return indexer_pb2.Hit(
-        chunk_id=hit.chunk_id,
-        document_id=hit.document_id,
-        score=hit.score,
-        text=hit.text,
-        source=hit.source,
-        metadata=hit.metadata,
-    )
 
 
 def create_service(settings: Settings) -> IndexerService:

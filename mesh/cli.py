@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--data-dir", type=Path, default=Path(os.environ.get("RAGLOOM_DATA_DIR", default_data_dir())),
                     help="where shards keep their data and services their logs (default: %(default)s) [env RAGLOOM_DATA_DIR]")
     up.add_argument("--shards", type=int, default=2, help="indexer shards (default: %(default)s)")
+    up.add_argument("--replicas", type=int, default=1,
+                    help="replicas per shard; writes are acknowledged by a majority (default: %(default)s)")
+    up.add_argument("--redis-url", default=os.environ.get("RAGLOOM_REDIS_URL", ""),
+                    help="Redis for the router's cache, e.g. redis://127.0.0.1:6379/0 (default: in-process cache) [env RAGLOOM_REDIS_URL]")
     up.add_argument("--host", default="127.0.0.1", help="address every service listens on (default: %(default)s)")
     up.add_argument("--router-port", type=int, default=50051, help="the public API's port (default: %(default)s)")
     up.add_argument("--base-port", type=int, default=50052,

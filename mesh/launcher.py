@@ -32,7 +32,9 @@ def plan(args: argparse.Namespace) -> list[Child]:
     serve = [sys.executable, "-m", "mesh", "serve"]
     embedder = f"{host}:{base}"
     generator = f"{host}:{base + 1}"
-    shards = [f"{host}:{base + 2 + i}" for i in range(args.shards)]
+    replicas = args.replicas
+    # shards[s][r]: address of replica r of shard s
+    shards = [[f"{host}:{base + 2 + s * replicas + r}" for r in range(replicas)] for s in range(args.shards)]
     children = [
         Child("embedder", embedder, [*serve, "embedder", "--host", host, "--port", str(base)], logs / "embedder.log"),
     ]
@@ -43,17 +45,21 @@ def plan(args: argparse.Namespace) -> list[Child]:
         gen_flags += ["--openai-model", args.openai_model]
     children.append(Child("generator", generator, [*serve, "generator", "--host", host, "--port", str(base + 1), *gen_flags],
                           logs / "generator.log"))
-    for i, address in enumerate(shards):
-        children.append(Child(
-            f"indexer-{i}", address,
-            [*serve, "indexer", "--host", host, "--port", address.rsplit(":", 1)[1], "--shard-id", str(i),
-             "--data-dir", str(data / f"shard-{i}")],
-            logs / f"indexer-{i}.log",
-        ))
+    for s, group in enumerate(shards):
+        for r, address in enumerate(group):
+            suffix = f"{s}" if replicas == 1 else f"{s}-r{r}"
+            argv = [*serve, "indexer", "--host", host, "--port", address.rsplit(":", 1)[1], "--shard-id", str(s),
+                    "--data-dir", str(data / f"shard-{suffix}")]
+            peers = [a for a in group if a != address]
+            if peers:
+                argv += ["--peers", ",".join(peers)]
+            children.append(Child(f"indexer-{suffix}", address, argv, logs / f"indexer-{suffix}.log"))
+    router_flags = ["--embedder", embedder, "--generator", generator, "--indexers", ",".join("|".join(g) for g in shards)]
+    if args.redis_url:
+        router_flags += ["--redis-url", args.redis_url]
     children.append(Child(
         "router", f"{host}:{args.router_port}",
-        [*serve, "router", "--host", host, "--port", str(args.router_port), "--embedder", embedder,
-         "--generator", generator, "--indexers", ",".join(shards)],
+        [*serve, "router", "--host", host, "--port", str(args.router_port), *router_flags],
         logs / "router.log",
     ))
     return children
@@ -126,11 +132,13 @@ def free_port_block(count: int, host: str = "127.0.0.1") -> int:
 class LocalMesh:
     """The mesh as child processes on free loopback ports: what tests and benchmarks start and stop."""
 
-    def __init__(self, data_dir: Path, shards: int = 2, generator_backend: str = "llama_cpp"):
-        base = free_port_block(shards + 3)
+    def __init__(self, data_dir: Path, shards: int = 2, replicas: int = 1, generator_backend: str = "llama_cpp",
+                 redis_url: str = ""):
+        base = free_port_block(shards * replicas + 3)
         self.args = argparse.Namespace(
-            data_dir=Path(data_dir), shards=shards, host="127.0.0.1", router_port=base, base_port=base + 1,
-            generator_backend=generator_backend, openai_base_url="", openai_model="", startup_timeout=300.0,
+            data_dir=Path(data_dir), shards=shards, replicas=replicas, host="127.0.0.1", router_port=base,
+            base_port=base + 1, generator_backend=generator_backend, openai_base_url="", openai_model="",
+            redis_url=redis_url, startup_timeout=300.0,
         )
         self.children = plan(self.args)
 
@@ -173,8 +181,8 @@ class LocalMesh:
 
 
 def run_up(args: argparse.Namespace) -> int:
-    if args.shards < 1:
-        print("ragloom up: --shards must be at least 1", file=sys.stderr)
+    if args.shards < 1 or args.replicas < 1:
+        print("ragloom up: --shards and --replicas must be at least 1", file=sys.stderr)
         return 2
     children = plan(args)
     data_dir = args.data_dir.expanduser().resolve()

@@ -19,6 +19,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from mesh.errors import to_status
+from mesh.metrics import serve_metrics
 from mesh.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,7 @@ async def serve(
     port = server.add_insecure_port(settings.address)
     if port == 0:
         raise OSError(f"{service.name}: cannot listen on {settings.address}")
+    serve_metrics(settings.host, settings.metrics_port)
     await server.start()
     log.info("%s listening on %s:%d (warming up)", service.name, settings.host, port)
 

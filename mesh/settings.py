@@ -33,6 +33,7 @@ class ServiceSettings:
     grace_s: float = option(5.0, "seconds in-flight calls get to finish on shutdown")
     max_message_mb: int = option(64, "largest gRPC message accepted or sent, in MiB")
     log_level: str = option("INFO", "log level: DEBUG, INFO, WARNING, ERROR")
+    metrics_port: int = option(0, "port for Prometheus /metrics (0 = off)")
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

@@ -43,24 +43,36 @@ class EmbedderClient:
 
 
 class ShardClient:
-    def __init__(self, shard_id: int, target: str, timeout_s: float):
+    def __init__(self, shard_id: int, target: str, timeout_s: float, write_timeout_s: float = 30.0):
         self.shard_id = shard_id
         self.target = target
         self.timeout_s = timeout_s
+        self.write_timeout_s = write_timeout_s
         self._channel = channel(target)
         self._stub = indexer_pb2_grpc.IndexerServiceStub(self._channel)
 
-    async def upsert(self, chunks: list[indexer_pb2.Chunk], deadline: Deadline) -> indexer_pb2.UpsertResponse:
-        request = indexer_pb2.UpsertRequest(chunks=chunks, replace_documents=True, shard_id=self.shard_id)
-        return await self._stub.Upsert(request, timeout=deadline.timeout(self.timeout_s))
+    async def upsert(
+        self, chunks: list[indexer_pb2.Chunk], version: int, deadline: Deadline
+    ) -> indexer_pb2.UpsertResponse:
+        request = indexer_pb2.UpsertRequest(
+            chunks=chunks, replace_documents=True, shard_id=self.shard_id, version=version
+        )
+        return await self._stub.Upsert(request, timeout=deadline.timeout(self.write_timeout_s))
 
-    async def delete(self, document_ids: list[str], deadline: Deadline) -> indexer_pb2.DeleteResponse:
-        request = indexer_pb2.DeleteRequest(document_ids=document_ids, shard_id=self.shard_id)
-        return await self._stub.Delete(request, timeout=deadline.timeout(self.timeout_s))
+    async def delete(
+        self, document_ids: list[str], tenant: str, version: int, deadline: Deadline
+    ) -> indexer_pb2.DeleteResponse:
+        request = indexer_pb2.DeleteRequest(
+            document_ids=document_ids, tenant=tenant, shard_id=self.shard_id, version=version
+        )
+        return await self._stub.Delete(request, timeout=deadline.timeout(self.write_timeout_s))
 
-    async def search(self, vectors: np.ndarray, k: int, ef: int, deadline: Deadline) -> indexer_pb2.SearchResponse:
+    async def search(
+        self, vectors: np.ndarray, k: int, ef: int, tenant: str, tags: tuple[str, ...], deadline: Deadline
+    ) -> indexer_pb2.SearchResponse:
         request = indexer_pb2.SearchRequest(
-            queries=[indexer_pb2.Vector(values=v) for v in vectors], k=k, ef=ef, shard_id=self.shard_id
+            queries=[indexer_pb2.Vector(values=v) for v in vectors], k=k, ef=ef, shard_id=self.shard_id,
+            tenant=tenant, tags=tags,
         )
         return await self._stub.Search(request, timeout=deadline.timeout(self.timeout_s))
 

@@ -4,21 +4,45 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
+import grpc
+
 from mesh.client import Deadline
-from mesh.errors import FailedPrecondition, InvalidArgument
+from mesh.errors import FailedPrecondition, InvalidArgument, Overloaded, Unavailable
 from ragloom.generator.v1 import generator_pb2
 from ragloom.indexer.v1 import indexer_pb2
+from router.cache import Cache, SingleFlight, cache_key
 from router.chunking import Chunker
-from router.clients import EmbedderClient, GeneratorClient, ShardClient
+from router.clients import EmbedderClient, GeneratorClient
+from router.metrics import DOWNSTREAM_CALLS, PARTIAL_RESULTS
 from router.parsing import format_for, parse
 from router.prompt import STOP_SEQUENCES, Passage, build_messages, cited_numbers
 from router.sharding import shard_for
+from router.topology import ShardGroup, VersionClock
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Whose documents a request may see: one tenant, optionally only chunks with one of `tags`."""
+
+    tenant: str = ""
+    tags: tuple[str, ...] = ()
+
+
+@dataclass
+class Coverage:
+    answered: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.failed)
 
 
 @dataclass
@@ -28,6 +52,7 @@ class DocumentInput:
     body: str | bytes
     format: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
+    tags: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -61,6 +86,8 @@ class Timings:
 @dataclass
 class AskSources:
     sources: list[tuple[int, Hit]]
+    coverage: Coverage
+    cached: bool = False
 
 
 @dataclass
@@ -73,6 +100,8 @@ class AskDone:
     citations: list[int]
     timings: Timings
     completion_tokens: int
+
+
 
 
 class _Clock:
@@ -101,6 +130,7 @@ class RagConfig:
     context_tokens: int = 2048
     max_document_bytes: int = 50 * 1024 * 1024
     max_documents: int = 256
+    max_inflight: int = 64
     # Citation fallback: when the model writes no [n] markers, sources this close to the answer are cited.
     attribution_min_score: float = 0.45
 
@@ -111,17 +141,28 @@ class Rag:
         config: RagConfig,
         chunker: Chunker,
         embedder: EmbedderClient,
-        shards: list[ShardClient],
+        shards: list[ShardGroup],
         generator: GeneratorClient,
+        cache: Cache,
     ):
         self.config = config
         self.chunker = chunker
         self.embedder = embedder
         self.shards = shards
         self.generator = generator
+        self.cache = cache
+        self.flights = SingleFlight()
+        self.versions = VersionClock()
+        self.inflight = 0
+
+    def admit(self) -> "_Admission":
+        """Bounded concurrency: past `max_inflight` requests, refuse with RESOURCE_EXHAUSTED at once."""
+        return _Admission(self)
 
     # ---- ingest -------------------------------------------------------------------------------
-    async def ingest(self, documents: list[DocumentInput], deadline: Deadline) -> tuple[list[Ingested], Timings]:
+    async def ingest(
+        self, documents: list[DocumentInput], deadline: Deadline, tenant: str = ""
+    ) -> tuple[list[Ingested], Timings]:
         clock, timings = _Clock(), Timings()
         if not documents:
             raise InvalidArgument("documents", "at least one document is required")
@@ -135,6 +176,7 @@ class Rag:
         timings.parse_ms = clock.lap()
 
         texts = [text for chunks in chunked for text in chunks]
+        DOWNSTREAM_CALLS.labels("embedder").inc()
         vectors = await self.embedder.embed(texts, deadline)
         timings.embed_ms = clock.lap()
 
@@ -147,14 +189,19 @@ class Rag:
                 per_shard.setdefault(shard, []).append(
                     indexer_pb2.Chunk(
                         chunk_id=f"{doc_id}#{i}", document_id=doc_id, text=text, source=doc.source or doc_id,
-                        metadata=metadata, vector=vectors[row],
+                        metadata=metadata, vector=vectors[row], tenant=tenant, tags=doc.tags,
                     )
                 )
                 row += 1
             results.append(Ingested(id=doc_id, chunks=len(chunks), shard_id=shard))
-        replies = await asyncio.gather(
-            *(self.shards[shard].upsert(chunks, deadline) for shard, chunks in per_shard.items())
-        )
+        version = self.versions.next()
+        try:
+            replies = await asyncio.gather(*(
+                self.shards[shard].write(lambda client, c=chunks: client.upsert(c, version, deadline))
+                for shard, chunks in per_shard.items()
+            ))
+        finally:
+            await self.cache.invalidate(tenant)  # also after a partial failure: some shards may have written
         previous = {doc_id: n for reply in replies for doc_id, n in reply.previous_chunks.items()}
         for result in results:
             result.replaced_chunks = previous.get(result.id, 0)
@@ -186,11 +233,16 @@ class Rag:
             out.append(chunks)
         return out
 
-    async def delete(self, document_id: str, deadline: Deadline) -> int:
+    async def delete(self, document_id: str, deadline: Deadline, tenant: str = "") -> int:
         if not document_id:
             raise InvalidArgument("document_id", "must not be empty")
         shard = self.shards[shard_for(document_id, len(self.shards))]
-        return (await shard.delete([document_id], deadline)).removed
+        version = self.versions.next()
+        try:
+            reply = await shard.write(lambda client: client.delete([document_id], tenant, version, deadline))
+        finally:
+            await self.cache.invalidate(tenant)
+        return reply.removed
 
     # ---- search -------------------------------------------------------------------------------
     def _top_k(self, top_k: int | None, default: int, limit: int) -> int:
@@ -200,30 +252,59 @@ class Rag:
             raise InvalidArgument("top_k", f"must be between 1 and {limit}, got {top_k}")
         return top_k
 
-    async def search(self, query: str, top_k: int | None, deadline: Deadline) -> tuple[list[Hit], Timings]:
+    async def search(
+        self, query: str, top_k: int | None, deadline: Deadline, scope: Scope = Scope(), require_complete: bool = False
+    ) -> tuple[list[Hit], Coverage, Timings]:
         if not query.strip():
             raise InvalidArgument("query", "must not be empty")
         k = self._top_k(top_k, self.config.default_top_k, self.config.max_top_k)
         timings = Timings()
-        hits, _ = await self._retrieve(query, k, deadline, timings)
-        return hits, timings
+        hits, coverage = await self._retrieve(query, k, scope, require_complete, deadline, timings)
+        return hits, coverage, timings
 
-    async def _retrieve(self, query: str, k: int, deadline: Deadline, timings: Timings) -> tuple[list[Hit], np.ndarray]:
-        clock = _Clock()
+    async def _embed_query(self, query: str, deadline: Deadline) -> np.ndarray:
+        key = cache_key("embedding", query=query)
+        cached = await self.cache.get(key)
+        if cached is not None and len(cached) % 4 == 0:
+            return np.frombuffer(cached, dtype=np.float32)[None, :]
+        DOWNSTREAM_CALLS.labels("embedder").inc()
         vector = await self.embedder.embed([query], deadline)
+        await self.cache.set(key, vector[0].astype(np.float32).tobytes())
+        return vector
+
+    async def _retrieve(
+        self, query: str, k: int, scope: Scope, require_complete: bool, deadline: Deadline, timings: Timings
+    ) -> tuple[list[Hit], Coverage]:
+        clock = _Clock()
+        vector = await self._embed_query(query, deadline)
         timings.embed_ms = clock.lap()
+        ef = max(self.config.ef, k)
+        DOWNSTREAM_CALLS.labels("indexer").inc()
         replies = await asyncio.gather(
-            *(shard.search(vector, k, max(self.config.ef, k), deadline) for shard in self.shards)
+            *(group.read(lambda client: client.search(vector, k, ef, scope.tenant, scope.tags, deadline), deadline)
+              for group in self.shards),
+            return_exceptions=True,
         )
-        hits = [
-            Hit(h.score, h.document_id, h.chunk_id, h.source, h.text, reply.shard_id)
-            for reply in replies
-            for h in reply.results[0].hits
-        ]
+        coverage, hits = Coverage(), []
+        for group, reply in zip(self.shards, replies):
+            if isinstance(reply, BaseException):
+                if isinstance(reply, grpc.aio.AioRpcError) and reply.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise reply
+                if not isinstance(reply, (grpc.aio.AioRpcError, Unavailable)):
+                    raise reply
+                coverage.failed.append(group.shard_id)
+                PARTIAL_RESULTS.labels(str(group.shard_id)).inc()
+                continue
+            coverage.answered.append(group.shard_id)
+            hits.extend(Hit(h.score, h.document_id, h.chunk_id, h.source, h.text, group.shard_id)
+                        for h in reply.results[0].hits)
+        if coverage.failed and (require_complete or not coverage.answered):
+            raise Unavailable(f"shards {coverage.failed} did not answer in time; "
+                              f"{len(coverage.answered)} of {len(self.shards)} did")
         hits.sort(key=lambda h: h.score, reverse=True)
         timings.index_ms = clock.lap()
         timings.total_ms = clock.total()
-        return hits[:k], vector[0]
+        return hits[:k], coverage
 
     # ---- ask ----------------------------------------------------------------------------------
     async def ask(
@@ -233,8 +314,13 @@ class Rag:
         max_tokens: int | None,
         temperature: float | None,
         deadline: Deadline,
+        scope: Scope = Scope(),
+        require_complete: bool = False,
+        use_cache: bool = True,
     ) -> AsyncIterator[AskSources | AskToken | AskDone]:
-        """Sources first, then answer tokens as they are generated, then citations and timings."""
+        """Sources first, then answer tokens as they are generated, then citations and timings.
+
+        A cached answer is replayed; identical concurrent questions share one generation."""
         if not question.strip():
             raise InvalidArgument("question", "must not be empty")
         k = self._top_k(top_k, self.config.ask_top_k, self.config.max_ask_top_k)
@@ -243,23 +329,46 @@ class Rag:
         if temperature is not None and not 0 <= temperature <= 2:
             raise InvalidArgument("temperature", "must be between 0 and 2")
         max_tokens = max_tokens or self.config.max_tokens
+        temperature = self.config.temperature if temperature is None else temperature
+        generation = await self.cache.generation(scope.tenant)
+        key = cache_key("answer", question=question.strip(), k=k, max_tokens=max_tokens, temperature=temperature,
+                        tenant=scope.tenant, tags=sorted(scope.tags), generation=generation)
+        if generation is not None and use_cache:
+            cached = await self.cache.get(key)
+            if cached is not None:
+                for event in _replay(cached):
+                    yield event
+                return
+        else:
+            self.cache.bypassed()
+        produce = lambda: self._answer(question, k, max_tokens, temperature, scope, require_complete, deadline,
+                                       key if generation is not None else None)
+        async for event in self.flights.join(f"{key}:{require_complete}", produce):
+            yield event
+
+    async def _answer(
+        self, question: str, k: int, max_tokens: int, temperature: float, scope: Scope,
+        require_complete: bool, deadline: Deadline, cache_as: str | None,
+    ) -> AsyncIterator[AskSources | AskToken | AskDone]:
         clock, timings = _Clock(), Timings()
-        hits, _ = await self._retrieve(question, k, deadline, timings)
+        hits, coverage = await self._retrieve(question, k, scope, require_complete, deadline, timings)
         if not hits:
-            raise FailedPrecondition("the collection is empty: ingest documents first")
+            raise FailedPrecondition("no documents to answer from: ingest documents first"
+                                     + (f" (tenant {scope.tenant!r})" if scope.tenant else ""))
 
         passages = [Passage(i + 1, h.source, h.text) for i, h in enumerate(hits)]
         budget = self.config.context_tokens - max_tokens
         messages, used = build_messages(question, passages, self.chunker.count, budget)
         sources = [(p.number, hits[p.number - 1]) for p in used]
-        yield AskSources(sources)
+        yield AskSources(sources, coverage)
 
         request = generator_pb2.GenerateRequest(
             messages=[generator_pb2.Message(**m) for m in messages],
             max_tokens=max_tokens,
             stop=STOP_SEQUENCES,
-            temperature=self.config.temperature if temperature is None else temperature,
+            temperature=temperature,
         )
+        DOWNSTREAM_CALLS.labels("generator").inc()
         gen_start = time.perf_counter()
         answer, completion_tokens = [], 0
         async for reply in self.generator.generate(request, deadline):
@@ -274,7 +383,10 @@ class Rag:
         text = "".join(answer)
         citations = cited_numbers(text, len(sources)) or await self._attribute(text, sources, deadline)
         timings.total_ms = clock.total()
-        yield AskDone(citations, timings, completion_tokens)
+        done = AskDone(citations, timings, completion_tokens)
+        if cache_as is not None and not coverage.partial:  # an answer from some shards only is not kept
+            await self.cache.set(cache_as, _serialise(text, sources, coverage, done))
+        yield done
 
     async def _attribute(self, answer: str, sources: list[tuple[int, Hit]], deadline: Deadline) -> list[int]:
         """When the model cited nothing: the sources whose meaning is closest to the answer's."""
@@ -290,5 +402,39 @@ class Rag:
 
     async def close(self) -> None:
         await asyncio.gather(
-            self.embedder.close(), self.generator.close(), *(s.close() for s in self.shards)
+            self.embedder.close(), self.generator.close(), *(s.close() for s in self.shards), self.cache.close()
         )
+
+
+class _Admission:
+    def __init__(self, rag: Rag):
+        self.rag = rag
+
+    def __enter__(self):
+        if self.rag.inflight >= self.rag.config.max_inflight:
+            raise Overloaded(f"router has {self.rag.inflight} requests in flight; retry shortly", retry_after_s=0.5)
+        self.rag.inflight += 1
+
+    def __exit__(self, *exc):
+        self.rag.inflight -= 1
+
+
+def _serialise(answer: str, sources: list[tuple[int, Hit]], coverage: Coverage, done: AskDone) -> bytes:
+    return json.dumps({
+        "answer": answer,
+        "shards": coverage.answered,
+        "sources": [[number, vars(hit)] for number, hit in sources],
+        "citations": done.citations,
+        "completion_tokens": done.completion_tokens,
+    }).encode()
+
+
+def _replay(data: bytes) -> list[AskSources | AskToken | AskDone]:
+    """A cached answer as the events a fresh one would stream (timings show it cost nothing)."""
+    record = json.loads(data)
+    sources = [(number, Hit(**hit)) for number, hit in record["sources"]]
+    return [
+        AskSources(sources, Coverage(answered=record["shards"]), cached=True),
+        AskToken(record["answer"]),
+        AskDone(record["citations"], Timings(), record["completion_tokens"]),
+    ]

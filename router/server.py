@@ -10,9 +10,11 @@ import grpc
 from mesh.client import Deadline
 from mesh.settings import ServiceSettings, option
 from ragloom.router.v1 import router_pb2, router_pb2_grpc
+from router.cache import Cache, MemoryBackend, RedisBackend
 from router.chunking import Chunker
 from router.clients import EmbedderClient, GeneratorClient, ShardClient
-from router.rag import AskDone, AskSources, AskToken, DocumentInput, Hit, Rag, RagConfig, Timings
+from router.rag import AskDone, AskSources, AskToken, Coverage, DocumentInput, Hit, Rag, RagConfig, Scope, Timings
+from router.topology import Breaker, Replica, ShardGroup, parse_topology
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +30,16 @@ class Settings(ServiceSettings):
     port: int = option(50051, "port to listen on")
     embedder: str = option("127.0.0.1:50052", "embedder address")
     generator: str = option("127.0.0.1:50053", "generator address")
-    indexers: list[str] = option(["127.0.0.1:50054", "127.0.0.1:50055"], "indexer shard addresses, comma-separated, in shard order")
+    indexers: list[str] = option(
+        ["127.0.0.1:50054", "127.0.0.1:50055"],
+        "indexer shards, comma-separated in shard order; a shard's replicas joined by '|', e.g. a:1|a:2,b:1|b:2",
+    )
+    write_quorum: int = option(0, "replicas that must acknowledge a write; 0 = a majority of the shard's replicas")
+    eject_after: int = option(3, "consecutive failures after which a shard replica is skipped")
+    eject_for_s: float = option(5.0, "seconds an ejected replica is skipped before one request probes it")
+    redis_url: str = option("", "Redis URL for the answer/embedding cache (e.g. redis://127.0.0.1:6379/0); empty = in-process cache")
+    cache_ttl_s: float = option(600.0, "cache entry lifetime (±10 % jitter)")
+    max_inflight: int = option(64, "requests handled at once; more get RESOURCE_EXHAUSTED with a retry hint")
     tokenizer: str = option("", "tokenizer.json of the embedding model, for chunking (empty: the packaged MiniLM one)")
     chunk_tokens: int = option(200, "tokens per chunk (must stay under the embedder's limit)")
     chunk_overlap: int = option(40, "tokens shared by consecutive chunks")
@@ -38,14 +49,16 @@ class Settings(ServiceSettings):
     temperature: float = option(0.0, "sampling temperature when the request sets none")
     context_tokens: int = option(2048, "generator context window; sources are cut to fit it")
     embed_timeout_s: float = option(30.0, "longest wait for one embedder call")
-    search_timeout_s: float = option(5.0, "longest wait for one shard call")
+    search_timeout_s: float = option(2.0, "longest wait for one shard's search; a slower shard is left out (partial result)")
+    write_timeout_s: float = option(30.0, "longest wait for one shard write")
     generate_timeout_s: float = option(120.0, "longest wait for a whole generation")
     request_timeout_s: float = option(300.0, "budget of a request whose caller set no deadline")
 
     def validate(self) -> None:
         super().validate()
-        if not self.indexers:
-            raise ValueError("at least one indexer address is required")
+        parse_topology(self.indexers)
+        if self.max_inflight < 1:
+            raise ValueError("max_inflight must be positive")
 
 
 def _timings(t: Timings) -> router_pb2.Timings:
@@ -63,6 +76,14 @@ def _optional(request, name: str):
     return getattr(request, name) if request.HasField(name) else None
 
 
+def _scope(request) -> Scope:
+    return Scope(request.scope.tenant, tuple(request.scope.tags))
+
+
+def _coverage(c: Coverage) -> router_pb2.Coverage:
+    return router_pb2.Coverage(partial=c.partial, shards_answered=c.answered, shards_failed=c.failed)
+
+
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def __init__(self, service: "RouterService"):
         self.service = service
@@ -74,21 +95,27 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         docs = [
             DocumentInput(
                 id=d.id, source=d.source, body=d.text if d.WhichOneof("body") == "text" else d.content,
-                format=d.format, metadata=dict(d.metadata),
+                format=d.format, metadata=dict(d.metadata), tags=list(d.tags),
             )
             for d in request.documents
         ]
-        results, timings = await self.service.rag.ingest(docs, self._deadline(context))
+        with self.service.rag.admit():
+            results, timings = await self.service.rag.ingest(docs, self._deadline(context), request.tenant)
         return router_pb2.IngestResponse(
             documents=[router_pb2.IngestedDocument(**vars(r)) for r in results], timings=_timings(timings)
         )
 
     async def DeleteDocument(self, request, context):
-        removed = await self.service.rag.delete(request.document_id, self._deadline(context))
+        with self.service.rag.admit():
+            removed = await self.service.rag.delete(request.document_id, self._deadline(context), request.tenant)
         return router_pb2.DeleteDocumentResponse(removed_chunks=removed)
 
     async def Search(self, request, context):
-        hits, timings = await self.service.rag.search(request.query, _optional(request, "top_k"), self._deadline(context))
+        with self.service.rag.admit():
+            hits, coverage, timings = await self.service.rag.search(
+                request.query, _optional(request, "top_k"), self._deadline(context), _scope(request),
+                request.require_complete,
+            )
         return router_pb2.SearchResponse(
             hits=[
                 router_pb2.SearchHit(score=h.score, document_id=h.document_id, chunk_id=h.chunk_id,
@@ -96,19 +123,26 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 for h in hits
             ],
             timings=_timings(timings),
+            coverage=_coverage(coverage),
         )
 
-    def _ask(self, request, context):
-        return self.service.rag.ask(
-            request.question, _optional(request, "top_k"), _optional(request, "max_tokens"),
-            _optional(request, "temperature"), self._deadline(context),
-        )
+    async def _ask(self, request, context):
+        with self.service.rag.admit():
+            async for event in self.service.rag.ask(
+                request.question, _optional(request, "top_k"), _optional(request, "max_tokens"),
+                _optional(request, "temperature"), self._deadline(context), _scope(request),
+                request.require_complete, use_cache=not request.no_cache,
+            ):
+                yield event
 
     async def AskStream(self, request, context):
         async for event in self._ask(request, context):
             if isinstance(event, AskSources):
                 yield router_pb2.AskStreamResponse(
-                    sources=router_pb2.AskSources(sources=[_source(n, h) for n, h in event.sources])
+                    sources=router_pb2.AskSources(
+                        sources=[_source(n, h) for n, h in event.sources], coverage=_coverage(event.coverage),
+                        cached=event.cached,
+                    )
                 )
             elif isinstance(event, AskToken):
                 yield router_pb2.AskStreamResponse(token=event.text)
@@ -126,6 +160,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         async for event in self._ask(request, context):
             if isinstance(event, AskSources):
                 response.sources.extend(_source(n, h) for n, h in event.sources)
+                response.coverage.CopyFrom(_coverage(event.coverage))
+                response.cached = event.cached
             elif isinstance(event, AskToken):
                 answer.append(event.text)
             elif isinstance(event, AskDone):
@@ -152,16 +188,28 @@ class RouterService:
         chunker = Chunker.from_file(s.tokenizer or _packaged_tokenizer(), s.chunk_tokens, s.chunk_overlap)
         config = RagConfig(
             default_top_k=s.top_k, ask_top_k=s.ask_top_k, max_tokens=s.max_tokens,
-            temperature=s.temperature, context_tokens=s.context_tokens,
+            temperature=s.temperature, context_tokens=s.context_tokens, max_inflight=s.max_inflight,
         )
+        shards = [
+            ShardGroup(
+                shard_id,
+                [Replica(ShardClient(shard_id, target, s.search_timeout_s, s.write_timeout_s),
+                         Breaker(s.eject_after, s.eject_for_s)) for target in replicas],
+                s.write_quorum or None,
+            )
+            for shard_id, replicas in enumerate(parse_topology(s.indexers))
+        ]
+        backend = RedisBackend(s.redis_url) if s.redis_url else MemoryBackend()
         self.rag = Rag(
             config,
             chunker,
             EmbedderClient(s.embedder, s.embed_timeout_s),
-            [ShardClient(i, target, s.search_timeout_s) for i, target in enumerate(s.indexers)],
+            shards,
             GeneratorClient(s.generator, s.generate_timeout_s),
+            Cache(backend, ttl_s=s.cache_ttl_s),
         )
-        log.info("router over %d shards: %s", len(s.indexers), ", ".join(s.indexers))
+        log.info("router over %d shards (%s), cache: %s", len(shards), ", ".join(s.indexers),
+                 "redis" if s.redis_url else "in-process")
 
     async def close(self) -> None:
         if self.rag is not None:

@@ -1,6 +1,6 @@
 """Generator backends. Importing this package registers the built-in ones."""
 
-from generator.backends import llama_cpp, openai  # noqa: F401 - imported for their @register side effect
+from generator.backends import llama_cpp, openai, tensorrt_llm  # noqa: F401 - imported for their @register side effect
 from generator.backends.base import (
     Backend,
     ChatMessage,

@@ -1,4 +1,7 @@
-"""llama.cpp in-process: one model context, one generation at a time, tokens streamed from a worker thread."""
+"""llama.cpp in-process: one model context, one generation at a time, tokens streamed from a worker thread.
+
+The chat template is the model's own (the GGUF's tokenizer.chat_template, applied by llama-cpp-python).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from generator.backends.base import Backend, Delta, Finished, FinishReason, GenerationParams, register
 from mesh.errors import InvalidArgument, Overloaded, Unavailable
@@ -34,14 +39,19 @@ def packaged_model_path() -> Path:
 
 
 class _TokenMeter:
-    """A pass-through logits processor, called once per sampled token with the ids so far.
+    """A logits processor called once per sampled token with the ids so far: counts and, once cancelled, ends.
 
     The first call sees exactly the templated prompt, so it gives the prompt length too. The count
-    includes an end-of-turn token when the model emits one.
+    includes an end-of-turn token when the model emits one. After cancellation it leaves only the
+    end token possible, so llama.cpp stops at the next token even while it holds text back (a
+    possible stop-sequence prefix) and yields nothing the worker could check between chunks.
+    (llama.cpp calls it through a C callback, where an exception would be swallowed.)
     """
 
-    def __init__(self, on_token: Callable[[], None]):
+    def __init__(self, on_token: Callable[[], None], cancelled: threading.Event, end_token: int):
         self._on_token = on_token
+        self._cancelled = cancelled
+        self._end_token = end_token
         self.prompt_tokens = 0
         self.sampled = 0
 
@@ -50,6 +60,9 @@ class _TokenMeter:
             self.prompt_tokens = len(input_ids)
         self.sampled += 1
         self._on_token()
+        if self._cancelled.is_set():
+            scores[:] = -np.inf
+            scores[self._end_token] = 0.0
         return scores
 
 
@@ -60,7 +73,7 @@ class LlamaCppBackend(Backend):
         model_path: str | Path = "",
         *,
         context_tokens: int = 2048,
-        threads: int = 0,
+        threads: int = 1,
         queue_timeout_s: float = 30.0,
         repeat_penalty: float = 1.15,
     ):
@@ -164,7 +177,7 @@ class LlamaCppBackend(Backend):
         emit: Callable[[Any], None],
     ) -> None:
         """Runs on the worker thread; hands every chunk to `emit` and checks `cancelled` after each."""
-        meter = _TokenMeter(self._count_token)
+        meter = _TokenMeter(self._count_token, cancelled, llm.token_eos())
         options: dict[str, Any] = {"repeat_penalty": self.repeat_penalty}
         if params.temperature is not None:
             options["temperature"] = params.temperature

@@ -143,11 +143,11 @@ def _upstream_error(response: httpx.Response) -> RagloomError:
     message = f"upstream HTTP {status}: {_error_message(_json_or_text(response))}"
     if status == 429:
         return Overloaded(message, retry_after_s=_retry_after(response))
-    if status >= 500:
+    if status >= 500 or status == 408:  # the server's fault, or it gave up waiting: retrying may succeed
         return Unavailable(message)
-    if status in (400, 422):
+    if status in (400, 413, 422):  # the request itself: bad parameters, too long a prompt
         return InvalidArgument("messages", message)
-    return FailedPrecondition(message)
+    return FailedPrecondition(message)  # auth, unknown model or route: the deployment's configuration
 
 
 def _json_or_text(response: httpx.Response) -> Any:

@@ -80,3 +80,38 @@ async def test_a_busy_model_turns_away_waiters_after_queue_timeout(backend, monk
             await anext(backend.stream(GenerationParams(messages=COUNT, max_tokens=1)))
     finally:
         await busy.aclose()
+
+
+async def test_the_first_token_arrives_before_the_last_is_produced(backend):
+    before = backend.tokens_sampled
+    sampled_at_first_delta = None
+    items = []
+    async for item in backend.stream(GenerationParams(messages=COUNT, max_tokens=24, temperature=0.0)):
+        if sampled_at_first_delta is None:
+            sampled_at_first_delta = backend.tokens_sampled - before
+        items.append(item)
+
+    assert items[-1].completion_tokens == 24
+    assert sampled_at_first_delta <= 3
+
+
+async def test_cancelling_while_text_is_held_back_stops_at_the_next_token(backend):
+    greedy = GenerationParams(messages=COUNT, max_tokens=30, temperature=0.0)
+    text, _ = await generate(backend, greedy)
+    # A stop sequence the reply keeps matching: llama.cpp holds all its text back and yields nothing.
+    held = GenerationParams(messages=COUNT, max_tokens=400, temperature=0.0, stop=[text + "\x00never"])
+    stream = backend.stream(held)
+    waiting = asyncio.create_task(anext(stream))
+    start = backend.tokens_sampled
+    while backend.tokens_sampled - start < 5:
+        await asyncio.sleep(0.01)
+    assert not waiting.done()
+
+    waiting.cancel()  # what a cancelled gRPC call does to the handler
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    at_cancel = backend.tokens_sampled
+    _, finished = await generate(backend, GenerationParams(messages=COUNT, max_tokens=1, temperature=0.0))
+
+    assert finished.completion_tokens == 1
+    assert backend.tokens_sampled - at_cancel <= 3  # the token in flight, the forced end, then this one

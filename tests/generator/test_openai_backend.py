@@ -92,7 +92,9 @@ async def test_a_stream_cut_short_is_unavailable(fake, backend):
         (429, {"error": {"message": "rate limited"}}, Overloaded),
         (503, {"error": {"message": "loading model"}}, Unavailable),
         (500, {}, Unavailable),
+        (408, {"error": {"message": "request timeout"}}, Unavailable),
         (400, {"error": {"message": "context length exceeded"}}, InvalidArgument),
+        (413, {"error": {"message": "payload too large"}}, InvalidArgument),
         (422, {"detail": "messages must not be empty"}, InvalidArgument),
         (401, {"error": {"message": "bad key"}}, FailedPrecondition),
         (404, {"error": {"message": "no such model"}}, FailedPrecondition),
@@ -152,16 +154,23 @@ def request() -> generator_pb2.GenerateRequest:
 
 
 async def test_grpc_streams_text_then_finish_and_usage(fake, stub):
-    fake.reply = Reply(events=[chunk("Hi"), chunk(" there"), chunk(finish_reason="stop"), usage(9, 2)])
+    words = ["Hi", " there", ",", " friend"]
+    fake.reply = Reply(events=[*map(chunk, words), chunk(finish_reason="stop"), usage(9, 4)], delay_s=0.05)
 
-    replies = [reply async for reply in stub.Generate(request(), timeout=10)]
+    replies, sent_at_first_reply = [], None
+    async for reply in stub.Generate(request(), timeout=10):
+        sent_at_first_reply = fake.sent if sent_at_first_reply is None else sent_at_first_reply
+        replies.append(reply)
 
-    assert [r.text for r in replies[:-1]] == ["Hi", " there"]
+    assert sent_at_first_reply < len(words)  # the first token reached the caller before the last was produced
+    assert [r.text for r in replies[:-1]] == words
     assert all(r.finish_reason == generator_pb2.FINISH_REASON_UNSPECIFIED for r in replies[:-1])
     last = replies[-1]
     assert last.finish_reason == generator_pb2.FINISH_REASON_STOP
-    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (9, 2)
-    assert 0 < last.usage.time_to_first_token_ms <= last.usage.total_ms
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (9, 4)
+    assert 0 < last.usage.time_to_first_token_ms < 50 < last.usage.total_ms
+    assert last.usage.inter_token_latency_ms >= 50  # an event every 50 ms (the last ones carry no token)
+    assert last.usage.tokens_per_second == pytest.approx(4 / (last.usage.total_ms / 1000))
     info = await stub.Info(generator_pb2.InfoRequest(), timeout=5)
     assert (info.backend, info.context_tokens) == ("openai", 2048)
 

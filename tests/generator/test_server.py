@@ -1,4 +1,4 @@
-"""The generator over gRPC with the llama.cpp backend: request validation, streaming, Info."""
+"""The generator over gRPC with the llama.cpp backend: request validation, streaming, cancellation, Info."""
 
 from __future__ import annotations
 
@@ -71,8 +71,11 @@ async def test_generates_after_bad_requests_and_stays_serving(channel, stub):
     *pieces, last = replies
     assert len(pieces) >= 2 and all(p.text and not p.HasField("usage") for p in pieces)
     assert (last.text, last.finish_reason) == ("", generator_pb2.FINISH_REASON_LENGTH)
-    assert last.usage.completion_tokens == 6 and last.usage.prompt_tokens > 0
-    assert 0 < last.usage.time_to_first_token_ms <= last.usage.total_ms
+    usage = last.usage
+    assert usage.completion_tokens == 6 and usage.prompt_tokens > 0
+    assert 0 < usage.time_to_first_token_ms <= usage.total_ms
+    assert 0 < usage.inter_token_latency_ms < usage.total_ms
+    assert usage.tokens_per_second == pytest.approx(6 / (usage.total_ms / 1000))
     health = await health_pb2_grpc.HealthStub(channel).Check(
         health_pb2.HealthCheckRequest(service="ragloom.generator.v1.GeneratorService"), timeout=5
     )
@@ -102,3 +105,40 @@ async def test_a_call_past_its_deadline_stops_the_generation(server, stub):
 
     assert replies[-1].usage.completion_tokens == 1
     assert backend.tokens_sampled - at_deadline <= 3
+
+
+def count(max_tokens: int) -> generator_pb2.GenerateRequest:
+    return generator_pb2.GenerateRequest(
+        messages=user("Count from 1 to 300, one number per line."), max_tokens=max_tokens, temperature=0.0
+    )
+
+
+async def test_the_first_reply_arrives_before_the_last_token_is_produced(server, stub):
+    backend = server[1].backend
+    before = backend.tokens_sampled
+    sampled_at_first_reply = None
+
+    replies = []
+    async for reply in stub.Generate(count(32), timeout=30):
+        if sampled_at_first_reply is None:
+            sampled_at_first_reply = backend.tokens_sampled - before
+        replies.append(reply)
+
+    assert replies[-1].usage.completion_tokens == 32
+    assert sampled_at_first_reply <= 3
+
+
+async def test_a_cancelled_call_stops_the_generation(server, stub):
+    backend = server[1].backend
+
+    call = stub.Generate(count(400), timeout=30)
+    async for _ in call:
+        break  # the reply is under way
+    assert call.cancel()
+    at_cancel = backend.tokens_sampled
+
+    # Served only once the cancelled generation has let go of the model.
+    replies = [reply async for reply in stub.Generate(count(1), timeout=30)]
+
+    assert replies[-1].usage.completion_tokens == 1
+    assert backend.tokens_sampled - at_cancel <= 3

@@ -175,3 +175,102 @@ def test_settings_read_paths_and_numbers_from_flags(tmp_path):
     assert (settings.data_dir, settings.shard_id, settings.max_k, settings.dimension) == (tmp_path, 3, 7, 384)
     with pytest.raises(ValueError, match="max_batch"):
         Settings.from_args(["--max-batch", "0"], environ={})
+
+
+def tenant_chunk(i: int, vector, tenant: str, tags=()) -> indexer_pb2.Chunk:
+    return indexer_pb2.Chunk(chunk_id=f"c{i}", document_id=f"d{i}", text=f"{tenant} {i}", source=f"file:///{i}",
+                             vector=list(vector), tenant=tenant, tags=tags)
+
+
+async def test_tenants_and_filters_through_grpc(stub):
+    vectors = unit_vectors(12)
+    await stub.Upsert(indexer_pb2.UpsertRequest(
+        chunks=[tenant_chunk(i, v, "A", tags=["even"] if i % 2 == 0 else []) for i, v in enumerate(vectors[:6])]))
+    await stub.Upsert(indexer_pb2.UpsertRequest(chunks=[tenant_chunk(i, v, "B") for i, v in enumerate(vectors[6:])]))
+
+    def search(**fields):
+        return stub.Search(indexer_pb2.SearchRequest(queries=[indexer_pb2.Vector(values=vectors[7])], k=10, **fields))
+
+    b_only = (await search(tenant="B")).results[0].hits
+    a_even = (await search(tenant="A", tags=["even"])).results[0].hits
+    a_prefix = (await search(tenant="A", source_prefix="file:///1")).results[0].hits
+    default = (await search()).results[0].hits
+
+    assert {(h.tenant, h.text.split()[0]) for h in b_only} == {("B", "B")} and len(b_only) == 6
+    assert sorted(h.chunk_id for h in a_even) == ["c0", "c2", "c4"] and all(list(h.tags) == ["even"] for h in a_even)
+    assert [h.chunk_id for h in a_prefix] == ["c1"]
+    assert default == []
+
+    deleted = await stub.Delete(indexer_pb2.DeleteRequest(document_ids=["d1", "d2"], tenant="B"))
+    assert deleted.removed == 2
+    assert len((await search(tenant="A")).results[0].hits) == 6
+
+    mixed = indexer_pb2.UpsertRequest(chunks=[tenant_chunk(0, vectors[0], "A"), tenant_chunk(1, vectors[1], "B")])
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await stub.Upsert(mixed)
+    assert error.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details().startswith("chunks[1].tenant:")
+
+
+async def test_versions_through_grpc(stub):
+    vectors = unit_vectors(2)
+    newer = await stub.Upsert(indexer_pb2.UpsertRequest(chunks=[chunk(0, vectors[0])], version=200))
+    older = await stub.Upsert(indexer_pb2.UpsertRequest(chunks=[chunk(0, vectors[1])], version=100))
+    stamped = await stub.Upsert(indexer_pb2.UpsertRequest(chunks=[chunk(1, vectors[1])]))
+    stale_delete = await stub.Delete(indexer_pb2.DeleteRequest(document_ids=["doc"], version=150))
+    stats = await stub.Stats(indexer_pb2.StatsRequest())
+
+    assert (newer.version, newer.upserted, newer.skipped) == (200, 1, 0)
+    assert (older.version, older.upserted, older.skipped) == (100, 0, 1)
+    assert stamped.version > 200 and stamped.upserted == 1
+    assert (stale_delete.version, stale_delete.removed) == (150, 0)  # both chunks are newer than the delete
+    assert (stats.live_chunks, stats.max_version) == (2, stamped.version)
+
+
+async def test_changes_stream_in_batches_from_a_cursor(stub):
+    vectors = unit_vectors(30)
+    for start in range(0, 30, 10):
+        await stub.Upsert(indexer_pb2.UpsertRequest(chunks=[chunk(i, vectors[i], f"doc{start}") for i in range(start, start + 10)]))
+    await stub.Delete(indexer_pb2.DeleteRequest(document_ids=["doc0"]))
+    stats = await stub.Stats(indexer_pb2.StatsRequest())
+
+    batches = [b async for b in stub.Changes(indexer_pb2.ChangesRequest(batch_size=10, shard_id=SHARD))]
+
+    assert len(batches) >= 2 and batches[-1].sequence == stats.sequence
+    assert {b.store_id for b in batches} == {stats.store_id}
+    chunks = {c.chunk.chunk_id: c for b in batches for c in b.chunks}
+    assert len(chunks) == 20
+    np.testing.assert_allclose(chunks["doc10-15"].chunk.vector, vectors[15], rtol=1e-6)
+    assert [c.document_id for b in batches for c in b.cleared] == ["doc0"]
+
+    resumed = [b async for b in stub.Changes(indexer_pb2.ChangesRequest(
+        since_sequence=batches[0].sequence, store_id=stats.store_id))]
+    restarted = [b async for b in stub.Changes(indexer_pb2.ChangesRequest(since_sequence=batches[0].sequence, store_id=1))]
+    assert sum(len(b.chunks) for b in resumed) < 20 == sum(len(b.chunks) for b in restarted)
+
+
+async def test_stats_report_snapshots_memory_and_deletions(tmp_path):
+    async with running(settings_for(tmp_path, snapshot_every=1)) as channel:
+        stub = indexer_pb2_grpc.IndexerServiceStub(channel)
+        await stub.Upsert(indexer_pb2.UpsertRequest(chunks=[chunk(i, v) for i, v in enumerate(unit_vectors(5))]))
+        await stub.Delete(indexer_pb2.DeleteRequest(document_ids=["doc"]))
+        for _ in range(100):
+            stats = await stub.Stats(indexer_pb2.StatsRequest())
+            if stats.snapshot_sequence == stats.sequence:
+                break
+            await asyncio.sleep(0.05)
+
+    assert stats.snapshot_sequence == stats.sequence == 2
+    assert 0 <= stats.snapshot_age_s < 10
+    assert (stats.live_chunks, stats.deleted_chunks, stats.tenants) == (0, 5, 0)
+    assert stats.index_bytes > 0 and stats.rss_bytes > stats.index_bytes
+    assert stats.max_version > 0 and stats.store_id > 0
+
+
+def test_settings_read_the_peer_list(tmp_path):
+    settings = Settings.from_args(["--peers", "10.0.0.1:7000, 10.0.0.2:7000", "--snapshot-every", "5"], environ={})
+
+    assert settings.peers == ["10.0.0.1:7000", "10.0.0.2:7000"]
+    assert settings.snapshot_every == 5
+    with pytest.raises(ValueError, match="snapshots_kept"):
+        Settings.from_args(["--snapshots-kept", "0"], environ={})

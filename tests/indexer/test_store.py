@@ -7,7 +7,7 @@ import sqlite3
 import numpy as np
 import pytest
 
-from indexer.store import DB_FILE, ChunkRecord, ShardStore
+from indexer.store import DB_FILE, ChunkRecord, ShardStore, WriteResult
 from mesh.errors import FailedPrecondition, InvalidArgument
 
 DIM = 16
@@ -33,6 +33,10 @@ def chunks_for(document_id: str, vectors: np.ndarray, prefix: str | None = None)
     ]
 
 
+def counts(result: WriteResult) -> tuple[int, int, int]:
+    return result.written, result.removed, result.sequence
+
+
 @pytest.fixture
 def store(tmp_path):
     store = ShardStore(tmp_path, DIM, initial_capacity=8)
@@ -42,7 +46,7 @@ def store(tmp_path):
 
 def test_search_finds_the_chunk_with_its_payload(store):
     vectors = unit_vectors(20)
-    assert store.upsert(chunks_for("doc", vectors)) == (20, 0, 1)
+    assert counts(store.upsert(chunks_for("doc", vectors))) == (20, 0, 1)
 
     [hits] = store.search(vectors[7:8], k=3)
 
@@ -81,9 +85,9 @@ def test_replace_documents_removes_chunks_not_rewritten(store):
     store.upsert(chunks_for("a", vectors[:5]))
     store.upsert(chunks_for("b", vectors[5:]))
 
-    upserted, removed, _ = store.upsert(chunks_for("a", vectors[:2]), replace_documents=True)
+    result = store.upsert(chunks_for("a", vectors[:2]), replace_documents=True)
 
-    assert (upserted, removed) == (2, 3)
+    assert (result.written, result.removed) == (2, 3)
     found = {h.chunk_id for h in store.search(vectors, k=10)[0]}
     assert found == {"a-0", "a-1", "b-0", "b-1", "b-2"}
     assert store.stats().live_chunks == 5
@@ -95,9 +99,9 @@ def test_delete_removes_every_chunk_of_the_documents(store):
     store.upsert(chunks_for("b", vectors[3:6]))
     store.upsert(chunks_for("c", vectors[6:]))
 
-    removed, sequence = store.delete(["a", "c", "missing"])
+    result = store.delete(["a", "c", "missing"])
 
-    assert (removed, sequence) == (6, 4)
+    assert (result.removed, result.sequence) == (6, 4)
     assert {h.document_id for h in store.search(vectors, k=9)[0]} == {"b"}
     stats = store.stats()
     assert (stats.live_chunks, stats.documents, stats.sequence) == (3, 1, 4)
@@ -196,10 +200,10 @@ def test_reopening_with_another_dimension_is_refused(tmp_path):
         ShardStore(tmp_path, DIM * 2)
 
 
-def test_search_settles_for_fewer_hits_when_hnswlib_refuses_k(store, monkeypatch):
+def test_search_falls_back_to_exact_when_hnswlib_cannot_fill_k(store, monkeypatch):
     vectors = unit_vectors(10)
     store.upsert(chunks_for("doc", vectors))
-    index = store._index
+    index = store._index._index
 
     class ReachesOnlyThree:
         """hnswlib raises when a query reaches fewer than k live neighbours, as it can after deletions."""
@@ -207,14 +211,14 @@ def test_search_settles_for_fewer_hits_when_hnswlib_refuses_k(store, monkeypatch
         def __getattr__(self, name):
             return getattr(index, name)
 
-        def knn_query(self, queries, k):
+        def knn_query(self, queries, k, **options):
             if k > 3:
                 raise RuntimeError("Cannot return the results in a contiguous 2D array. Probably ef or M is too small")
-            return index.knn_query(queries, k=k)
+            return index.knn_query(queries, k=k, **options)
 
-    monkeypatch.setattr(store, "_index", ReachesOnlyThree())
+    monkeypatch.setattr(store._index, "_index", ReachesOnlyThree())
 
     results = store.search(vectors[:2], k=8)
 
-    assert [hits[0].chunk_id for hits in results] == ["doc-0", "doc-1"]
-    assert all(1 <= len(hits) <= 3 for hits in results)
+    exact = np.argsort(-(vectors[:2] @ vectors.T), axis=1)[:, :8]
+    assert [[h.chunk_id for h in hits] for hits in results] == [[f"doc-{i}" for i in row] for row in exact]

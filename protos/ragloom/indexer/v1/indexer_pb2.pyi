@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Chunk(_message.Message):
-    __slots__ = ("chunk_id", "document_id", "text", "source", "metadata", "vector")
+    __slots__ = ("chunk_id", "document_id", "text", "source", "metadata", "vector", "tenant", "tags")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -21,26 +21,32 @@ class Chunk(_message.Message):
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
     chunk_id: str
     document_id: str
     text: str
     source: str
     metadata: _containers.ScalarMap[str, str]
     vector: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, chunk_id: _Optional[str] = ..., document_id: _Optional[str] = ..., text: _Optional[str] = ..., source: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., vector: _Optional[_Iterable[float]] = ...) -> None: ...
+    tenant: str
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, chunk_id: _Optional[str] = ..., document_id: _Optional[str] = ..., text: _Optional[str] = ..., source: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., vector: _Optional[_Iterable[float]] = ..., tenant: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class UpsertRequest(_message.Message):
-    __slots__ = ("chunks", "replace_documents", "shard_id")
+    __slots__ = ("chunks", "replace_documents", "shard_id", "version")
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     REPLACE_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     chunks: _containers.RepeatedCompositeFieldContainer[Chunk]
     replace_documents: bool
     shard_id: int
-    def __init__(self, chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., replace_documents: _Optional[bool] = ..., shard_id: _Optional[int] = ...) -> None: ...
+    version: int
+    def __init__(self, chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., replace_documents: _Optional[bool] = ..., shard_id: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
 class UpsertResponse(_message.Message):
-    __slots__ = ("upserted", "removed", "sequence", "previous_chunks")
+    __slots__ = ("upserted", "removed", "sequence", "previous_chunks", "skipped", "version")
     class PreviousChunksEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -52,39 +58,57 @@ class UpsertResponse(_message.Message):
     REMOVED_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     upserted: int
     removed: int
     sequence: int
     previous_chunks: _containers.ScalarMap[str, int]
-    def __init__(self, upserted: _Optional[int] = ..., removed: _Optional[int] = ..., sequence: _Optional[int] = ..., previous_chunks: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    skipped: int
+    version: int
+    def __init__(self, upserted: _Optional[int] = ..., removed: _Optional[int] = ..., sequence: _Optional[int] = ..., previous_chunks: _Optional[_Mapping[str, int]] = ..., skipped: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
-    __slots__ = ("document_ids", "shard_id")
+    __slots__ = ("document_ids", "shard_id", "tenant", "version")
     DOCUMENT_IDS_FIELD_NUMBER: _ClassVar[int]
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     document_ids: _containers.RepeatedScalarFieldContainer[str]
     shard_id: int
-    def __init__(self, document_ids: _Optional[_Iterable[str]] = ..., shard_id: _Optional[int] = ...) -> None: ...
+    tenant: str
+    version: int
+    def __init__(self, document_ids: _Optional[_Iterable[str]] = ..., shard_id: _Optional[int] = ..., tenant: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
-    __slots__ = ("removed", "sequence")
+    __slots__ = ("removed", "sequence", "version")
     REMOVED_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     removed: int
     sequence: int
-    def __init__(self, removed: _Optional[int] = ..., sequence: _Optional[int] = ...) -> None: ...
+    version: int
+    def __init__(self, removed: _Optional[int] = ..., sequence: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("queries", "k", "ef", "shard_id")
+    __slots__ = ("queries", "k", "ef", "shard_id", "tenant", "tags", "source", "source_prefix")
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     EF_FIELD_NUMBER: _ClassVar[int]
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_PREFIX_FIELD_NUMBER: _ClassVar[int]
     queries: _containers.RepeatedCompositeFieldContainer[Vector]
     k: int
     ef: int
     shard_id: int
-    def __init__(self, queries: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., k: _Optional[int] = ..., ef: _Optional[int] = ..., shard_id: _Optional[int] = ...) -> None: ...
+    tenant: str
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    source: str
+    source_prefix: str
+    def __init__(self, queries: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., k: _Optional[int] = ..., ef: _Optional[int] = ..., shard_id: _Optional[int] = ..., tenant: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., source_prefix: _Optional[str] = ...) -> None: ...
 
 class Vector(_message.Message):
     __slots__ = ("values",)
@@ -93,7 +117,7 @@ class Vector(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Hit(_message.Message):
-    __slots__ = ("chunk_id", "document_id", "score", "text", "source", "metadata")
+    __slots__ = ("chunk_id", "document_id", "score", "text", "source", "metadata", "tenant", "tags")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -107,13 +131,17 @@ class Hit(_message.Message):
     TEXT_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
     chunk_id: str
     document_id: str
     score: float
     text: str
     source: str
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, chunk_id: _Optional[str] = ..., document_id: _Optional[str] = ..., score: _Optional[float] = ..., text: _Optional[str] = ..., source: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    tenant: str
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, chunk_id: _Optional[str] = ..., document_id: _Optional[str] = ..., score: _Optional[float] = ..., text: _Optional[str] = ..., source: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., tenant: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class QueryResult(_message.Message):
     __slots__ = ("hits",)
@@ -134,17 +162,95 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("shard_id", "live_chunks", "documents", "dimension", "sequence", "capacity")
+    __slots__ = ("shard_id", "live_chunks", "documents", "dimension", "sequence", "capacity", "deleted_chunks", "max_version", "snapshot_sequence", "snapshot_age_s", "index_bytes", "rss_bytes", "tenants", "store_id", "tombstones", "peers")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     LIVE_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    DELETED_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    MAX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    INDEX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    STORE_ID_FIELD_NUMBER: _ClassVar[int]
+    TOMBSTONES_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     live_chunks: int
     documents: int
     dimension: int
     sequence: int
     capacity: int
-    def __init__(self, shard_id: _Optional[int] = ..., live_chunks: _Optional[int] = ..., documents: _Optional[int] = ..., dimension: _Optional[int] = ..., sequence: _Optional[int] = ..., capacity: _Optional[int] = ...) -> None: ...
+    deleted_chunks: int
+    max_version: int
+    snapshot_sequence: int
+    snapshot_age_s: float
+    index_bytes: int
+    rss_bytes: int
+    tenants: int
+    store_id: int
+    tombstones: int
+    peers: _containers.RepeatedCompositeFieldContainer[PeerStatus]
+    def __init__(self, shard_id: _Optional[int] = ..., live_chunks: _Optional[int] = ..., documents: _Optional[int] = ..., dimension: _Optional[int] = ..., sequence: _Optional[int] = ..., capacity: _Optional[int] = ..., deleted_chunks: _Optional[int] = ..., max_version: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., snapshot_age_s: _Optional[float] = ..., index_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., tenants: _Optional[int] = ..., store_id: _Optional[int] = ..., tombstones: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[PeerStatus, _Mapping]]] = ...) -> None: ...
+
+class PeerStatus(_message.Message):
+    __slots__ = ("address", "store_id", "sequence", "caught_up_age_s", "error")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STORE_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    CAUGHT_UP_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    store_id: int
+    sequence: int
+    caught_up_age_s: float
+    error: str
+    def __init__(self, address: _Optional[str] = ..., store_id: _Optional[int] = ..., sequence: _Optional[int] = ..., caught_up_age_s: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
+
+class ChangesRequest(_message.Message):
+    __slots__ = ("since_version", "since_sequence", "store_id", "shard_id", "batch_size")
+    SINCE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SINCE_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    STORE_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    since_version: int
+    since_sequence: int
+    store_id: int
+    shard_id: int
+    batch_size: int
+    def __init__(self, since_version: _Optional[int] = ..., since_sequence: _Optional[int] = ..., store_id: _Optional[int] = ..., shard_id: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
+
+class VersionedChunk(_message.Message):
+    __slots__ = ("chunk", "version")
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    chunk: Chunk
+    version: int
+    def __init__(self, chunk: _Optional[_Union[Chunk, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
+
+class ClearedDocument(_message.Message):
+    __slots__ = ("tenant", "document_id", "version")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    document_id: str
+    version: int
+    def __init__(self, tenant: _Optional[str] = ..., document_id: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class ChangeBatch(_message.Message):
+    __slots__ = ("chunks", "cleared", "sequence", "store_id")
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    CLEARED_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    STORE_ID_FIELD_NUMBER: _ClassVar[int]
+    chunks: _containers.RepeatedCompositeFieldContainer[VersionedChunk]
+    cleared: _containers.RepeatedCompositeFieldContainer[ClearedDocument]
+    sequence: int
+    store_id: int
+    def __init__(self, chunks: _Optional[_Iterable[_Union[VersionedChunk, _Mapping]]] = ..., cleared: _Optional[_Iterable[_Union[ClearedDocument, _Mapping]]] = ..., sequence: _Optional[int] = ..., store_id: _Optional[int] = ...) -> None: ...

@@ -55,6 +55,11 @@ class IndexerServiceStub:
                 request_serializer=ragloom_dot_indexer_dot_v1_dot_indexer__pb2.StatsRequest.SerializeToString,
                 response_deserializer=ragloom_dot_indexer_dot_v1_dot_indexer__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.Changes = channel.unary_stream(
+                '/ragloom.indexer.v1.IndexerService/Changes',
+                request_serializer=ragloom_dot_indexer_dot_v1_dot_indexer__pb2.ChangesRequest.SerializeToString,
+                response_deserializer=ragloom_dot_indexer_dot_v1_dot_indexer__pb2.ChangeBatch.FromString,
+                _registered_method=True)
 
 
 class IndexerServiceServicer:
@@ -89,6 +94,13 @@ class IndexerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Changes(self, request, context):
+        """Streams the rows and document deletions written after a point; internal, between replicas of a shard (every tenant).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IndexerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +123,11 @@ def add_IndexerServiceServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=ragloom_dot_indexer_dot_v1_dot_indexer__pb2.StatsRequest.FromString,
                     response_serializer=ragloom_dot_indexer_dot_v1_dot_indexer__pb2.StatsResponse.SerializeToString,
+            ),
+            'Changes': grpc.unary_stream_rpc_method_handler(
+                    servicer.Changes,
+                    request_deserializer=ragloom_dot_indexer_dot_v1_dot_indexer__pb2.ChangesRequest.FromString,
+                    response_serializer=ragloom_dot_indexer_dot_v1_dot_indexer__pb2.ChangeBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +239,33 @@ class IndexerService:
             '/ragloom.indexer.v1.IndexerService/Stats',
             ragloom_dot_indexer_dot_v1_dot_indexer__pb2.StatsRequest.SerializeToString,
             ragloom_dot_indexer_dot_v1_dot_indexer__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Changes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ragloom.indexer.v1.IndexerService/Changes',
+            ragloom_dot_indexer_dot_v1_dot_indexer__pb2.ChangesRequest.SerializeToString,
+            ragloom_dot_indexer_dot_v1_dot_indexer__pb2.ChangeBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,5 +1,6 @@
 from google.api import annotations_pb2 as _annotations_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -7,17 +8,54 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class RetrievalMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RETRIEVAL_MODE_UNSPECIFIED: _ClassVar[RetrievalMode]
+    RETRIEVAL_MODE_DENSE: _ClassVar[RetrievalMode]
+    RETRIEVAL_MODE_LEXICAL: _ClassVar[RetrievalMode]
+    RETRIEVAL_MODE_HYBRID: _ClassVar[RetrievalMode]
+RETRIEVAL_MODE_UNSPECIFIED: RetrievalMode
+RETRIEVAL_MODE_DENSE: RetrievalMode
+RETRIEVAL_MODE_LEXICAL: RetrievalMode
+RETRIEVAL_MODE_HYBRID: RetrievalMode
+
+class Scope(_message.Message):
+    __slots__ = ("tenant", "tags")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, tenant: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class AskRequest(_message.Message):
-    __slots__ = ("question", "top_k", "max_tokens", "temperature")
+    __slots__ = ("question", "top_k", "max_tokens", "temperature", "scope", "mode", "require_complete", "no_cache")
     QUESTION_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    REQUIRE_COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    NO_CACHE_FIELD_NUMBER: _ClassVar[int]
     question: str
     top_k: int
     max_tokens: int
     temperature: float
-    def __init__(self, question: _Optional[str] = ..., top_k: _Optional[int] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ...) -> None: ...
+    scope: Scope
+    mode: RetrievalMode
+    require_complete: bool
+    no_cache: bool
+    def __init__(self, question: _Optional[str] = ..., top_k: _Optional[int] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., scope: _Optional[_Union[Scope, _Mapping]] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ..., require_complete: _Optional[bool] = ..., no_cache: _Optional[bool] = ...) -> None: ...
+
+class Coverage(_message.Message):
+    __slots__ = ("partial", "shards_answered", "shards_failed")
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_ANSWERED_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FAILED_FIELD_NUMBER: _ClassVar[int]
+    partial: bool
+    shards_answered: _containers.RepeatedScalarFieldContainer[int]
+    shards_failed: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, partial: _Optional[bool] = ..., shards_answered: _Optional[_Iterable[int]] = ..., shards_failed: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Source(_message.Message):
     __slots__ = ("number", "document_id", "chunk_id", "source", "text", "score", "shard_id")
@@ -54,24 +92,32 @@ class Timings(_message.Message):
     def __init__(self, embed_ms: _Optional[float] = ..., index_ms: _Optional[float] = ..., generate_ms: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., parse_ms: _Optional[float] = ...) -> None: ...
 
 class AskResponse(_message.Message):
-    __slots__ = ("answer", "sources", "citations", "timings", "completion_tokens")
+    __slots__ = ("answer", "sources", "citations", "timings", "completion_tokens", "coverage", "cached")
     ANSWER_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
     CITATIONS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COVERAGE_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
     answer: str
     sources: _containers.RepeatedCompositeFieldContainer[Source]
     citations: _containers.RepeatedScalarFieldContainer[int]
     timings: Timings
     completion_tokens: int
-    def __init__(self, answer: _Optional[str] = ..., sources: _Optional[_Iterable[_Union[Source, _Mapping]]] = ..., citations: _Optional[_Iterable[int]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
+    coverage: Coverage
+    cached: bool
+    def __init__(self, answer: _Optional[str] = ..., sources: _Optional[_Iterable[_Union[Source, _Mapping]]] = ..., citations: _Optional[_Iterable[int]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., completion_tokens: _Optional[int] = ..., coverage: _Optional[_Union[Coverage, _Mapping]] = ..., cached: _Optional[bool] = ...) -> None: ...
 
 class AskSources(_message.Message):
-    __slots__ = ("sources",)
+    __slots__ = ("sources", "coverage", "cached")
     SOURCES_FIELD_NUMBER: _ClassVar[int]
+    COVERAGE_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
     sources: _containers.RepeatedCompositeFieldContainer[Source]
-    def __init__(self, sources: _Optional[_Iterable[_Union[Source, _Mapping]]] = ...) -> None: ...
+    coverage: Coverage
+    cached: bool
+    def __init__(self, sources: _Optional[_Iterable[_Union[Source, _Mapping]]] = ..., coverage: _Optional[_Union[Coverage, _Mapping]] = ..., cached: _Optional[bool] = ...) -> None: ...
 
 class AskDone(_message.Message):
     __slots__ = ("citations", "timings", "completion_tokens")
@@ -94,12 +140,18 @@ class AskStreamResponse(_message.Message):
     def __init__(self, sources: _Optional[_Union[AskSources, _Mapping]] = ..., token: _Optional[str] = ..., done: _Optional[_Union[AskDone, _Mapping]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("query", "top_k")
+    __slots__ = ("query", "top_k", "scope", "mode", "require_complete")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    REQUIRE_COMPLETE_FIELD_NUMBER: _ClassVar[int]
     query: str
     top_k: int
-    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ...) -> None: ...
+    scope: Scope
+    mode: RetrievalMode
+    require_complete: bool
+    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., scope: _Optional[_Union[Scope, _Mapping]] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ..., require_complete: _Optional[bool] = ...) -> None: ...
 
 class SearchHit(_message.Message):
     __slots__ = ("score", "document_id", "chunk_id", "source", "text", "shard_id")
@@ -118,15 +170,17 @@ class SearchHit(_message.Message):
     def __init__(self, score: _Optional[float] = ..., document_id: _Optional[str] = ..., chunk_id: _Optional[str] = ..., source: _Optional[str] = ..., text: _Optional[str] = ..., shard_id: _Optional[int] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("hits", "timings")
+    __slots__ = ("hits", "timings", "coverage")
     HITS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    COVERAGE_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[SearchHit]
     timings: Timings
-    def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+    coverage: Coverage
+    def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., coverage: _Optional[_Union[Coverage, _Mapping]] = ...) -> None: ...
 
 class Document(_message.Message):
-    __slots__ = ("id", "source", "text", "content", "format", "metadata")
+    __slots__ = ("id", "source", "text", "content", "format", "metadata", "tags")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -140,19 +194,23 @@ class Document(_message.Message):
     CONTENT_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
     id: str
     source: str
     text: str
     content: bytes
     format: str
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, id: _Optional[str] = ..., source: _Optional[str] = ..., text: _Optional[str] = ..., content: _Optional[bytes] = ..., format: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., source: _Optional[str] = ..., text: _Optional[str] = ..., content: _Optional[bytes] = ..., format: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class IngestRequest(_message.Message):
-    __slots__ = ("documents",)
+    __slots__ = ("documents", "tenant")
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     documents: _containers.RepeatedCompositeFieldContainer[Document]
-    def __init__(self, documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ...) -> None: ...
+    tenant: str
+    def __init__(self, documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class IngestedDocument(_message.Message):
     __slots__ = ("id", "chunks", "shard_id", "replaced_chunks")
@@ -175,10 +233,12 @@ class IngestResponse(_message.Message):
     def __init__(self, documents: _Optional[_Iterable[_Union[IngestedDocument, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
 
 class DeleteDocumentRequest(_message.Message):
-    __slots__ = ("document_id",)
+    __slots__ = ("document_id", "tenant")
     DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     document_id: str
-    def __init__(self, document_id: _Optional[str] = ...) -> None: ...
+    tenant: str
+    def __init__(self, document_id: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class DeleteDocumentResponse(_message.Message):
     __slots__ = ("removed_chunks",)

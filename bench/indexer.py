@@ -1,0 +1,361 @@
+"""Recall@10 and throughput of the indexer on real sentence embeddings (heavy: not run in CI).
+
+Corpus: sentences of the English man pages under /usr/share/man (zcat, roff markup
+stripped, 6-60 words, de-duplicated), embedded in-process with the project's fp32
+all-MiniLM-L6-v2 (384-d, L2-normalised), cached as .npy under bench/.cache/.
+Queries: sentences held out of the corpus. Ground truth: exact top-10 by brute force
+(numpy inner product over normalised vectors, i.e. cosine).
+
+Measured, at several ef:
+  * raw hnswlib in-process: THE BASELINE every other figure is a ratio to;
+  * one shard through gRPC (server in its own process, queries sent in batches);
+  * four shards through a scatter-gather (four processes, each query batch sent to all
+    concurrently with grpc.aio, top-k merged by score, as the router does);
+plus memory per million vectors (the shard's own estimate and its RSS growth).
+
+Targets: recall@10 >= 0.95 at the shard's default ef (64); one shard through gRPC
+>= 0.8x raw hnswlib QPS; 4-shard merged recall within 0.01 of one index at the same ef.
+
+    .venv/bin/python bench/indexer.py [--n 100000] [--queries 1000] [--ef 16,32,64,128]
+
+The first run embeds ~101k sentences (about 6 minutes on 2 cores); later runs reuse the
+cache. Last line: one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import json
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+CACHE = ROOT / "bench" / ".cache"
+
+# roff escapes: fonts (\fB \f[I] \f(CW), strings (\*(xx), specials (\(em \[..]), sizes, spacing.
+_ROFF_ESCAPE = re.compile(
+    r"\\f(\[[^\]]*\]|\(..|.)|\\\*(\[[^\]]*\]|\(..|.)|\\\(..|\\\[[^\]]*\]|\\s[-+]?\d|\\[&|^%~ ]|\\e"
+)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+
+
+def man_sentences() -> list[str]:
+    """Every distinct sentence of 6-60 words in the English man pages, sorted."""
+    found: set[str] = set()
+    for path in sorted(Path("/usr/share/man").glob("man*/*.gz")):
+        try:
+            text = gzip.open(path, "rt", errors="replace").read()
+        except (OSError, EOFError):
+            continue
+        paragraphs, lines = [], []
+        for line in text.splitlines():
+            if line.startswith((".", "'")):  # a request or macro ends the running paragraph
+                paragraphs.append(" ".join(lines))
+                lines = []
+            else:
+                lines.append(line)
+        paragraphs.append(" ".join(lines))
+        for paragraph in paragraphs:
+            plain = _ROFF_ESCAPE.sub("", paragraph.replace("\\-", "-")).replace("\\", "")
+            for sentence in _SENTENCE_END.split(" ".join(plain.split())):
+                words = sentence.split()
+                if 6 <= len(words) <= 60 and sum(c.isalpha() for c in sentence) > 0.6 * len(sentence):
+                    found.add(sentence)
+    return sorted(found)
+
+
+def embedded_corpus(n: int, queries: int) -> tuple[np.ndarray, np.ndarray]:
+    """(corpus vectors, query vectors), embedding and caching them on first use."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    (CACHE / ".gitignore").write_text("*\n")  # the cache never reaches git
+    path = CACHE / f"man-minilm-{n}-{queries}.npy"
+    if not path.is_file():
+        from embedder.export import minilm_fp32
+        from embedder.model import OnnxEmbedder, model_from_dir
+
+        sentences = man_sentences()
+        if len(sentences) < n + queries:
+            raise SystemExit(f"only {len(sentences)} sentences found, {n + queries} needed")
+        texts = random.Random(0).sample(sentences, n + queries)
+        embedder = OnnxEmbedder(model_from_dir(minilm_fp32()), batch_size=64)
+        started = time.perf_counter()
+        vectors = np.concatenate([embedder.embed(texts[i : i + 4096]).vectors for i in range(0, len(texts), 4096)])
+        seconds = time.perf_counter() - started
+        print(f"embedded {len(texts)} sentences in {seconds:.0f}s ({len(texts) / seconds:.0f}/s)", file=sys.stderr)
+        np.save(path.with_suffix(".tmp.npy"), vectors)
+        path.with_suffix(".tmp.npy").rename(path)
+        (CACHE / f"man-minilm-{n}-{queries}.json").write_text(
+            json.dumps({"texts": len(texts), "embed_seconds": round(seconds, 1)})
+        )
+    vectors = np.load(path)
+    return vectors[:n], vectors[n:]
+
+
+def sentence_texts(n: int, queries: int) -> list[str]:
+    """The texts behind the cached vectors (same sample), cached beside them."""
+    path = CACHE / f"man-texts-{n}-{queries}.json"
+    if not path.is_file():
+        path.write_text(json.dumps(random.Random(0).sample(man_sentences(), n + queries)))
+    return json.loads(path.read_text())[:n]
+
+
+def exact_top_k(corpus: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Ground truth: the k most cosine-similar corpus rows of each query (vectors are unit length)."""
+    top = np.empty((len(queries), k), dtype=np.int64)
+    for start in range(0, len(queries), 100):
+        scores = queries[start : start + 100] @ corpus.T
+        part = np.argpartition(-scores, k, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1)
+        top[start : start + 100] = np.take_along_axis(part, order, axis=1)
+    return top
+
+
+def recall(found: list[list[int]], truth: np.ndarray) -> float:
+    k = truth.shape[1]
+    return sum(len(set(f[:k]) & set(t)) for f, t in zip(found, truth)) / truth.size
+
+
+# ----------------------------------------------------------------------------- shard processes
+
+
+class Shard:
+    """`python -m mesh serve indexer` on a free port."""
+
+    def __init__(self, data_dir: Path, shard_id: int, port: int, log_dir: Path):
+        self.address = f"127.0.0.1:{port}"
+        self.argv = [sys.executable, "-m", "mesh", "serve", "indexer", "--port", str(port), "--shard-id", str(shard_id),
+                     "--data-dir", str(data_dir), "--dimension", "384", "--max-batch", "4096",
+                     "--snapshot-interval-s", "0", "--snapshot-every", "100000000", "--log-level", "WARNING"]
+        self.log_path = log_dir / f"shard-{shard_id}.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> float:
+        """Starts the shard; returns seconds until it reported SERVING."""
+        from mesh.client import wait_healthy
+
+        started = time.perf_counter()
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        asyncio.run(wait_healthy(self.address, 600))
+        return time.perf_counter() - started
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=600)
+
+
+# Tags for filtered searches: "p10" on every 10th row, "p1" also on every 100th.
+FILTER_TAGS = [["p10", "p1"] if r == 0 else ["p10"] if r % 10 == 0 else [] for r in range(100)]
+SELECTIVITY = {"p10": 10, "p1": 100}
+
+
+def upsert_requests(texts: list[str], corpus: np.ndarray, rows: list[int], batch: int = 512):
+    from ragloom.indexer.v1 import indexer_pb2
+
+    for start in range(0, len(rows), batch):
+        yield indexer_pb2.UpsertRequest(chunks=[
+            indexer_pb2.Chunk(chunk_id=f"s{row}", document_id=f"s{row}", text=texts[row], source="man",
+                              vector=corpus[row].tolist(), tags=FILTER_TAGS[row % 100])
+            for row in rows[start : start + batch]
+        ])
+
+
+async def ingest(stubs: list, texts: list[str], corpus: np.ndarray, rows_per_shard: list[list[int]]) -> float:
+    """Upserts every shard's rows, the shards concurrently; returns the seconds it took."""
+    started = time.perf_counter()
+
+    async def one(stub, rows):
+        for request in upsert_requests(texts, corpus, rows):
+            await stub.Upsert(request, timeout=600)
+
+    await asyncio.gather(*(one(stub, rows) for stub, rows in zip(stubs, rows_per_shard)))
+    return time.perf_counter() - started
+
+
+async def search_all(
+    stubs: list, queries: np.ndarray, k: int, ef: int, batch: int, in_flight: int, **fields
+) -> tuple[list[list[int]], float]:
+    """Every query through every shard in batches (`in_flight` batches at once), hits merged by
+    score as the router merges them. Returns (row ids per query, seconds)."""
+    from ragloom.indexer.v1 import indexer_pb2
+
+    requests = [
+        indexer_pb2.SearchRequest(
+            queries=[indexer_pb2.Vector(values=q.tolist()) for q in queries[s : s + batch]], k=k, ef=ef, **fields
+        )
+        for s in range(0, len(queries), batch)
+    ]
+    gate = asyncio.Semaphore(in_flight)
+
+    async def one(request):
+        async with gate:
+            replies = await asyncio.gather(*(stub.Search(request, timeout=600) for stub in stubs))
+        merged = []
+        for i in range(len(request.queries)):
+            hits = sorted((h for reply in replies for h in reply.results[i].hits), key=lambda h: -h.score)
+            merged.append([int(h.chunk_id[1:]) for h in hits[:k]])
+        return merged
+
+    started = time.perf_counter()
+    results = await asyncio.gather(*(one(r) for r in requests))
+    return [ids for batch_ids in results for ids in batch_ids], time.perf_counter() - started
+
+
+async def shard_figures(
+    shards: list[Shard], texts, corpus, queries, truth, efs, batch, in_flight, rounds, filtered_ef: int = 0
+) -> dict:
+    import grpc
+
+    from ragloom.indexer.v1 import indexer_pb2, indexer_pb2_grpc
+    from router.sharding import shard_for
+
+    options = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
+    channels = [grpc.aio.insecure_channel(s.address, options=options) for s in shards]
+    stubs = [indexer_pb2_grpc.IndexerServiceStub(c) for c in channels]
+    rows_per_shard = [[] for _ in shards]
+    for row in range(len(corpus)):
+        rows_per_shard[shard_for(f"s{row}", len(shards))].append(row)
+    before = [await stub.Stats(indexer_pb2.StatsRequest()) for stub in stubs]
+    ingest_s = await ingest(stubs, texts, corpus, rows_per_shard)
+    after = [await stub.Stats(indexer_pb2.StatsRequest()) for stub in stubs]
+    figures = {"ingest_s": round(ingest_s, 1), "ingest_chunks_per_s": round(len(corpus) / ingest_s, 1),
+               "live_chunks": sum(s.live_chunks for s in after),
+               "index_bytes": sum(s.index_bytes for s in after),
+               "rss_growth_bytes": sum(a.rss_bytes - b.rss_bytes for a, b in zip(after, before)), "ef": {}}
+    await search_all(stubs, queries[:200], 10, max(efs), batch, in_flight)  # warm-up
+    for ef in efs:
+        best = None
+        for _ in range(rounds):
+            found, seconds = await search_all(stubs, queries, 10, ef, batch, in_flight)
+            best = seconds if best is None else min(best, seconds)
+        figures["ef"][ef] = {"recall_at_10": round(recall(found, truth), 4), "qps": round(len(queries) / best, 1)}
+    if filtered_ef:
+        figures["filtered"] = {}
+        for tag, every in SELECTIVITY.items():
+            allowed = np.array([row for row in range(len(corpus)) if row % every == 0])
+            filtered_truth = allowed[exact_top_k(corpus[allowed], queries, 10)]
+            found, seconds = await search_all(stubs, queries, 10, filtered_ef, batch, in_flight, tags=[tag])
+            figures["filtered"][f"{100 / every:g}%"] = {
+                "recall_at_10": round(recall(found, filtered_truth), 4), "qps": round(len(queries) / seconds, 1),
+            }
+    for channel in channels:
+        await channel.close()
+    return figures
+
+
+def raw_hnswlib(corpus, queries, truth, efs, m, ef_construction, rounds) -> dict:
+    import hnswlib
+
+    index = hnswlib.Index(space="cosine", dim=corpus.shape[1])
+    index.init_index(max_elements=len(corpus), ef_construction=ef_construction, M=m)
+    started = time.perf_counter()
+    for start in range(0, len(corpus), 512):  # in the batches the shard receives
+        index.add_items(corpus[start : start + 512], np.arange(start, min(start + 512, len(corpus))))
+    figures = {"build_s": round(time.perf_counter() - started, 1), "file_bytes": index.index_file_size(), "ef": {}}
+    for ef in efs:
+        index.set_ef(ef)
+        best = None
+        for _ in range(rounds):
+            started = time.perf_counter()
+            labels, _ = index.knn_query(queries, k=10)
+            seconds = time.perf_counter() - started
+            best = seconds if best is None else min(best, seconds)
+        figures["ef"][ef] = {"recall_at_10": round(recall(labels.tolist(), truth), 4), "qps": round(len(queries) / best, 1)}
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=100_000, help="corpus vectors")
+    parser.add_argument("--queries", type=int, default=1000, help="held-out query vectors")
+    parser.add_argument("--ef", default="16,32,64,128", help="search breadths to measure")
+    parser.add_argument("--default-ef", type=int, default=64, help="the shard's default ef (the recall target applies there)")
+    parser.add_argument("--batch", type=int, default=100, help="queries per Search request")
+    parser.add_argument("--in-flight", type=int, default=2, help="Search requests in flight at once")
+    parser.add_argument("--rounds", type=int, default=3, help="timed passes over the queries per ef (best is kept)")
+    parser.add_argument("--prepare", action="store_true", help="only embed and cache the corpus")
+    args = parser.parse_args()
+    efs = [int(e) for e in args.ef.split(",")]
+
+    corpus, queries = embedded_corpus(args.n, args.queries)
+    if args.prepare:
+        return
+    texts = sentence_texts(args.n, args.queries)
+    truth = exact_top_k(corpus, queries, 10)
+    print(f"corpus {corpus.shape}, queries {queries.shape}, exact top-10 computed", file=sys.stderr)
+
+    raw = raw_hnswlib(corpus, queries, truth, efs, m=16, ef_construction=200, rounds=args.rounds)
+    print(f"raw hnswlib: built in {raw['build_s']}s; {raw['ef']}", file=sys.stderr)
+
+    from mesh.launcher import free_port_block
+
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="ragloom-bench-") as data:
+        data = Path(data)
+        for count in (1, 4):
+            base = free_port_block(count)
+            shards = [Shard(data / f"{count}x-{i}", i, base + i, data) for i in range(count)]
+            try:
+                for shard in shards:
+                    shard.start()
+                results[count] = asyncio.run(shard_figures(
+                    shards, texts, corpus, queries, truth, efs, args.batch, args.in_flight, args.rounds,
+                    filtered_ef=args.default_ef if count == 1 else 0,
+                ))
+                if count == 1:  # a graceful stop snapshots the index; a start loads it instead of rebuilding
+                    shards[0].stop()
+                    results[1]["restart_from_snapshot_s"] = round(shards[0].start(), 2)
+            finally:
+                for shard in shards:
+                    if shard.process and shard.process.poll() is None:
+                        shard.stop()
+            print(f"{count} shard(s): {results[count]}", file=sys.stderr)
+
+    one, four, default = results[1], results[4], args.default_ef
+    per_million = 1e6 / args.n
+    figures = {
+        "vectors": args.n,
+        "queries": args.queries,
+        "dimension": int(corpus.shape[1]),
+        "baseline": "raw hnswlib in-process, M=16, ef_construction=200, same queries, 2 threads",
+        "raw_hnswlib": raw["ef"],
+        "one_shard_grpc": one["ef"],
+        "four_shards_merged": four["ef"],
+        "recall_at_10_default_ef": one["ef"][default]["recall_at_10"],
+        "one_shard_filtered_default_ef": one["filtered"],
+        "one_shard_qps_vs_raw": {ef: round(one["ef"][ef]["qps"] / raw["ef"][ef]["qps"], 3) for ef in efs},
+        "four_shard_recall_minus_one_index": {
+            ef: round(four["ef"][ef]["recall_at_10"] - raw["ef"][ef]["recall_at_10"], 4) for ef in efs
+        },
+        "raw_build_s": raw["build_s"],
+        "one_shard_ingest_s": one["ingest_s"],
+        "one_shard_ingest_chunks_per_s": one["ingest_chunks_per_s"],
+        "four_shard_ingest_chunks_per_s": four["ingest_chunks_per_s"],
+        "restart_from_snapshot_s": one["restart_from_snapshot_s"],
+        "index_bytes_per_million": int(one["index_bytes"] * per_million),
+        "shard_rss_growth_bytes_per_million": int(one["rss_growth_bytes"] * per_million),
+        "raw_hnswlib_file_bytes_per_million": int(raw["file_bytes"] * per_million),
+        "targets": {
+            "recall_at_10_default_ef_ge_0.95": one["ef"][default]["recall_at_10"] >= 0.95,
+            "one_shard_qps_ge_0.8x_raw_at_default_ef": one["ef"][default]["qps"] >= 0.8 * raw["ef"][default]["qps"],
+            "four_shard_recall_within_0.01": all(
+                four["ef"][ef]["recall_at_10"] >= raw["ef"][ef]["recall_at_10"] - 0.01 for ef in efs
+            ),
+        },
+    }
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

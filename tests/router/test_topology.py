@@ -1,0 +1,87 @@
+import asyncio
+
+import grpc
+import pytest
+
+from mesh.client import Deadline
+from mesh.errors import Unavailable
+from router.topology import Breaker, Replica, ShardGroup, VersionClock, parse_topology
+
+
+class FakeError(grpc.aio.AioRpcError):
+    def __init__(self, code):
+        super().__init__(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=code.name)
+
+
+class FakeClient:
+    def __init__(self, name, fail=None, delay=0.0):
+        self.target, self.fail, self.delay, self.calls = name, fail, delay, 0
+
+    async def op(self):
+        self.calls += 1
+        await asyncio.sleep(self.delay)
+        if self.fail:
+            raise FakeError(self.fail)
+        return self.target
+
+    async def close(self):
+        pass
+
+
+def group(*clients, quorum=None):
+    return ShardGroup(0, [Replica(c, Breaker(eject_after=2, eject_for_s=0.2)) for c in clients], quorum)
+
+
+async def test_read_fails_over_to_a_healthy_replica():
+    down, up = FakeClient("down", grpc.StatusCode.UNAVAILABLE), FakeClient("up")
+    g = group(down, up)
+    results = [await g.read(lambda c: c.op(), Deadline(5)) for _ in range(6)]
+    assert results == ["up"] * 6
+    assert down.calls == 2, "after 2 failures the dead replica is ejected and costs nothing"
+
+
+async def test_ejected_replica_is_probed_back():
+    flaky, other = FakeClient("flaky", grpc.StatusCode.UNAVAILABLE), FakeClient("other")
+    g = group(flaky, other)
+    for _ in range(4):
+        await g.read(lambda c: c.op(), Deadline(5))
+    flaky.fail = None
+    await asyncio.sleep(0.25)
+    seen = {await g.read(lambda c: c.op(), Deadline(5)) for _ in range(4)}
+    assert "flaky" in seen
+
+
+async def test_caller_faults_are_not_failed_over():
+    bad = FakeClient("a", grpc.StatusCode.INVALID_ARGUMENT)
+    g = group(bad, FakeClient("b"))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        for _ in range(2):
+            await g.read(lambda c: c.op(), Deadline(5))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_write_acknowledges_at_quorum_without_waiting_for_a_slow_replica():
+    fast1, fast2, slow = FakeClient("f1"), FakeClient("f2"), FakeClient("slow", delay=1.0)
+    g = group(fast1, fast2, slow)
+    assert g.write_quorum == 2
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await g.write(lambda c: c.op())
+    assert loop.time() - start < 0.5
+    await g.close()
+    assert slow.calls == 1
+
+
+async def test_write_below_quorum_is_unavailable():
+    g = group(FakeClient("a", grpc.StatusCode.UNAVAILABLE), FakeClient("b", grpc.StatusCode.UNAVAILABLE), FakeClient("c"))
+    with pytest.raises(Unavailable, match="1 of 2"):
+        await g.write(lambda c: c.op())
+
+
+def test_versions_increase_and_topology_parses():
+    clock = VersionClock()
+    a, b = clock.next(), clock.next()
+    assert b > a
+    assert parse_topology(["a:1|a:2", "b:1"]) == [["a:1", "a:2"], ["b:1"]]
+    with pytest.raises(ValueError):
+        parse_topology(["a:1", "|"])
