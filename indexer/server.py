@@ -261,8 +261,10 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
         limit = min(request.batch_size or self._settings.changes_batch, self._settings.max_batch)
 
         def first_page(store: ShardStore):
-            # A cursor is a position in one store's sequence: another store's means nothing here.
-            since = request.since_sequence if request.store_id == store.store_id else 0
+            # A cursor is a position in one store's sequence: another store's means nothing here, and
+            # one beyond this store's sequence (its folder restored from a backup) is not trusted.
+            valid = request.store_id == store.store_id and request.since_sequence <= store.sequence
+            since = request.since_sequence if valid else 0
             return store.changes(since, request.since_version, limit)
 
         page = await self._service.run(first_page)

@@ -13,9 +13,10 @@ that last wrote it, and each label taken out of the index leaves a tombstone wit
 opening the store loads the newest snapshot that verifies and replays only what came
 after it: tombstones with a larger `seq` mark their labels deleted, rows with a larger
 `seq` are updated in place or added. With no usable snapshot the index is rebuilt from
-every row. Tombstones no kept snapshot predates are pruned. Labels come from an
-AUTOINCREMENT key, so a deleted label is never handed out again and a snapshot can
-never mistake a new row for an old one.
+every row. Tombstones up to the oldest kept snapshot are pruned: no snapshot that could
+still be loaded needs them. Labels come from an AUTOINCREMENT key, so a deleted label is
+never handed out again and a snapshot can never mistake a new row for an old one.
+Snapshots are an optimisation of restart time only: losing all of them loses nothing.
 
 Convergence of replicas. Every write carries a version (the router's, or one stamped
 here: max(highest version seen + 1, wall-clock microseconds)). Rows keep the version
@@ -355,10 +356,11 @@ class ShardStore:
         results = []
         for labels, distances in neighbours:
             hits = []
-            for label, distance in zip(labels, distances):
-                hit = payloads.get(int(label))
-                if hit is not None:
-                    hits.append(HitRecord(**{**hit, "score": 1.0 - float(distance)}))
+            for label, distance in zip(labels.tolist(), distances.tolist()):
+                payload = payloads.get(label)
+                if payload is not None:
+                    chunk_id, document_id, text, source, metadata, tags = payload
+                    hits.append(HitRecord(chunk_id, document_id, 1.0 - distance, text, source, metadata, where.tenant, tags))
             results.append(hits)
         return results
 
@@ -628,7 +630,8 @@ class ShardStore:
         best_labels = np.take_along_axis(best_labels, order, axis=1)
         return [(best_labels[i], 1.0 - best_scores[i]) for i in range(len(queries))]
 
-    def _payloads(self, tenant: str, labels: set[int]) -> dict[int, dict]:
+    def _payloads(self, tenant: str, labels: set[int]) -> dict[int, tuple]:
+        """(chunk_id, document_id, text, source, metadata, tags) by label."""
         rows = self._select(
             "SELECT label, tenant, chunk_id, document_id, text, source, metadata, tags FROM chunks WHERE label IN ({})",
             list(labels),
@@ -636,8 +639,7 @@ class ShardStore:
         # The tenant check repeats the filter that chose the labels: isolation twice over. (In SQL it
         # would lead SQLite to scan the tenant's index instead of looking labels up by key.)
         return {
-            label: dict(chunk_id=chunk_id, document_id=document_id, text=text, source=source,
-                        metadata=_json(metadata), tenant=tenant, tags=_json(tags))
+            label: (chunk_id, document_id, text, source, _json(metadata), _json(tags))
             for label, row_tenant, chunk_id, document_id, text, source, metadata, tags in rows
             if row_tenant == tenant
         }

@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+if TYPE_CHECKING:
+    from mesh.tls import Identity
 
 # Transparent retries for UNAVAILABLE (the server never saw the call, or was stopping).
 # Every internal RPC is idempotent, so a retry cannot apply a write twice.
@@ -29,19 +33,19 @@ RETRY_SERVICE_CONFIG = json.dumps(
 )
 
 
-def channel(target: str, *, max_message_mb: int = 64) -> grpc.aio.Channel:
-    """An insecure aio channel to another service with the retry policy and size limits."""
+def channel(target: str, *, max_message_mb: int = 64, identity: "Identity | None" = None) -> grpc.aio.Channel:
+    """An aio channel to another service with the retry policy and size limits; mutual TLS with `identity`."""
     size = max_message_mb * 1024 * 1024
-    return grpc.aio.insecure_channel(
-        target,
-        options=[
-            ("grpc.service_config", RETRY_SERVICE_CONFIG),
-            ("grpc.enable_retries", 1),
-            ("grpc.max_receive_message_length", size),
-            ("grpc.max_send_message_length", size),
-            ("grpc.keepalive_time_ms", 30_000),
-        ],
-    )
+    options = [
+        ("grpc.service_config", RETRY_SERVICE_CONFIG),
+        ("grpc.enable_retries", 1),
+        ("grpc.max_receive_message_length", size),
+        ("grpc.max_send_message_length", size),
+        ("grpc.keepalive_time_ms", 30_000),
+    ]
+    if identity is not None:
+        return grpc.aio.secure_channel(target, identity.channel_credentials(), options=options)
+    return grpc.aio.insecure_channel(target, options=options)
 
 
 class Deadline:
@@ -65,11 +69,11 @@ class Deadline:
         return cap_s if left is None else max(0.001, min(cap_s, left))
 
 
-async def wait_healthy(target: str, timeout_s: float = 60.0, service: str = "") -> None:
+async def wait_healthy(target: str, timeout_s: float = 60.0, service: str = "", identity: "Identity | None" = None) -> None:
     """Waits until `target` reports SERVING; raises TimeoutError otherwise."""
     end = time.monotonic() + timeout_s
     last = "no answer"
-    async with grpc.aio.insecure_channel(target) as ch:
+    async with channel(target, identity=identity) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < end:
             try:

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from mesh.errors import to_status
 from mesh.metrics import serve_metrics
+from mesh.tls import IdentityInterceptor
 from mesh.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,11 @@ async def serve(
     stop: asyncio.Event | None = None,
 ) -> None:
     """Runs `service` until SIGTERM/SIGINT (or `stop` is set), then shuts it down gracefully."""
-    server = grpc.aio.server(interceptors=[ErrorInterceptor(service.name)], options=server_options(settings))
+    identity = settings.identity
+    interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor(service.name)]  # outermost: sees every error
+    if identity is not None:
+        interceptors.append(IdentityInterceptor(settings.allowed_callers))
+    server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for name in ("", *service.service_names):
@@ -145,12 +150,16 @@ async def serve(
         [*service.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
         server,
     )
-    port = server.add_insecure_port(settings.address)
+    if identity is not None:
+        port = server.add_secure_port(settings.address, identity.server_credentials())
+    else:
+        port = server.add_insecure_port(settings.address)
     if port == 0:
         raise OSError(f"{service.name}: cannot listen on {settings.address}")
     serve_metrics(settings.host, settings.metrics_port)
     await server.start()
-    log.info("%s listening on %s:%d (warming up)", service.name, settings.host, port)
+    log.info("%s listening on %s:%d (%s, warming up)", service.name, settings.host, port,
+             "mutual TLS" if identity else "plaintext")
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

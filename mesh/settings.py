@@ -34,6 +34,19 @@ class ServiceSettings:
     max_message_mb: int = option(64, "largest gRPC message accepted or sent, in MiB")
     log_level: str = option("INFO", "log level: DEBUG, INFO, WARNING, ERROR")
     metrics_port: int = option(0, "port for Prometheus /metrics (0 = off)")
+    tls_cert: str = option("", "PEM certificate of this workload; with --tls-key and --tls-ca turns on mutual TLS")
+    tls_key: str = option("", "PEM private key of this workload")
+    tls_ca: str = option("", "PEM CA certificate that callers' and servers' certificates must chain to")
+    allowed_callers: list[str] = option([], "SPIFFE ids allowed to call this service (mTLS only; empty = any valid certificate)")
+
+    @property
+    def identity(self):
+        """This workload's mTLS identity, or None when TLS is off."""
+        from mesh.tls import Identity
+
+        if not (self.tls_cert or self.tls_key or self.tls_ca):
+            return None
+        return Identity(Path(self.tls_cert), Path(self.tls_key), Path(self.tls_ca))
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -42,7 +55,7 @@ class ServiceSettings:
             flag = "--" + f.name.replace("_", "-")
             kind = hints[f.name]
             env = ENV_PREFIX + f.name.upper()
-            help_text = f"{f.metadata.get('help', '')} [env {env}]"
+            help_text = f"{f.metadata.get('help', '')} [env {env}]".replace("%", "%%")
             if kind is bool:
                 parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             else:
@@ -75,6 +88,12 @@ class ServiceSettings:
             raise ValueError(f"port must be 0..65535, got {self.port}")
         if self.grace_s < 0:
             raise ValueError("grace_s must not be negative")
+        tls = [self.tls_cert, self.tls_key, self.tls_ca]
+        if any(tls) and not all(tls):
+            raise ValueError("mutual TLS needs all of --tls-cert, --tls-key and --tls-ca")
+        for path in filter(None, tls):
+            if not Path(path).is_file():
+                raise ValueError(f"TLS file not found: {path}")
 
     @property
     def address(self) -> str:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parent
 DESCRIPTOR_SET = "ragloom.pb"
+# Helm can only read files inside the chart: the gateway's transcoder gets a copy.
+CHART_COPY = PROTO_ROOT.parent / "mesh" / "chart" / "files" / DESCRIPTOR_SET
 
 
 def proto_files(root: Path = PROTO_ROOT) -> list[str]:
@@ -47,6 +49,8 @@ def generate(out: Path) -> None:
     )
     if code != 0:
         raise SystemExit(f"protoc failed writing the descriptor set (exit {code})")
+    if out == PROTO_ROOT and CHART_COPY.parent.is_dir():
+        CHART_COPY.write_bytes((out / DESCRIPTOR_SET).read_bytes())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,11 +14,11 @@ from ragloom.indexer.v1 import indexer_pb2, indexer_pb2_grpc
 
 
 class EmbedderClient:
-    def __init__(self, target: str, timeout_s: float, batch_texts: int = 64, parallel: int = 2):
+    def __init__(self, target: str, timeout_s: float, batch_texts: int = 64, parallel: int = 2, identity=None):
         self.target = target
         self.timeout_s = timeout_s
         self.batch_texts = batch_texts
-        self._channel = channel(target)
+        self._channel = channel(target, identity=identity)
         self._stub = embedder_pb2_grpc.EmbedderServiceStub(self._channel)
         self._parallel = asyncio.Semaphore(parallel)
 
@@ -43,12 +43,12 @@ class EmbedderClient:
 
 
 class ShardClient:
-    def __init__(self, shard_id: int, target: str, timeout_s: float, write_timeout_s: float = 30.0):
+    def __init__(self, shard_id: int, target: str, timeout_s: float, write_timeout_s: float = 30.0, identity=None):
         self.shard_id = shard_id
         self.target = target
         self.timeout_s = timeout_s
         self.write_timeout_s = write_timeout_s
-        self._channel = channel(target)
+        self._channel = channel(target, identity=identity)
         self._stub = indexer_pb2_grpc.IndexerServiceStub(self._channel)
 
     async def upsert(
@@ -84,10 +84,10 @@ class ShardClient:
 
 
 class GeneratorClient:
-    def __init__(self, target: str, timeout_s: float):
+    def __init__(self, target: str, timeout_s: float, identity=None):
         self.target = target
         self.timeout_s = timeout_s
-        self._channel = channel(target)
+        self._channel = channel(target, identity=identity)
         self._stub = generator_pb2_grpc.GeneratorServiceStub(self._channel)
 
     async def generate(

@@ -193,7 +193,7 @@ class RouterService:
         shards = [
             ShardGroup(
                 shard_id,
-                [Replica(ShardClient(shard_id, target, s.search_timeout_s, s.write_timeout_s),
+                [Replica(ShardClient(shard_id, target, s.search_timeout_s, s.write_timeout_s, s.identity),
                          Breaker(s.eject_after, s.eject_for_s)) for target in replicas],
                 s.write_quorum or None,
             )
@@ -203,9 +203,9 @@ class RouterService:
         self.rag = Rag(
             config,
             chunker,
-            EmbedderClient(s.embedder, s.embed_timeout_s),
+            EmbedderClient(s.embedder, s.embed_timeout_s, identity=s.identity),
             shards,
-            GeneratorClient(s.generator, s.generate_timeout_s),
+            GeneratorClient(s.generator, s.generate_timeout_s, identity=s.identity),
             Cache(backend, ttl_s=s.cache_ttl_s),
         )
         log.info("router over %d shards (%s), cache: %s", len(shards), ", ".join(s.indexers),

@@ -1,0 +1,228 @@
+{{/* The namespace every object goes to, and the one in the SPIFFE identities. */}}
+{{- define "ragloom.namespace" -}}
+{{- .Values.trafficPolicy.namespace | default .Release.Namespace -}}
+{{- end -}}
+
+{{/* Services run as Deployments (the indexer is a StatefulSet per shard). */}}
+{{- define "ragloom.deployments" -}}
+router embedder generator
+{{- end -}}
+
+{{/* Labels on every object. */}}
+{{- define "ragloom.commonLabels" -}}
+app.kubernetes.io/part-of: ragloom
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Labels of one service's objects: ctx = dict "root" $ "service" name. */}}
+{{- define "ragloom.labels" -}}
+{{ include "ragloom.commonLabels" .root }}
+app: {{ .service }}
+app.kubernetes.io/name: {{ .service }}
+{{- end -}}
+
+{{/* The ServiceAccount name of a service. */}}
+{{- define "ragloom.serviceAccount" -}}
+{{- $sa := index .root.Values.trafficPolicy.serviceAccounts .service -}}
+{{- required (printf "trafficPolicy.serviceAccounts.%s is required" .service) $sa -}}
+{{- end -}}
+
+{{/* Istio principal (SPIFFE id without the scheme) of a caller: a service name or "gateway". */}}
+{{- define "ragloom.principal" -}}
+{{- $tp := .root.Values.trafficPolicy -}}
+{{- if eq .service "gateway" -}}
+{{- printf "%s/ns/%s/sa/%s" $tp.trustDomain $tp.gateway.namespace $tp.gateway.serviceAccount -}}
+{{- else -}}
+{{- printf "%s/ns/%s/sa/%s" $tp.trustDomain (include "ragloom.namespace" .root) (include "ragloom.serviceAccount" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Full host name of a Service in this namespace. */}}
+{{- define "ragloom.host" -}}
+{{- printf "%s.%s.svc.cluster.local" .service (include "ragloom.namespace" .root) -}}
+{{- end -}}
+
+{{/* Whether a canary of the service is deployed: "true" or "". */}}
+{{- define "ragloom.canaryEnabled" -}}
+{{- $c := index .root.Values.trafficPolicy.canary .service | default dict -}}
+{{- if $c.enabled }}true{{ end -}}
+{{- end -}}
+
+{{/* The retry and timeout settings of a service's routes: per-service fields over the defaults. */}}
+{{- define "ragloom.routePolicy" -}}
+{{- $tp := .root.Values.trafficPolicy -}}
+{{- $svc := index $tp.services .service | default dict -}}
+{{- $retries := merge (deepCopy ($svc.retries | default dict)) (deepCopy $tp.retries) -}}
+timeout: {{ required (printf "trafficPolicy.services.%s.timeout is required" .service) $svc.timeout }}
+retries:
+  attempts: {{ $retries.attempts }}
+  perTryTimeout: {{ $retries.perTryTimeout }}
+  retryOn: {{ join "," $retries.retryOn }}
+{{- end -}}
+
+{{/* HTTP routes to a service: the canary header first, then the weighted split. */}}
+{{- define "ragloom.routes" -}}
+{{- $tp := .root.Values.trafficPolicy -}}
+{{- $host := include "ragloom.host" . -}}
+{{- $port := .root.Values.grpcPort -}}
+{{- $policy := include "ragloom.routePolicy" . -}}
+{{- if include "ragloom.canaryEnabled" . }}
+{{- $weight := int (index $tp.canary .service).weight -}}
+{{- if or (lt $weight 0) (gt $weight 100) }}{{ fail (printf "trafficPolicy.canary.%s.weight must be 0..100" .service) }}{{ end }}
+- name: {{ .service }}-canary-header
+  match:
+    - headers:
+        {{ $tp.canary.header.name }}:
+          exact: {{ $tp.canary.header.value | quote }}
+  route:
+    - destination: {host: {{ $host }}, subset: canary, port: {number: {{ $port }}}}
+  {{- $policy | nindent 2 }}
+- name: {{ .service }}-weighted
+  route:
+    - destination: {host: {{ $host }}, subset: stable, port: {number: {{ $port }}}}
+      weight: {{ sub 100 $weight }}
+    - destination: {host: {{ $host }}, subset: canary, port: {number: {{ $port }}}}
+      weight: {{ $weight }}
+  {{- $policy | nindent 2 }}
+{{- else }}
+- name: {{ .service }}
+  route:
+    - destination: {host: {{ $host }}, subset: stable, port: {number: {{ $port }}}}
+      weight: 100
+  {{- $policy | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* The container image: the service's own image over the global one; ctx adds "tag" for a canary. */}}
+{{- define "ragloom.image" -}}
+{{- $values := index .root.Values .service -}}
+{{- $image := merge (deepCopy ($values.image | default dict)) (deepCopy .root.Values.image) -}}
+{{- $tag := .tag | default $image.tag | default .root.Chart.AppVersion -}}
+{{- printf "%s:%s" $image.repository $tag -}}
+{{- end -}}
+
+{{/* Env entries from a map of RAGLOOM_* settings. */}}
+{{- define "ragloom.extraEnv" -}}
+{{- range $name, $value := . }}
+- name: {{ $name }}
+  value: {{ $value | toString | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* The flags every service gets, as RAGLOOM_* variables, and writable cache folders: ctx = root + service. */}}
+{{- define "ragloom.baseEnv" -}}
+{{- $v := .root.Values -}}
+- name: RAGLOOM_HOST
+  value: "0.0.0.0"
+- name: RAGLOOM_PORT
+  value: {{ $v.grpcPort | quote }}
+- name: RAGLOOM_METRICS_PORT
+  value: {{ $v.metricsPort | quote }}
+- name: RAGLOOM_GRACE_S
+  value: {{ $v.graceSeconds | quote }}
+- name: RAGLOOM_LOG_LEVEL
+  value: {{ $v.logLevel | quote }}
+# The root filesystem is read-only: caches go to the scratch volume.
+- name: HOME
+  value: {{ $v.scratch.cacheMountPath | quote }}
+- name: HF_HOME
+  value: {{ printf "%s/huggingface" $v.scratch.cacheMountPath | quote }}
+{{- if ne .service "embedder" }}
+- name: XDG_CACHE_HOME
+  value: {{ $v.scratch.cacheMountPath | quote }}
+{{- else }}
+# XDG_CACHE_HOME stays the image's: the fp32 ONNX graph baked there is read from it.
+{{- end }}
+{{- end -}}
+
+{{/* gRPC health probes: liveness and startup on the server as a whole, readiness on the service. */}}
+{{- define "ragloom.probes" -}}
+{{- $p := .root.Values.probes -}}
+startupProbe:
+  grpc: {port: {{ .root.Values.grpcPort }}}
+  {{- toYaml $p.startup | nindent 2 }}
+livenessProbe:
+  grpc: {port: {{ .root.Values.grpcPort }}}
+  {{- toYaml $p.liveness | nindent 2 }}
+readinessProbe:
+  grpc:
+    port: {{ .root.Values.grpcPort }}
+    service: {{ .grpcService }}
+  {{- toYaml $p.readiness | nindent 2 }}
+{{- end -}}
+
+{{/* Container ports. */}}
+{{- define "ragloom.containerPorts" -}}
+- name: grpc
+  containerPort: {{ .Values.grpcPort }}
+  protocol: TCP
+- name: http-metrics
+  containerPort: {{ .Values.metricsPort }}
+  protocol: TCP
+{{- end -}}
+
+{{/* Pod annotations: Istio settings and Prometheus scraping (merged through the sidecar). */}}
+{{- define "ragloom.podAnnotations" -}}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ .Values.metricsPort | quote }}
+prometheus.io/path: /metrics
+{{- with .Values.podAnnotations }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Scratch volumes for the read-only root filesystem. */}}
+{{- define "ragloom.scratchVolumes" -}}
+- name: tmp
+  emptyDir: {sizeLimit: {{ .Values.scratch.tmpSizeLimit }}}
+- name: cache
+  emptyDir: {sizeLimit: {{ .Values.scratch.cacheSizeLimit }}}
+{{- end -}}
+
+{{- define "ragloom.scratchMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: cache
+  mountPath: {{ .Values.scratch.cacheMountPath }}
+{{- end -}}
+
+{{/* nodeSelector / tolerations / affinity of a service, with its GPU settings when enabled. */}}
+{{- define "ragloom.scheduling" -}}
+{{- $v := index .root.Values .service -}}
+{{- $gpu := $v.gpu | default dict -}}
+{{- $nodeSelector := deepCopy ($v.nodeSelector | default dict) -}}
+{{- $tolerations := $v.tolerations | default list -}}
+{{- if $gpu.enabled -}}
+{{- $nodeSelector = merge $nodeSelector ($gpu.nodeSelector | default dict) -}}
+{{- $tolerations = concat $tolerations ($gpu.tolerations | default list) -}}
+{{- end -}}
+{{- with $nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $v.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* Container resources of a service, with nvidia.com/gpu when its GPU is enabled. */}}
+{{- define "ragloom.resources" -}}
+{{- $v := index .root.Values .service -}}
+{{- $resources := deepCopy ($v.resources | default dict) -}}
+{{- $gpu := $v.gpu | default dict -}}
+{{- if $gpu.enabled -}}
+{{- $limits := merge (dict "nvidia.com/gpu" (int $gpu.count)) ($resources.limits | default dict) -}}
+{{- $_ := set $resources "limits" $limits -}}
+{{- end -}}
+{{- toYaml $resources -}}
+{{- end -}}

