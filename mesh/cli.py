@@ -41,6 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="replicas per shard; writes are acknowledged by a majority (default: %(default)s)")
     up.add_argument("--redis-url", default=os.environ.get("RAGLOOM_REDIS_URL", ""),
                     help="Redis for the router's cache, e.g. redis://127.0.0.1:6379/0 (default: in-process cache) [env RAGLOOM_REDIS_URL]")
+    up.add_argument("--gateway", action=argparse.BooleanOptionalAction, default=True,
+                    help="put a real Envoy in front of the router on --router-port: gRPC and REST, retries, canary split (default: on)")
+    up.add_argument("--mtls", action=argparse.BooleanOptionalAction, default=True,
+                    help="mutual TLS between gateway, router and services with SPIFFE identities from a local CA in "
+                    "DATA_DIR/pki; each service admits only the callers the policy names (default: on)")
+    up.add_argument("--values", action="append", default=[], metavar="FILE",
+                    help="Helm values overlay(s) for the traffic policy, e.g. mesh/chart/values-canary.yaml (repeatable)")
+    up.add_argument("--canary-weight", type=int, default=None,
+                    help="run a second (canary) router taking this percent of traffic; default: the values' router canary")
     up.add_argument("--host", default="127.0.0.1", help="address every service listens on (default: %(default)s)")
     up.add_argument("--router-port", type=int, default=50051, help="the public API's port (default: %(default)s)")
     up.add_argument("--base-port", type=int, default=50052,

@@ -10,10 +10,14 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from mesh import policy
 from mesh.client import wait_healthy
+from mesh.gateway import Upstream, envoy_argv, envoy_config, write_config
+from mesh.tls import Identity, LocalCA, spiffe_id
 
 
 @dataclass
@@ -23,46 +27,104 @@ class Child:
     argv: list[str]
     log_path: Path
     process: subprocess.Popen | None = None
+    #: Readiness: gRPC health on `address` (with this mTLS identity), or this HTTP URL (Envoy's /ready).
+    identity: Identity | None = None
+    ready_url: str = ""
 
 
 def plan(args: argparse.Namespace) -> list[Child]:
-    """The processes `ragloom up` runs, with their ports and flags."""
+    """The processes `ragloom up` runs, with their ports, flags and identities.
+
+    Ports from --base-port: embedder, generator, router, canary router, gateway admin, then the
+    shards' replicas. With the gateway on, Envoy takes --router-port (gRPC and REST) and the
+    router listens on its internal port; without it, the router takes --router-port.
+    """
     data, host, base = args.data_dir.expanduser().resolve(), args.host, args.base_port
     logs = data / "logs"
     serve = [sys.executable, "-m", "mesh", "serve"]
-    embedder = f"{host}:{base}"
-    generator = f"{host}:{base + 1}"
+    gateway = getattr(args, "gateway", False)
+    traffic = policy.load(*getattr(args, "values", []) or [])
+    canary_weight = _canary_weight(args, traffic)
+    embedder, generator = f"{host}:{base}", f"{host}:{base + 1}"
+    router = f"{host}:{base + 2}" if gateway else f"{host}:{args.router_port}"
+    router_canary = f"{host}:{base + 3}"
+    admin_port = base + 4
     replicas = args.replicas
     # shards[s][r]: address of replica r of shard s
-    shards = [[f"{host}:{base + 2 + s * replicas + r}" for r in range(replicas)] for s in range(args.shards)]
-    children = [
-        Child("embedder", embedder, [*serve, "embedder", "--host", host, "--port", str(base)], logs / "embedder.log"),
-    ]
+    shards = [[f"{host}:{base + 5 + s * replicas + r}" for r in range(replicas)] for s in range(args.shards)]
+
+    ca = LocalCA(data / "pki") if getattr(args, "mtls", False) else None
+    launcher_id = ca.issue("launcher", spiffe_id("launcher", traffic.namespace, traffic.trust_domain)) if ca else None
+
+    def tls(service: str, name: str) -> tuple[list[str], Identity | None]:
+        if ca is None:
+            return [], None
+        ident = ca.issue(name, traffic.spiffe_id(service))
+        flags = ["--tls-cert", str(ident.cert), "--tls-key", str(ident.key), "--tls-ca", str(ident.ca)]
+        allowed = traffic.allowed_spiffe_ids(service)
+        if allowed:
+            flags += ["--allowed-callers", ",".join(allowed)]
+        return flags, ident
+
+    def child(name: str, service: str, address: str, flags: list[str]) -> Child:
+        tls_flags, _ = tls(service, name)
+        argv = [*serve, service, "--host", host, "--port", address.rsplit(":", 1)[1], *flags, *tls_flags]
+        return Child(name, address, argv, logs / f"{name}.log", identity=launcher_id)
+
+    children = [child("embedder", "embedder", embedder, [])]
     gen_flags = ["--backend", args.generator_backend]
     if args.openai_base_url:
         gen_flags += ["--openai-base-url", args.openai_base_url]
     if args.openai_model:
         gen_flags += ["--openai-model", args.openai_model]
-    children.append(Child("generator", generator, [*serve, "generator", "--host", host, "--port", str(base + 1), *gen_flags],
-                          logs / "generator.log"))
+    children.append(child("generator", "generator", generator, gen_flags))
     for s, group in enumerate(shards):
         for r, address in enumerate(group):
             suffix = f"{s}" if replicas == 1 else f"{s}-r{r}"
-            argv = [*serve, "indexer", "--host", host, "--port", address.rsplit(":", 1)[1], "--shard-id", str(s),
-                    "--data-dir", str(data / f"shard-{suffix}")]
+            flags = ["--shard-id", str(s), "--data-dir", str(data / f"shard-{suffix}")]
             peers = [a for a in group if a != address]
             if peers:
-                argv += ["--peers", ",".join(peers)]
-            children.append(Child(f"indexer-{suffix}", address, argv, logs / f"indexer-{suffix}.log"))
+                flags += ["--peers", ",".join(peers)]
+            children.append(child(f"indexer-{suffix}", "indexer", address, flags))
     router_flags = ["--embedder", embedder, "--generator", generator, "--indexers", ",".join("|".join(g) for g in shards)]
     if args.redis_url:
         router_flags += ["--redis-url", args.redis_url]
-    children.append(Child(
-        "router", f"{host}:{args.router_port}",
-        [*serve, "router", "--host", host, "--port", str(args.router_port), *router_flags],
-        logs / "router.log",
-    ))
+    children.append(child("router", "router", router, router_flags))
+    if gateway and canary_weight:
+        children.append(child("router-canary", "router", router_canary, router_flags))
+    if gateway:
+        gateway_id = ca.issue("gateway", traffic.spiffe_id(policy.GATEWAY)) if ca else None
+        config = envoy_config(
+            traffic, listen_host=host, listen_port=args.router_port, admin_port=admin_port,
+            stable=Upstream("stable", host, int(router.rsplit(":", 1)[1])),
+            canary=Upstream("canary", host, base + 3) if canary_weight else None,
+            identity=gateway_id,
+        )
+        if canary_weight:
+            _set_canary_weight(config, canary_weight)
+        path = write_config(config, data / "gateway" / "envoy.json")
+        children.append(Child("gateway", f"{host}:{args.router_port}", envoy_argv(path, base_id=admin_port),
+                              logs / "gateway.log", ready_url=f"http://127.0.0.1:{admin_port}/ready"))
     return children
+
+
+def _canary_weight(args: argparse.Namespace, traffic: policy.TrafficPolicy) -> int:
+    """Percent of traffic for the canary router: --canary-weight, else the values' router canary."""
+    explicit = getattr(args, "canary_weight", None)
+    if explicit is not None:
+        if not 0 <= explicit <= 100:
+            raise ValueError("--canary-weight must be between 0 and 100")
+        return explicit
+    route = traffic.route("router")
+    return route.canary_weight if route.canary else 0
+
+
+def _set_canary_weight(config: dict, weight: int) -> None:
+    for route in config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
+            "route_config"]["virtual_hosts"][0]["routes"]:
+        clusters = route["route"].get("weighted_clusters", {}).get("clusters", [])
+        for cluster in clusters:
+            cluster["weight"] = weight if cluster["name"] == "router-canary" else 100 - weight
 
 
 def _start(child: Child) -> None:
@@ -95,9 +157,23 @@ def stop_all(children: list[Child], grace_s: float = 10.0) -> None:
             child.process.wait()
 
 
+async def _wait_http_ready(url: str, timeout_s: float) -> None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=1).read())
+            return
+        except OSError:
+            await asyncio.sleep(0.1)
+    raise TimeoutError(f"{url} not ready after {timeout_s:.0f}s")
+
+
 async def _wait_ready(children: list[Child], timeout_s: float, quiet: bool = False) -> None:
     async def one(child: Child) -> None:
-        task = asyncio.ensure_future(wait_healthy(child.address, timeout_s))
+        if child.ready_url:
+            task = asyncio.ensure_future(_wait_http_ready(child.ready_url, timeout_s))
+        else:
+            task = asyncio.ensure_future(wait_healthy(child.address, timeout_s, identity=child.identity))
         while not task.done():
             if child.process.poll() is not None:
                 task.cancel()
@@ -133,18 +209,20 @@ class LocalMesh:
     """The mesh as child processes on free loopback ports: what tests and benchmarks start and stop."""
 
     def __init__(self, data_dir: Path, shards: int = 2, replicas: int = 1, generator_backend: str = "llama_cpp",
-                 redis_url: str = ""):
-        base = free_port_block(shards * replicas + 3)
+                 redis_url: str = "", gateway: bool = False, mtls: bool = False, canary_weight: int | None = None):
+        base = free_port_block(shards * replicas + 6)
         self.args = argparse.Namespace(
             data_dir=Path(data_dir), shards=shards, replicas=replicas, host="127.0.0.1", router_port=base,
             base_port=base + 1, generator_backend=generator_backend, openai_base_url="", openai_model="",
-            redis_url=redis_url, startup_timeout=300.0,
+            redis_url=redis_url, startup_timeout=300.0, gateway=gateway, mtls=mtls, canary_weight=canary_weight,
+            values=[],
         )
         self.children = plan(self.args)
 
     @property
     def router(self) -> str:
-        return self.child("router").address
+        """The public endpoint: the gateway when there is one, else the router."""
+        return self.child("gateway" if self.args.gateway else "router").address
 
     def child(self, name: str) -> Child:
         return next(c for c in self.children if c.name == name)
@@ -167,7 +245,7 @@ class LocalMesh:
         else:
             stop_all([child])
         _start(child)
-        asyncio.run(wait_healthy(child.address, 120))
+        asyncio.run(_wait_ready([child], 120, quiet=True))
 
     def stop(self) -> None:
         stop_all(self.children)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parent
 DESCRIPTOR_SET = "ragloom.pb"
+ERROR_DETAIL_PROTOS = ["google/rpc/status.proto", "google/rpc/error_details.proto"]
 # Helm can only read files inside the chart: the gateway's transcoder gets a copy.
 CHART_COPY = PROTO_ROOT.parent / "mesh" / "chart" / "files" / DESCRIPTOR_SET
 
@@ -43,9 +44,10 @@ def generate(out: Path) -> None:
     )
     if code != 0:
         raise SystemExit(f"protoc failed generating stubs (exit {code})")
+    # The error detail types ride along so Envoy's transcoder can render rich statuses as JSON.
     code = protoc.main(
         [*args, "--include_imports", "--include_source_info",
-         f"--descriptor_set_out={out / DESCRIPTOR_SET}", *files]
+         f"--descriptor_set_out={out / DESCRIPTOR_SET}", *files, *ERROR_DETAIL_PROTOS]
     )
     if code != 0:
         raise SystemExit(f"protoc failed writing the descriptor set (exit {code})")
