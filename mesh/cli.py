@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Helm values overlay(s) for the traffic policy, e.g. mesh/chart/values-canary.yaml (repeatable)")
     up.add_argument("--canary-weight", type=int, default=None,
                     help="run a second (canary) router taking this percent of traffic; default: the values' router canary")
+    up.add_argument("--metrics-base-port", type=int, default=0,
+                    help="give each service a Prometheus /metrics port, counting up from this one (default: off)")
+    up.add_argument("--otlp-endpoint", default=os.environ.get("RAGLOOM_OTLP_ENDPOINT", ""),
+                    help="send every service's traces to this OTLP/gRPC endpoint (default: tracing off) [env RAGLOOM_OTLP_ENDPOINT]")
     up.add_argument("--host", default="127.0.0.1", help="address every service listens on (default: %(default)s)")
     up.add_argument("--router-port", type=int, default=50051, help="the public API's port (default: %(default)s)")
     up.add_argument("--base-port", type=int, default=50052,
@@ -115,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from mesh.server import configure_logging, serve
+    from mesh.server import serve
+    from mesh.telemetry import configure_logging
 
     module = _service_module(args.service)  # imported only here: it loads the service's heavy libraries
     parser = argparse.ArgumentParser(prog=f"ragloom serve {args.service}",
@@ -127,6 +132,6 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"ragloom serve {args.service}: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     asyncio.run(serve(module.create_service(settings), settings))
     return 0

@@ -164,7 +164,8 @@ def write_config(config: dict, path: Path) -> Path:
     return path
 
 
-def envoy_argv(config_path: Path, base_id: int) -> list[str]:
-    """Two Envoys on one host need distinct base ids (shared memory)."""
+def envoy_argv(config_path: Path, base_id: int, concurrency: int = 1) -> list[str]:
+    """Two Envoys on one host need distinct base ids (shared memory). One worker thread suits a
+    loopback gateway on a small machine; raise `concurrency` for more than a few thousand calls/s."""
     return [envoy_binary(), "-c", str(config_path), "--base-id", str(base_id), "--log-level", "warn",
-            "--disable-hot-restart"]
+            "--disable-hot-restart", "--concurrency", str(concurrency)]

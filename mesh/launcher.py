@@ -30,6 +30,8 @@ class Child:
     #: Readiness: gRPC health on `address` (with this mTLS identity), or this HTTP URL (Envoy's /ready).
     identity: Identity | None = None
     ready_url: str = ""
+    #: Port of its Prometheus /metrics, 0 when off.
+    metrics_port: int = 0
 
 
 def plan(args: argparse.Namespace) -> list[Child]:
@@ -66,10 +68,19 @@ def plan(args: argparse.Namespace) -> list[Child]:
             flags += ["--allowed-callers", ",".join(allowed)]
         return flags, ident
 
+    metrics_ports = iter(range(getattr(args, "metrics_base_port", 0) or 0, 65536))
+    otlp = getattr(args, "otlp_endpoint", "")
+
     def child(name: str, service: str, address: str, flags: list[str]) -> Child:
         tls_flags, _ = tls(service, name)
         argv = [*serve, service, "--host", host, "--port", address.rsplit(":", 1)[1], *flags, *tls_flags]
-        return Child(name, address, argv, logs / f"{name}.log", identity=launcher_id)
+        metrics_port = 0
+        if getattr(args, "metrics_base_port", 0):
+            metrics_port = next(metrics_ports)
+            argv += ["--metrics-port", str(metrics_port)]
+        if otlp:
+            argv += ["--otlp-endpoint", otlp]
+        return Child(name, address, argv, logs / f"{name}.log", identity=launcher_id, metrics_port=metrics_port)
 
     children = [child("embedder", "embedder", embedder, [])]
     gen_flags = ["--backend", args.generator_backend]
@@ -209,13 +220,15 @@ class LocalMesh:
     """The mesh as child processes on free loopback ports: what tests and benchmarks start and stop."""
 
     def __init__(self, data_dir: Path, shards: int = 2, replicas: int = 1, generator_backend: str = "llama_cpp",
-                 redis_url: str = "", gateway: bool = False, mtls: bool = False, canary_weight: int | None = None):
+                 redis_url: str = "", gateway: bool = False, mtls: bool = False, canary_weight: int | None = None,
+                 metrics: bool = False, otlp_endpoint: str = ""):
         base = free_port_block(shards * replicas + 6)
+        metrics_base = free_port_block(shards * replicas + 4) if metrics else 0
         self.args = argparse.Namespace(
             data_dir=Path(data_dir), shards=shards, replicas=replicas, host="127.0.0.1", router_port=base,
             base_port=base + 1, generator_backend=generator_backend, openai_base_url="", openai_model="",
             redis_url=redis_url, startup_timeout=300.0, gateway=gateway, mtls=mtls, canary_weight=canary_weight,
-            values=[],
+            values=[], metrics_base_port=metrics_base, otlp_endpoint=otlp_endpoint,
         )
         self.children = plan(self.args)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from prometheus_client import REGISTRY, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
 log = logging.getLogger(__name__)
 
@@ -19,3 +19,15 @@ def serve_metrics(host: str, port: int) -> None:
 def sample(name: str, **labels: str) -> float:
     """Current value of one series in this process (0 when it has not been touched)."""
     return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+# Every service's RPCs, recorded by the shared server interceptor.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+GRPC_HANDLED = Counter(
+    "ragloom_grpc_server_handled", "RPCs completed, by service, method and gRPC status code", ["service", "method", "code"]
+)
+GRPC_LATENCY = Histogram(
+    "ragloom_grpc_server_handling_seconds", "RPC duration (a stream: until its last message), by service and method",
+    ["service", "method"], buckets=LATENCY_BUCKETS,
+)
+GRPC_IN_FLIGHT = Gauge("ragloom_grpc_server_in_flight", "RPCs being handled now, by service", ["service"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -19,7 +20,8 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from mesh.errors import to_status
-from mesh.metrics import serve_metrics
+from mesh.metrics import GRPC_HANDLED, GRPC_IN_FLIGHT, GRPC_LATENCY, serve_metrics
+from mesh.telemetry import server_interceptors, setup_tracing, shutdown_tracing
 from mesh.tls import IdentityInterceptor
 from mesh.settings import ServiceSettings
 
@@ -59,11 +61,14 @@ def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
     ]
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps every exception a handler raises to a status code, for unary and streaming handlers."""
+class CallInterceptor(grpc.aio.ServerInterceptor):
+    """The one place calls are observed and errors become statuses, for unary and streaming handlers:
+    every exception maps to a status code (mesh.errors), and every call is counted by method and
+    code, timed, and tracked while in flight."""
 
     def __init__(self, service: str):
         self.service = service
+        self.in_flight = GRPC_IN_FLIGHT.labels(service)
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -98,34 +103,77 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap_unary(self, behavior, method: str):
         async def wrapped(request, context):
+            call = _Observed(self, method, context)
             try:
                 return await behavior(request, context)
             except grpc.aio.AbortError:
                 raise
+            except asyncio.CancelledError:
+                call.code = grpc.StatusCode.CANCELLED
+                raise
             except Exception as exc:  # noqa: BLE001 - this is the one place errors become statuses
-                await self._abort(context, method, exc)
+                call.code = await self._abort(context, method, exc)
+            finally:
+                call.done()
 
         return wrapped
 
     def _wrap_stream(self, behavior, method: str):
         async def wrapped(request, context):
+            call = _Observed(self, method, context)
             try:
                 async for response in behavior(request, context):
                     yield response
             except grpc.aio.AbortError:
                 raise
+            except (asyncio.CancelledError, GeneratorExit):
+                call.code = grpc.StatusCode.CANCELLED
+                raise
             except Exception as exc:  # noqa: BLE001
-                await self._abort(context, method, exc)
+                call.code = await self._abort(context, method, exc)
+            finally:
+                call.done()
 
         return wrapped
 
-    async def _abort(self, context, method: str, exc: Exception) -> None:
+    async def _abort(self, context, method: str, exc: Exception) -> grpc.StatusCode:
         status = to_status(exc, self.service)
         if status.code is grpc.StatusCode.INTERNAL:
             log.exception("%s failed", method, exc_info=exc)
         else:
             log.info("%s -> %s: %s", method, status.code.name, status.details)
-        await context.abort(status.code, status.details, status.trailing_metadata)
+        try:
+            await context.abort(status.code, status.details, status.trailing_metadata)
+        finally:
+            return status.code  # noqa: B012 - abort always raises; the code is recorded on the way out
+
+
+class _Observed:
+    """One call's metrics: in flight from creation, counted and timed at done()."""
+
+    def __init__(self, interceptor: CallInterceptor, method: str, context):
+        self.interceptor, self.method, self.context = interceptor, method.rsplit("/", 1)[-1], context
+        self.code: grpc.StatusCode | None = None
+        self.start = time.perf_counter()
+        interceptor.in_flight.inc()
+
+    def done(self) -> None:
+        service = self.interceptor.service
+        self.interceptor.in_flight.dec()
+        code = self.code or _context_code(self.context) or grpc.StatusCode.OK
+        GRPC_HANDLED.labels(service, self.method, code.name).inc()
+        GRPC_LATENCY.labels(service, self.method).observe(time.perf_counter() - self.start)
+
+
+def _context_code(context) -> grpc.StatusCode | None:
+    """The code a handler set itself (context.abort / set_code), if any."""
+    try:
+        code = context.code()
+    except Exception:  # noqa: BLE001 - older grpcio without ServicerContext.code()
+        return None
+    if isinstance(code, int):
+        return next((c for c in grpc.StatusCode if c.value[0] == code), None)
+    return code
 
 
 async def serve(
@@ -136,8 +184,10 @@ async def serve(
     stop: asyncio.Event | None = None,
 ) -> None:
     """Runs `service` until SIGTERM/SIGINT (or `stop` is set), then shuts it down gracefully."""
+    setup_tracing(service.name, settings.otlp_endpoint)
     identity = settings.identity
-    interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor(service.name)]  # outermost: sees every error
+    # Tracing outermost (its span covers the whole call), then the call interceptor, which sees every error.
+    interceptors: list[grpc.aio.ServerInterceptor] = [*server_interceptors(), CallInterceptor(service.name)]
     if identity is not None:
         interceptors.append(IdentityInterceptor(settings.allowed_callers))
     server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
@@ -189,16 +239,10 @@ async def serve(
         await health.enter_graceful_shutdown()
         await server.stop(settings.grace_s)
         await service.close()
+        shutdown_tracing()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 loop.remove_signal_handler(sig)
             except (NotImplementedError, RuntimeError):
                 pass
         log.info("%s stopped", service.name)
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )

@@ -33,6 +33,8 @@ class ServiceSettings:
     grace_s: float = option(5.0, "seconds in-flight calls get to finish on shutdown")
     max_message_mb: int = option(64, "largest gRPC message accepted or sent, in MiB")
     log_level: str = option("INFO", "log level: DEBUG, INFO, WARNING, ERROR")
+    log_format: str = option("json", "log lines as 'json' (with trace ids) or 'text'")
+    otlp_endpoint: str = option("", "OTLP/gRPC endpoint for traces, e.g. http://127.0.0.1:4317 (empty = tracing off)")
     metrics_port: int = option(0, "port for Prometheus /metrics (0 = off)")
     tls_cert: str = option("", "PEM certificate of this workload; with --tls-key and --tls-ca turns on mutual TLS")
     tls_key: str = option("", "PEM private key of this workload")
@@ -88,6 +90,8 @@ class ServiceSettings:
             raise ValueError(f"port must be 0..65535, got {self.port}")
         if self.grace_s < 0:
             raise ValueError("grace_s must not be negative")
+        if self.log_format not in ("json", "text"):
+            raise ValueError("log_format must be 'json' or 'text'")
         tls = [self.tls_cert, self.tls_key, self.tls_ca]
         if any(tls) and not all(tls):
             raise ValueError("mutual TLS needs all of --tls-cert, --tls-key and --tls-ca")

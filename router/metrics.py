@@ -1,6 +1,8 @@
 """The router's own series (request counts and latencies come from the shared server metrics)."""
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
+
+from mesh.metrics import LATENCY_BUCKETS
 
 DOWNSTREAM_CALLS = Counter(
     "ragloom_router_downstream_calls", "Calls the router made to other services, by service", ["service"]
@@ -14,4 +16,12 @@ SINGLE_FLIGHT_SHARED = Counter(
 )
 PARTIAL_RESULTS = Counter(
     "ragloom_router_partial_results", "Retrievals answered without every shard, by shard that failed", ["shard"]
+)
+STAGE_SECONDS = Histogram(
+    "ragloom_router_stage_seconds", "Time in each stage of a request: embedding (the query), retrieval (all shards), "
+    "generation (first token to last)", ["stage"], buckets=LATENCY_BUCKETS,
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "ragloom_router_time_to_first_token_seconds", "From the start of generation to the first answer token, as users feel it",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60),
 )

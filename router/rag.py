@@ -20,10 +20,13 @@ from ragloom.indexer.v1 import indexer_pb2
 from router.cache import Cache, SingleFlight, cache_key
 from router.chunking import Chunker
 from router.clients import EmbedderClient, GeneratorClient
-from router.metrics import DOWNSTREAM_CALLS, PARTIAL_RESULTS
+from router.metrics import DOWNSTREAM_CALLS, PARTIAL_RESULTS, STAGE_SECONDS, TIME_TO_FIRST_TOKEN
 from router.parsing import format_for, parse
 from router.prompt import STOP_SEQUENCES, Passage, build_messages, cited_numbers
 from router.sharding import shard_for
+from mesh.telemetry import tracer
+
+_tracer = tracer("ragloom.router")
 from router.topology import ShardGroup, VersionClock
 
 
@@ -263,14 +266,16 @@ class Rag:
         return hits, coverage, timings
 
     async def _embed_query(self, query: str, deadline: Deadline) -> np.ndarray:
-        key = cache_key("embedding", query=query)
-        cached = await self.cache.get(key)
-        if cached is not None and len(cached) % 4 == 0:
-            return np.frombuffer(cached, dtype=np.float32)[None, :]
-        DOWNSTREAM_CALLS.labels("embedder").inc()
-        vector = await self.embedder.embed([query], deadline)
-        await self.cache.set(key, vector[0].astype(np.float32).tobytes())
-        return vector
+        with _tracer.start_as_current_span("embed query") as span:
+            key = cache_key("embedding", query=query)
+            cached = await self.cache.get(key)
+            span.set_attribute("ragloom.cache_hit", cached is not None)
+            if cached is not None and len(cached) % 4 == 0:
+                return np.frombuffer(cached, dtype=np.float32)[None, :]
+            DOWNSTREAM_CALLS.labels("embedder").inc()
+            vector = await self.embedder.embed([query], deadline)
+            await self.cache.set(key, vector[0].astype(np.float32).tobytes())
+            return vector
 
     async def _retrieve(
         self, query: str, k: int, scope: Scope, require_complete: bool, deadline: Deadline, timings: Timings
@@ -280,11 +285,13 @@ class Rag:
         timings.embed_ms = clock.lap()
         ef = max(self.config.ef, k)
         DOWNSTREAM_CALLS.labels("indexer").inc()
-        replies = await asyncio.gather(
-            *(group.read(lambda client: client.search(vector, k, ef, scope.tenant, scope.tags, deadline), deadline)
-              for group in self.shards),
-            return_exceptions=True,
-        )
+
+        async def search_shard(group: ShardGroup):
+            with _tracer.start_as_current_span("search shard", attributes={"ragloom.shard": group.shard_id}):
+                return await group.read(
+                    lambda client: client.search(vector, k, ef, scope.tenant, scope.tags, deadline), deadline)
+
+        replies = await asyncio.gather(*(search_shard(g) for g in self.shards), return_exceptions=True)
         coverage, hits = Coverage(), []
         for group, reply in zip(self.shards, replies):
             if isinstance(reply, BaseException):
@@ -304,6 +311,8 @@ class Rag:
         hits.sort(key=lambda h: h.score, reverse=True)
         timings.index_ms = clock.lap()
         timings.total_ms = clock.total()
+        STAGE_SECONDS.labels("embedding").observe(timings.embed_ms / 1000)
+        STAGE_SECONDS.labels("retrieval").observe(timings.index_ms / 1000)
         return hits[:k], coverage
 
     # ---- ask ----------------------------------------------------------------------------------
@@ -334,7 +343,9 @@ class Rag:
         key = cache_key("answer", question=question.strip(), k=k, max_tokens=max_tokens, temperature=temperature,
                         tenant=scope.tenant, tags=sorted(scope.tags), generation=generation)
         if generation is not None and use_cache:
-            cached = await self.cache.get(key)
+            with _tracer.start_as_current_span("cache lookup") as span:
+                cached = await self.cache.get(key)
+                span.set_attribute("ragloom.cache_hit", cached is not None)
             if cached is not None:
                 for event in _replay(cached):
                     yield event
@@ -358,7 +369,9 @@ class Rag:
 
         passages = [Passage(i + 1, h.source, h.text) for i, h in enumerate(hits)]
         budget = self.config.context_tokens - max_tokens
-        messages, used = build_messages(question, passages, self.chunker.count, budget)
+        with _tracer.start_as_current_span("build prompt") as span:
+            messages, used = build_messages(question, passages, self.chunker.count, budget)
+            span.set_attribute("ragloom.sources", len(used))
         sources = [(p.number, hits[p.number - 1]) for p in used]
         yield AskSources(sources, coverage)
 
@@ -371,15 +384,22 @@ class Rag:
         DOWNSTREAM_CALLS.labels("generator").inc()
         gen_start = time.perf_counter()
         answer, completion_tokens = [], 0
-        async for reply in self.generator.generate(request, deadline):
-            if reply.text:
-                if not answer:
-                    timings.time_to_first_token_ms = (time.perf_counter() - gen_start) * 1000
-                answer.append(reply.text)
-                yield AskToken(reply.text)
-            if reply.HasField("usage"):
-                completion_tokens = reply.usage.completion_tokens
+        with _tracer.start_as_current_span("generate") as span:
+            async for reply in self.generator.generate(request, deadline):
+                if reply.text:
+                    if not answer:
+                        timings.time_to_first_token_ms = (time.perf_counter() - gen_start) * 1000
+                        span.add_event("first token")
+                        span.set_attribute("ragloom.time_to_first_token_ms", timings.time_to_first_token_ms)
+                    answer.append(reply.text)
+                    yield AskToken(reply.text)
+                if reply.HasField("usage"):
+                    completion_tokens = reply.usage.completion_tokens
+            span.set_attribute("ragloom.completion_tokens", completion_tokens)
         timings.generate_ms = (time.perf_counter() - gen_start) * 1000
+        STAGE_SECONDS.labels("generation").observe(timings.generate_ms / 1000)
+        if timings.time_to_first_token_ms:
+            TIME_TO_FIRST_TOKEN.observe(timings.time_to_first_token_ms / 1000)
         text = "".join(answer)
         citations = cited_numbers(text, len(sources)) or await self._attribute(text, sources, deadline)
         timings.total_ms = clock.total()

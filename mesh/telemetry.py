@@ -1,0 +1,88 @@
+"""Tracing and structured logs for every service.
+
+Tracing is on only when an OTLP endpoint is configured: then each service exports its spans
+(batched) and gRPC instrumentation on servers and client channels carries the trace context
+across every hop, so one question is one trace. Off, nothing is installed and the
+OpenTelemetry API stays a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from opentelemetry import trace
+
+_provider = None
+
+
+def setup_tracing(service: str, otlp_endpoint: str = "", exporter=None):
+    """Installs a tracer provider exporting to `otlp_endpoint` (or to `exporter`); returns it, or None when off."""
+    global _provider
+    if not otlp_endpoint and exporter is None:
+        return None
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    if exporter is None:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter(endpoint=otlp_endpoint, insecure=not otlp_endpoint.startswith("https"))
+    provider = TracerProvider(resource=Resource.create({"service.name": f"ragloom-{service}"}))
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    _provider = provider
+    return provider
+
+
+def shutdown_tracing() -> None:
+    if _provider is not None:
+        _provider.shutdown()  # flushes spans still batched
+
+
+def server_interceptors() -> list:
+    if _provider is None:
+        return []
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+    return [aio_server_interceptor(tracer_provider=_provider)]
+
+
+def client_interceptors() -> list:
+    if _provider is None:
+        return []
+    from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+    return list(aio_client_interceptors(tracer_provider=_provider))
+
+
+def tracer(name: str) -> trace.Tracer:
+    return trace.get_tracer(name)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, with the trace and span ids of the call being served."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        context = trace.get_current_span().get_span_context()
+        if context.is_valid:
+            entry["trace_id"] = format(context.trace_id, "032x")
+            entry["span_id"] = format(context.span_id, "016x")
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(level: str, fmt: str = "json") -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if fmt == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)

@@ -1,0 +1,147 @@
+"""One ask is one trace across every service; every service's /metrics moves with traffic."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import urllib.request
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from mesh.launcher import LocalMesh, free_port_block
+from ragloom.router.v1 import router_pb2, router_pb2_grpc
+
+pytestmark = pytest.mark.integration
+
+SAMPLES = Path(__file__).resolve().parents[2] / "router" / "samples"
+
+
+class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    """A minimal OTLP trace receiver: keeps every span it is sent, with its service name."""
+
+    def __init__(self):
+        self.spans = []
+
+    def Export(self, request, context):
+        for resource_spans in request.resource_spans:
+            service = next(a.value.string_value for a in resource_spans.resource.attributes if a.key == "service.name")
+            for scope in resource_spans.scope_spans:
+                self.spans.extend((service, span) for span in scope.spans)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+@pytest.fixture(scope="module")
+def collector():
+    sink = Collector()
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(sink, server)
+    port = free_port_block(1)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    sink.endpoint = f"http://127.0.0.1:{port}"
+    yield sink
+    server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory, collector):
+    os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "100"  # children inherit it: export spans every 100 ms
+    try:
+        with LocalMesh(tmp_path_factory.mktemp("observed"), shards=2, metrics=True, otlp_endpoint=collector.endpoint) as m:
+            with grpc.insecure_channel(m.router) as channel:
+                docs = [router_pb2.Document(source=str(p), content=p.read_bytes()) for p in sorted(SAMPLES.iterdir())]
+                router_pb2_grpc.RouterServiceStub(channel).Ingest(router_pb2.IngestRequest(documents=docs), timeout=120)
+            yield m
+    finally:
+        del os.environ["OTEL_BSP_SCHEDULE_DELAY"]
+
+
+def scrape(port: int) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_one_ask_is_one_trace_across_every_service(mesh, collector):
+    with grpc.insecure_channel(mesh.router) as channel:
+        reply = router_pb2_grpc.RouterServiceStub(channel).Ask(
+            router_pb2.AskRequest(question="What made the Rosetta Stone the key to hieroglyphs?", max_tokens=16,
+                                  no_cache=True), timeout=120)
+    assert reply.answer
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        asks = [s for svc, s in collector.spans if svc == "ragloom-router" and s.name.endswith("RouterService/Ask")
+                and s.kind == s.SPAN_KIND_SERVER]
+        if asks:
+            trace_id = asks[-1].trace_id
+            spans = [(svc, s) for svc, s in collector.spans if s.trace_id == trace_id]
+            services = {svc for svc, _ in spans}
+            if {"ragloom-router", "ragloom-embedder", "ragloom-indexer", "ragloom-generator"} <= services and \
+                    sum(1 for svc, s in spans if svc == "ragloom-indexer" and s.kind == s.SPAN_KIND_SERVER) >= 2:
+                break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"no complete trace; services seen: {sorted({svc for svc, _ in collector.spans})}")
+
+    by_id = {s.span_id: (svc, s) for svc, s in spans}
+    root = asks[-1]
+    assert not root.parent_span_id or root.parent_span_id not in by_id, "the router's server span is the root"
+    names = {s.name for _, s in spans}
+    assert {"embed query", "build prompt", "generate"} <= names
+    shard_spans = [s for _, s in spans if s.name == "search shard"]
+    assert sorted(a.value.int_value for s in shard_spans for a in s.attributes if a.key == "ragloom.shard") == [0, 1]
+    generate = next(s for _, s in spans if s.name == "generate")
+    assert any(a.key == "ragloom.time_to_first_token_ms" and a.value.double_value > 0 for a in generate.attributes)
+
+    def ancestors(span):
+        chain = []
+        while span.parent_span_id in by_id:
+            span = by_id[span.parent_span_id][1]
+            chain.append(span)
+        return chain
+
+    for svc, span in spans:  # every span hangs off the router's Ask through correct parent links
+        if span is not root:
+            assert root in ancestors(span), (svc, span.name)
+    indexer_servers = [s for svc, s in spans if svc == "ragloom-indexer" and s.kind == s.SPAN_KIND_SERVER]
+    for server_span in indexer_servers:
+        assert any(a.name == "search shard" for a in ancestors(server_span))
+    generator_server = next(s for svc, s in spans if svc == "ragloom-generator" and s.kind == s.SPAN_KIND_SERVER)
+    assert generate in ancestors(generator_server)
+
+
+def test_every_service_exposes_metrics_that_move_with_traffic(mesh):
+    ports = {c.name: c.metrics_port for c in mesh.children if c.metrics_port}
+    assert set(ports) == {"embedder", "generator", "indexer-0", "indexer-1", "router"}
+    before = {name: scrape(port) for name, port in ports.items()}
+    with grpc.insecure_channel(mesh.router) as channel:
+        stub = router_pb2_grpc.RouterServiceStub(channel)
+        stub.Ask(router_pb2.AskRequest(question="How long does sourdough rise?", max_tokens=8, no_cache=True), timeout=120)
+        with pytest.raises(grpc.RpcError):
+            stub.Search(router_pb2.SearchRequest(query=""), timeout=10)
+    after = {name: scrape(port) for name, port in ports.items()}
+    handled = "ragloom_grpc_server_handled_total"
+    for name in ports:
+        assert value(after[name], handled, code="OK") > value(before[name], handled, code="OK"), name
+        assert "ragloom_grpc_server_handling_seconds_bucket" in after[name]
+        assert "ragloom_grpc_server_in_flight" in after[name]
+    router_after, router_before = after["router"], before["router"]
+    assert value(router_after, handled, method="Search", code="INVALID_ARGUMENT") == \
+        value(router_before, handled, method="Search", code="INVALID_ARGUMENT") + 1
+    for stage in ("embedding", "retrieval", "generation"):
+        assert value(router_after, "ragloom_router_stage_seconds_count", stage=stage) > \
+            value(router_before, "ragloom_router_stage_seconds_count", stage=stage)
+    assert value(router_after, "ragloom_router_time_to_first_token_seconds_count") > \
+        value(router_before, "ragloom_router_time_to_first_token_seconds_count")
