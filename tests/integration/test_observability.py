@@ -6,14 +6,12 @@ import os
 import re
 import time
 import urllib.request
-from concurrent import futures
 from pathlib import Path
 
 import grpc
 import pytest
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-
 from mesh.launcher import LocalMesh, free_port_block
+from mesh.telemetry import SpanSink
 from ragloom.router.v1 import router_pb2, router_pb2_grpc
 
 pytestmark = pytest.mark.integration
@@ -21,31 +19,10 @@ pytestmark = pytest.mark.integration
 SAMPLES = Path(__file__).resolve().parents[2] / "router" / "samples"
 
 
-class Collector(trace_service_pb2_grpc.TraceServiceServicer):
-    """A minimal OTLP trace receiver: keeps every span it is sent, with its service name."""
-
-    def __init__(self):
-        self.spans = []
-
-    def Export(self, request, context):
-        for resource_spans in request.resource_spans:
-            service = next(a.value.string_value for a in resource_spans.resource.attributes if a.key == "service.name")
-            for scope in resource_spans.scope_spans:
-                self.spans.extend((service, span) for span in scope.spans)
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-
 @pytest.fixture(scope="module")
 def collector():
-    sink = Collector()
-    server = grpc.server(futures.ThreadPoolExecutor(4))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(sink, server)
-    port = free_port_block(1)
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    server.start()
-    sink.endpoint = f"http://127.0.0.1:{port}"
-    yield sink
-    server.stop(0)
+    with SpanSink(free_port_block(1)) as sink:
+        yield sink
 
 
 @pytest.fixture(scope="module")

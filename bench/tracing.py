@@ -1,0 +1,97 @@
+"""What tracing costs: Search throughput of the mesh with tracing on vs off, same run.
+
+Two meshes (embedder, 2 shards, generator, router) run side by side on loopback: one with
+tracing off (the baseline: no tracer provider, the OpenTelemetry API is a no-op) and one
+exporting every span over OTLP/gRPC to a local in-memory receiver. Both get the sample
+documents; then rounds alternate between them, each round `--concurrency` clients calling
+Search for `--seconds`. Query embeddings are cached after the first round, so the work per
+call is the router, both shards and the gRPC hops — where tracing adds its spans.
+
+Target: tracing costs ≤ 5 % of throughput.
+
+    .venv/bin/python bench/tracing.py [--rounds 6] [--seconds 5] [--concurrency 8]
+
+Last line: one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mesh.launcher import LocalMesh, free_port_block  # noqa: E402
+from mesh.telemetry import SpanSink  # noqa: E402
+from ragloom.router.v1 import router_pb2, router_pb2_grpc  # noqa: E402
+
+QUERIES = [q["question"] for q in json.loads((ROOT / "tests" / "data" / "questions.json").read_text())]
+
+
+async def throughput(address: str, seconds: float, concurrency: int) -> float:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = router_pb2_grpc.RouterServiceStub(channel)
+        end, done = time.monotonic() + seconds, 0
+
+        async def client(i: int) -> None:
+            nonlocal done
+            n = i
+            while time.monotonic() < end:
+                await stub.Search(router_pb2.SearchRequest(query=QUERIES[n % len(QUERIES)], top_k=5), timeout=30)
+                done += 1
+                n += concurrency
+
+        await asyncio.gather(*(client(i) for i in range(concurrency)))
+        return done / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--concurrency", type=int, default=8)
+    args = parser.parse_args()
+
+    os.environ.setdefault("OTEL_BSP_SCHEDULE_DELAY", "500")
+    with tempfile.TemporaryDirectory() as data, SpanSink(free_port_block(1)) as sink, \
+            LocalMesh(Path(data) / "off", shards=2) as off, \
+            LocalMesh(Path(data) / "on", shards=2, otlp_endpoint=sink.endpoint) as on:
+        samples = sorted((ROOT / "router" / "samples").iterdir())
+        for mesh in (off, on):
+            with grpc.insecure_channel(mesh.router) as channel:
+                docs = [router_pb2.Document(source=str(p), content=p.read_bytes()) for p in samples]
+                router_pb2_grpc.RouterServiceStub(channel).Ingest(router_pb2.IngestRequest(documents=docs), timeout=120)
+            asyncio.run(throughput(mesh.router, 2, args.concurrency))  # warm caches and connections
+        rates = {"off": [], "on": []}
+        for _ in range(args.rounds):
+            for name, mesh in (("off", off), ("on", on)):
+                rates[name].append(asyncio.run(throughput(mesh.router, args.seconds, args.concurrency)))
+        time.sleep(1)
+        spans = len(sink.spans)
+
+    off_rate, on_rate = statistics.median(rates["off"]), statistics.median(rates["on"])
+    figures = {
+        "baseline_tracing_off_searches_per_s": round(off_rate, 1),
+        "tracing_on_searches_per_s": round(on_rate, 1),
+        "on_vs_off": round(on_rate / off_rate, 3),
+        "cost_percent": round(100 * (1 - on_rate / off_rate), 1),
+        "spans_exported": spans,
+        "rounds": args.rounds, "seconds_per_round": args.seconds, "concurrency": args.concurrency,
+    }
+    print(f"tracing off {off_rate:.1f}/s, on {on_rate:.1f}/s: costs {figures['cost_percent']} % "
+          f"({spans} spans exported; target ≤ 5 %)")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
