@@ -275,6 +275,10 @@ def run_up(args: argparse.Namespace) -> int:
     if args.shards < 1 or args.replicas < 1:
         print("ragloom up: --shards and --replicas must be at least 1", file=sys.stderr)
         return 2
+    if args.mtls and not args.gateway:
+        print("ragloom up: --mtls needs the gateway (only it may call the router); add --no-mtls with --no-gateway",
+              file=sys.stderr)
+        return 2
     children = plan(args)
     data_dir = args.data_dir.expanduser().resolve()
     print(f"ragloom: starting the mesh (data in {data_dir}, logs in {data_dir / 'logs'})", file=sys.stderr)
@@ -292,11 +296,17 @@ def run_up(args: argparse.Namespace) -> int:
         except (RuntimeError, TimeoutError) as exc:
             print(f"ragloom: the mesh did not start: {exc}", file=sys.stderr)
             return 1
-        router = children[-1].address
-        print(f"\nragloom is up.\n  public API (gRPC): {router}\n"
-              f"  try: ragloom ingest --sample && ragloom ask \"How do honeybees tell each other where flowers are?\"\n"
-              f"  (clients find the router at {router} by default, or through --router / RAGLOOM_ROUTER)\n"
-              "Press Ctrl-C to stop.", flush=True)
+        public = next(c for c in children if c.name == ("gateway" if args.gateway else "router")).address
+        lines = ["", "ragloom is up.", f"  public API, gRPC: {public}"]
+        if args.gateway:
+            admin = next(c for c in children if c.name == "gateway").ready_url.rsplit("/", 1)[0]
+            lines += [f"  public API, REST: http://{public}/v1/search  /v1/ask  /v1/documents",
+                      f"  gateway admin:    {admin}/stats/prometheus"]
+        lines.append(f"  mutual TLS:       {'on, CA in ' + str(data_dir / 'pki') if args.mtls else 'off'}")
+        lines += ["  try: ragloom ingest --sample && ragloom ask \"How do honeybees tell each other where flowers are?\"",
+                  f"  (clients find the API at {public}: the default, or --router / RAGLOOM_ROUTER)",
+                  "Press Ctrl-C to stop."]
+        print("\n".join(lines), flush=True)
         while stop["signal"] is None:
             for child in children:
                 if child.process.poll() is not None:
