@@ -23,11 +23,13 @@ Limits.
     router id in the low bits).
   * Deletions are kept as per-document marks forever (one small row per deleted or
     replaced document), so a late, older write never resurrects a deleted document.
-  * Convergence is eventual: until a pull runs, a replica answers from what it has. A
-    replica that reaches no peer on start serves what it holds.
-  * Every change travels to each replica once from the router and once more from each
-    peer pull (as a no-op echo): with R replicas a write crosses the network up to R(R-1)
-    extra times, one time per pulling pair, which is fine for small R.
+  * Convergence is eventual: between pulls a replica answers from what it has. On start
+    it pulls until caught up with every peer it reaches (a pull cut by its deadline is
+    resumed while it advances); a replica that reaches no peer serves what it holds.
+  * Each change a replica applies comes back to it once from every peer that pulled it
+    (a no-op echo): with R replicas a write crosses the network up to R(R-1) extra
+    times. Fine for the small R of a shard; a digest exchange would avoid it.
+  * First contact with a peer store (or a recreated one) copies it whole.
 """
 
 from __future__ import annotations
@@ -70,12 +72,27 @@ class CatchUp:
         self.peers = {address: PeerState(address) for address in dict.fromkeys(peers)}
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    async def pull_all(self) -> None:
-        """One pull from every peer, concurrently; a peer that fails is reported in its state."""
-        await asyncio.gather(*(self.pull(address) for address in list(self.peers)))
+    async def pull_all(self, until_complete: bool = False) -> None:
+        """A pull from every peer, concurrently; a peer that fails is reported in its state.
 
-    async def pull(self, address: str) -> int:
-        """Applies what `address` has that this shard lacks. Returns the chunks written or removed."""
+        With `until_complete`, a pull cut short by its deadline while still advancing is resumed
+        until it reaches the end (a replica starting empty copies a large peer before it serves).
+        """
+
+        async def from_peer(address: str) -> None:
+            while True:
+                before = self.peers[address].sequence if address in self.peers else None
+                complete = await self.pull(address)
+                if complete or not until_complete or address not in self.peers:
+                    return
+                if self.peers[address].sequence == before:
+                    return
+
+        await asyncio.gather(*(from_peer(address) for address in list(self.peers)))
+
+    async def pull(self, address: str) -> bool:
+        """Applies what `address` has that this shard lacks, from where the last pull stopped.
+        Returns whether it got to the end of the peer's changes."""
         state = self.peers[address]
         own_store = await self._run(lambda store: store.store_id)
         state.store_id, state.sequence = await self._run(ShardStore.peer_cursor, address)
@@ -87,9 +104,10 @@ class CatchUp:
         try:
             async for batch in call:
                 if batch.store_id == own_store:
+                    call.cancel()
                     log.warning("peer %s is this shard itself: not pulling from it", address)
                     del self.peers[address]
-                    return 0
+                    return False
                 changed += await self._run(ShardStore.apply_changes, change_page(batch), address)
                 state.store_id, state.sequence = batch.store_id, batch.sequence
         except grpc.aio.AioRpcError as exc:
@@ -98,16 +116,16 @@ class CatchUp:
             log.log(logging.DEBUG if error == state.error else logging.WARNING,
                     "catch-up from %s stopped: %s (%d changes applied)", address, error, changed)
             state.error = error
-            return changed
+            return False
         except RagloomError as exc:  # the peer sent something this shard refuses (another dimension, ...)
             call.cancel()
             state.error = exc.message
             log.error("catch-up from %s refused: %s", address, exc.message)
-            return changed
+            return False
         state.caught_up_at, state.error = time.monotonic(), ""
         if changed:
             log.info("caught up with %s: %d changes applied", address, changed)
-        return changed
+        return True
 
     async def close(self) -> None:
         for ch in self._channels.values():

@@ -88,7 +88,7 @@ class IndexerService:
     async def start(self) -> None:
         await self._on_worker(self._open)
         if self.catch_up.peers:
-            await self.catch_up.pull_all()  # a replica that was down serves only once it has caught up
+            await self.catch_up.pull_all(until_complete=True)  # a replica that was down serves once caught up
         self._loops = [asyncio.create_task(self._snapshot_loop())]
         if self.catch_up.peers:
             self._loops.append(asyncio.create_task(self._catch_up_loop()))
