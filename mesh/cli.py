@@ -58,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--router-port", type=int, default=50051, help="the public API's port (default: %(default)s)")
     up.add_argument("--base-port", type=int, default=50052,
                     help="first internal port: embedder, generator, then one per shard (default: %(default)s)")
-    up.add_argument("--generator-backend", default="llama_cpp", help="generator backend: llama_cpp or openai (default: %(default)s)")
+    up.add_argument("--generator-backend", default="llama_cpp",
+                    help="generator backend: llama_cpp, openai or tensorrt_llm (default: %(default)s)")
+    up.add_argument("--generator-model-path", default="",
+                    help="GGUF file (llama_cpp) or checkpoint/engine folder (tensorrt_llm); default: the packaged SmolLM2")
     up.add_argument("--openai-base-url", default="", help="base URL of an OpenAI-compatible server, for --generator-backend openai")
     up.add_argument("--openai-model", default="", help="model name at that server")
     up.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for every service to be SERVING")

@@ -84,6 +84,8 @@ def plan(args: argparse.Namespace) -> list[Child]:
 
     children = [child("embedder", "embedder", embedder, [])]
     gen_flags = ["--backend", args.generator_backend]
+    if getattr(args, "generator_model_path", ""):
+        gen_flags += ["--model-path", args.generator_model_path]
     if args.openai_base_url:
         gen_flags += ["--openai-base-url", args.openai_base_url]
     if args.openai_model:
