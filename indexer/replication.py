@@ -63,9 +63,10 @@ class PeerState:
 class CatchUp:
     """Pulls changes from the peer replicas of one shard into its store."""
 
-    def __init__(self, run, peers: list[str], shard_id: int, timeout_s: float, batch_size: int):
+    def __init__(self, run, peers: list[str], shard_id: int, timeout_s: float, batch_size: int, identity=None):
         # `run(call, *args)` runs `call(store, *args)` on the store's thread.
         self._run = run
+        self._identity = identity  # this replica's mTLS identity: peers admit the indexer's SPIFFE id
         self._shard_id = shard_id
         self._timeout_s = timeout_s
         self._batch_size = batch_size
@@ -133,5 +134,5 @@ class CatchUp:
 
     def _stub(self, address: str) -> indexer_pb2_grpc.IndexerServiceStub:
         if address not in self._channels:
-            self._channels[address] = channel(address)
+            self._channels[address] = channel(address, identity=self._identity)
         return indexer_pb2_grpc.IndexerServiceStub(self._channels[address])

@@ -62,7 +62,8 @@ class Settings(ServiceSettings):
 
 
 class IndexerService:
-    """Owns the shard's store, the one thread every store call runs on, and the background loops."""
+    """Owns the shard's store, the thread its calls run on (plus readers of search payloads), and
+    the background loops (snapshots, catch-up from peer replicas)."""
 
     name = "indexer"
     service_names = [indexer_pb2.DESCRIPTOR.services_by_name["IndexerService"].full_name]
@@ -74,8 +75,11 @@ class IndexerService:
         # searches, and SQLite's connection stays on the thread that opened it. The event loop
         # only awaits, so health checks keep answering during long writes and searches.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"indexer-{settings.shard_id}")
+        # Threads that read search payloads from SQLite while the store's thread goes on.
+        self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"indexer-{settings.shard_id}-read")
         self.catch_up = CatchUp(
-            self.run, settings.peers, settings.shard_id, settings.catchup_timeout_s, settings.changes_batch
+            self.run, settings.peers, settings.shard_id, settings.catchup_timeout_s, settings.changes_batch,
+            identity=settings.identity,
         )
         self._snapshot_due = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -103,6 +107,7 @@ class IndexerService:
                 await self.snapshot()  # the next start then replays nothing
             except Exception:  # noqa: BLE001 - the data is safe in SQLite; the next start replays more
                 log.exception("snapshot at shutdown failed")
+        await asyncio.to_thread(self._readers.shutdown)  # no search is left to read for
         # Queued behind any open still running, so a shutdown during warm-up closes what it opened.
         await self._on_worker(self._close)
         self._executor.shutdown(wait=False)
@@ -113,6 +118,14 @@ class IndexerService:
         if store is None:
             raise Unavailable(f"indexer shard {self.settings.shard_id} is not ready")
         return await self._on_worker(call, store, *args)
+
+    async def read(self, call: Callable[..., T], *args) -> T:
+        """Runs `call(store, *args)` on a reader thread; only for store methods that allow it."""
+        store = self._store
+        if store is None:
+            raise Unavailable(f"indexer shard {self.settings.shard_id} is not ready")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._readers, call, store, *args)
 
     async def write(self, call: Callable[..., T], *args) -> T:
         """`run` for a write: asks for a snapshot once enough has changed since the last one."""
@@ -222,11 +235,23 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
             raise InvalidArgument("k", f"must be between 1 and {self._settings.max_k}, got {request.k}")
         queries = self._query_matrix(request.queries)
         ef = request.ef or self._settings.default_ef
-        results = await self._service.run(ShardStore.search, queries, request.k, ef, convert.search_filter(request))
-        return indexer_pb2.SearchResponse(
-            results=[indexer_pb2.QueryResult(hits=[convert.hit_message(h) for h in hits]) for hits in results],
-            shard_id=self._settings.shard_id,
-        )
+        where = convert.search_filter(request)
+        neighbours = await self._service.run(ShardStore.nearest, queries, request.k, ef, where)
+        # Payloads are read off the store's thread, which meanwhile takes the next search.
+        results = await self._service.read(ShardStore.hits, neighbours, where.tenant)
+        return convert.search_response(results, self._settings.shard_id)
+
+    async def LexicalSearch(self, request: indexer_pb2.LexicalSearchRequest, context) -> indexer_pb2.SearchResponse:
+        self._check_shard(request)
+        self._check_batch("queries", request.queries)
+        if not 0 < request.k <= self._settings.max_k:
+            raise InvalidArgument("k", f"must be between 1 and {self._settings.max_k}, got {request.k}")
+        for i, query in enumerate(request.queries):
+            if not query.strip():
+                raise InvalidArgument(f"queries[{i}]", "must not be empty")
+        where = convert.search_filter(request)
+        results = await self._service.run(ShardStore.lexical_search, list(request.queries), request.k, where)
+        return convert.search_response(results, self._settings.shard_id)
 
     async def Stats(self, request: indexer_pb2.StatsRequest, context) -> indexer_pb2.StatsResponse:
         stats = await self._service.run(ShardStore.stats)

@@ -31,8 +31,9 @@ Tenants. Chunk and document ids are scoped by tenant ("" is the default tenant, 
 tenant): every read and write names one tenant and touches nothing outside it.
 
 Not thread-safe: hnswlib must not add while it searches and the SQLite connection belongs
-to the thread that opened it, so every call must come from one thread, except
-`publish_snapshot`, which touches only snapshot files.
+to the thread that opened it, so every call must come from one thread, except `hits`
+(which reads through a connection of its caller's thread) and `publish_snapshot` (which
+touches only snapshot files).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import logging
 import os
 import secrets
 import sqlite3
+import threading
 import time
 from collections.abc import Collection, Iterable, Iterator, Sequence, Set
 from contextlib import contextmanager
@@ -50,6 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
+from indexer import lexical
 from indexer.filters import LabelFilters, SearchFilter
 from indexer.snapshots import FOLDER as SNAPSHOT_FOLDER
 from indexer.snapshots import Manifest, SnapshotDir, Staged
@@ -64,6 +67,7 @@ DB_FILE = "chunks.sqlite3"
 _SQL_BATCH = 500
 # Rows read at a time while rebuilding or replaying the index, or searching exactly.
 _READ_BATCH = 10_000
+_MMAP_BYTES = 1 << 32
 _MAX_TAGS = 64
 _MAX_NAME = 256
 
@@ -82,10 +86,14 @@ _SCHEMA = (
         source      TEXT NOT NULL,
         metadata    TEXT NOT NULL,
         tags        TEXT NOT NULL,
-        vector      BLOB NOT NULL,
         version     INTEGER NOT NULL,
         seq         INTEGER NOT NULL,
         UNIQUE (tenant, chunk_id)
+    )""",
+    # Vectors apart from the rows, so that looking up the payloads of hits reads small rows.
+    """CREATE TABLE IF NOT EXISTS vectors (
+        label  INTEGER PRIMARY KEY,
+        vector BLOB NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS chunks_by_tenant_document ON chunks (tenant, document_id)",
     "CREATE INDEX IF NOT EXISTS chunks_by_seq ON chunks (seq)",
@@ -242,17 +250,27 @@ class ShardStore:
         #: Chunks written or removed since the last snapshot was taken.
         self.unsnapshotted = 0
 
+        self._readers = threading.local()
+        self._readers_lock = threading.Lock()
+        self._reader_connections: list[sqlite3.Connection] = []
+
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: transactions are begun and committed explicitly in `_transaction`.
         self._db = sqlite3.connect(self.data_dir / DB_FILE, isolation_level=None)
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
+            # Reads through a memory map: the payload lookups of every search skip read() and a copy.
+            self._db.execute(f"PRAGMA mmap_size={_MMAP_BYTES}")
             with self._transaction():
-                self._create_schema()
+                upgraded = self._create_schema()
+                lexical.ensure(self._db)
                 self._load_meta()
             self._snapshots = SnapshotDir(self.data_dir / SNAPSHOT_FOLDER, keep=snapshots_kept)
             self._snapshots.sweep()
+            if upgraded:  # snapshots of an earlier layout are not trusted: one rebuild, then new ones
+                for manifest in self._snapshots.manifests():
+                    self._snapshots.discard(manifest)
             self._index, self.snapshot = self._open_index()
             self._filters = self._load_filters()
         except BaseException:
@@ -331,6 +349,10 @@ class ShardStore:
         Fewer than `k` hits come back only when fewer than `k` chunks are allowed.
         """
         where = where or SearchFilter()
+        return self.hits(self.nearest(queries, k, ef, where), where.tenant)
+
+    def nearest(self, queries: np.ndarray, k: int, ef: int, where: SearchFilter) -> list[Neighbours]:
+        """The first half of `search`: the labels of the nearest allowed chunks, on the store's thread."""
         queries = np.asarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dimension:
             raise InvalidArgument("queries", f"expected vectors of dimension {self.dimension}, got shape {queries.shape}")
@@ -340,19 +362,47 @@ class ShardStore:
             raise InvalidArgument("k", "must be positive")
         allowed = self._filters.allowed(where)
         k = min(k, len(allowed))
+        nothing = (np.empty(0, np.uint64), np.empty(0, np.float32))
         if k == 0 or len(queries) == 0:
-            return [[] for _ in range(len(queries))]
+            return [nothing for _ in range(len(queries))]
 
         everything = len(allowed) == self._index.live
         if not everything and len(allowed) <= self.exact_search_max:
-            neighbours = self._exact(queries, k, allowed)
-        else:
-            neighbours = self._index.knn(queries, k, ef, None if everything else allowed.__contains__)
-            short = [i for i, found in enumerate(neighbours) if found is None]
-            if short:
-                for i, found in zip(short, self._exact(queries[short], k, allowed)):
-                    neighbours[i] = found
-        payloads = self._payloads(where.tenant, {int(label) for labels, _ in neighbours for label in labels})
+            return self._exact(queries, k, allowed)
+        neighbours = self._index.knn(queries, k, ef, None if everything else allowed.__contains__)
+        short = [i for i, found in enumerate(neighbours) if found is None]
+        if short:
+            for i, found in zip(short, self._exact(queries[short], k, allowed)):
+                neighbours[i] = found
+        return neighbours
+
+    def lexical_search(self, queries: Sequence[str], k: int, where: SearchFilter | None = None) -> list[list[HitRecord]]:
+        """The `k` chunks `where` allows that best match each query's words (BM25), best first."""
+        where = where or SearchFilter()
+        if k <= 0:
+            raise InvalidArgument("k", "must be positive")
+        allowed = self._filters.allowed(where)
+        ranked = [lexical.top(self._db, query, k, allowed) for query in queries]
+        payloads = self._payloads(where.tenant, {label for found in ranked for label, _ in found})
+        results = []
+        for found in ranked:
+            hits = []
+            for label, score in found:
+                payload = payloads.get(label)
+                if payload is not None:
+                    chunk_id, document_id, text, source, metadata, tags = payload
+                    hits.append(HitRecord(chunk_id, document_id, score, text, source, metadata, where.tenant, tags))
+            results.append(hits)
+        return results
+
+    def hits(self, neighbours: list[Neighbours], tenant: str) -> list[list[HitRecord]]:
+        """The second half of `search`: the chunks behind the labels `nearest` found in `tenant`.
+
+        Reads through a connection of the calling thread's own, so it may run on any thread,
+        concurrently with the store's: the store's thread goes on to the next search meanwhile.
+        A chunk deleted in between is left out.
+        """
+        payloads = self._payloads(tenant, {label for labels, _ in neighbours for label in labels.tolist()})
         results = []
         for labels, distances in neighbours:
             hits = []
@@ -360,7 +410,7 @@ class ShardStore:
                 payload = payloads.get(label)
                 if payload is not None:
                     chunk_id, document_id, text, source, metadata, tags = payload
-                    hits.append(HitRecord(chunk_id, document_id, 1.0 - distance, text, source, metadata, where.tenant, tags))
+                    hits.append(HitRecord(chunk_id, document_id, 1.0 - distance, text, source, metadata, tenant, tags))
             results.append(hits)
         return results
 
@@ -394,7 +444,8 @@ class ShardStore:
         ]
         upto = min(bounds, default=self.sequence)
         rows = self._db.execute(
-            """SELECT tenant, chunk_id, document_id, text, source, metadata, tags, vector, version FROM chunks
+            """SELECT tenant, chunk_id, document_id, text, source, metadata, tags, vector, version
+               FROM chunks JOIN vectors USING (label)
                WHERE seq > ? AND seq <= ? AND version > ? ORDER BY seq, label""",
             (since_sequence, upto, since_version),
         )
@@ -477,6 +528,11 @@ class ShardStore:
         return manifest
 
     def close(self) -> None:
+        """Closes the store; no other thread may be reading any more."""
+        with self._readers_lock:
+            for reader in self._reader_connections:
+                reader.close()
+            self._reader_connections.clear()
         self._db.close()
 
     # ---------------------------------------------------------- write helpers
@@ -518,6 +574,7 @@ class ShardStore:
                 if (mark.tenant, chunk_id) not in keep
             ]
         self._db.executemany("DELETE FROM chunks WHERE label = ?", ((row.label,) for row in removed))
+        self._db.executemany("DELETE FROM vectors WHERE label = ?", ((row.label,) for row in removed))
         self._db.executemany("INSERT INTO tombstones (label, seq) VALUES (?, ?)", ((row.label, sequence) for row in removed))
         return removed, raised
 
@@ -551,15 +608,15 @@ class ShardStore:
             ]
             written.skipped += len(group) - len(fresh)
             self._db.executemany(
-                """INSERT INTO chunks (tenant, chunk_id, document_id, text, source, metadata, tags, vector, version, seq)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                """INSERT INTO chunks (tenant, chunk_id, document_id, text, source, metadata, tags, version, seq)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT (tenant, chunk_id) DO UPDATE SET
                        document_id = excluded.document_id, text = excluded.text, source = excluded.source,
-                       metadata = excluded.metadata, tags = excluded.tags, vector = excluded.vector,
-                       version = excluded.version, seq = excluded.seq""",
+                       metadata = excluded.metadata, tags = excluded.tags, version = excluded.version,
+                       seq = excluded.seq""",
                 [
                     (tenant, c.chunk_id, c.document_id, c.text, c.source, json.dumps(c.metadata),
-                     json.dumps(list(c.tags)), vector.tobytes(), version, sequence)
+                     json.dumps(list(c.tags)), version, sequence)
                     for c, vector, version in fresh
                 ],
             )
@@ -569,6 +626,10 @@ class ShardStore:
                     [c.chunk_id for c, _, _ in fresh],
                     tenant,
                 )
+            )
+            self._db.executemany(
+                "INSERT OR REPLACE INTO vectors (label, vector) VALUES (?, ?)",
+                [(labels[c.chunk_id], vector.tobytes()) for c, vector, _ in fresh],
             )
             for c, vector, _ in fresh:
                 row = _Row(labels[c.chunk_id], tenant, c.source, tuple(c.tags))
@@ -616,7 +677,7 @@ class ShardStore:
         best_labels = np.empty((len(queries), 0), dtype=np.uint64)
         ordered = sorted(labels)
         for start in range(0, len(ordered), _READ_BATCH):
-            rows = list(self._select("SELECT label, vector FROM chunks WHERE label IN ({})", ordered[start : start + _READ_BATCH]))
+            rows = list(self._select("SELECT label, vector FROM vectors WHERE label IN ({})", ordered[start : start + _READ_BATCH]))
             found = np.array([label for label, _ in rows], dtype=np.uint64)
             vectors = np.frombuffer(b"".join(blob for _, blob in rows), dtype=np.float32).reshape(len(rows), -1)
             vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(1e-12)
@@ -631,10 +692,11 @@ class ShardStore:
         return [(best_labels[i], 1.0 - best_scores[i]) for i in range(len(queries))]
 
     def _payloads(self, tenant: str, labels: set[int]) -> dict[int, tuple]:
-        """(chunk_id, document_id, text, source, metadata, tags) by label."""
+        """(chunk_id, document_id, text, source, metadata, tags) by label, through this thread's reader."""
         rows = self._select(
             "SELECT label, tenant, chunk_id, document_id, text, source, metadata, tags FROM chunks WHERE label IN ({})",
             list(labels),
+            db=self._reader(),
         )
         # The tenant check repeats the filter that chose the labels: isolation twice over. (In SQL it
         # would lead SQLite to scan the tenant's index instead of looking labels up by key.)
@@ -646,23 +708,38 @@ class ShardStore:
 
     # ---------------------------------------------------------------- opening
 
-    def _create_schema(self) -> None:
+    def _create_schema(self) -> bool:
+        """Creates the tables, upgrading an earlier layout in place. Returns whether it upgraded."""
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(chunks)")}
-        legacy = bool(columns) and "tenant" not in columns
-        if legacy:  # the first layout: no tenants, tags, versions or sequence numbers per row
-            self._db.execute("ALTER TABLE chunks RENAME TO chunks_v1")
-            self._db.execute("DROP INDEX IF EXISTS chunks_by_document")
+        if "vector" not in columns:  # a new store, or the current layout
+            for statement in _SCHEMA:
+                self._db.execute(statement)
+            return False
+        # Earlier layouts kept vectors in `chunks`, the first also lacked tenants, tags, versions and seq.
+        log.info("upgrading %s to the current layout", self.data_dir / DB_FILE)
+        self._db.execute("ALTER TABLE chunks RENAME TO chunks_old")
+        for (index,) in self._db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'chunks_old' AND sql IS NOT NULL"
+        ).fetchall():
+            self._db.execute(f'DROP INDEX "{index}"')
         for statement in _SCHEMA:
             self._db.execute(statement)
-        if legacy:
-            log.info("upgrading %s to the tenant-aware layout", self.data_dir / DB_FILE)
-            self._db.execute(
-                """INSERT INTO chunks (label, tenant, chunk_id, document_id, text, source, metadata, tags, vector, version, seq)
-                   SELECT label, '', chunk_id, document_id, text, source, metadata, '[]', vector, ?,
-                          (SELECT value FROM meta WHERE key = 'sequence') FROM chunks_v1""",
-                (_FIRST_VERSION,),
-            )
-            self._db.execute("DROP TABLE chunks_v1")
+        sequence = "(SELECT value FROM meta WHERE key = 'sequence')"
+        carried = {"tenant": "''", "tags": "'[]'", "version": str(_FIRST_VERSION), "seq": sequence}
+        values = ", ".join(name if name in columns else default for name, default in carried.items())
+        self._db.execute(
+            f"""INSERT INTO chunks (label, chunk_id, document_id, text, source, metadata, tenant, tags, version, seq)
+                SELECT label, chunk_id, document_id, text, source, metadata, {values} FROM chunks_old"""
+        )
+        self._db.execute("INSERT INTO vectors (label, vector) SELECT label, vector FROM chunks_old")
+        # Labels are never reused, so the AUTOINCREMENT counter carries over.
+        self._db.execute(
+            """UPDATE sqlite_sequence SET seq = MAX(seq, (SELECT seq FROM sqlite_sequence WHERE name = 'chunks_old'))
+               WHERE name = 'chunks'"""
+        )
+        self._db.execute("DELETE FROM sqlite_sequence WHERE name = 'chunks_old'")
+        self._db.execute("DROP TABLE chunks_old")
+        return True
 
     def _load_meta(self) -> None:
         defaults = {"dimension": self.dimension, "sequence": 0, "max_version": _FIRST_VERSION,
@@ -719,7 +796,9 @@ class ShardStore:
         index.remove(removed)
         held = index.labels()
         changed = 0
-        cursor = self._db.execute("SELECT label, vector FROM chunks WHERE seq > ? ORDER BY label", (since,))
+        cursor = self._db.execute(
+            "SELECT label, vector FROM chunks JOIN vectors USING (label) WHERE seq > ? ORDER BY label", (since,)
+        )
         while rows := cursor.fetchmany(_READ_BATCH):
             labels = np.fromiter((label for label, _ in rows), dtype=np.uint64, count=len(rows))
             vectors = np.frombuffer(b"".join(blob for _, blob in rows), dtype=np.float32).reshape(len(rows), -1)
@@ -735,7 +814,7 @@ class ShardStore:
         index = VectorIndex.empty(
             self.dimension, doubled(self._initial_capacity, count), self._m, self._ef_construction
         )
-        cursor = self._db.execute("SELECT label, vector FROM chunks ORDER BY label")
+        cursor = self._db.execute("SELECT label, vector FROM vectors ORDER BY label")
         while rows := cursor.fetchmany(_READ_BATCH):
             labels = np.fromiter((label for label, _ in rows), dtype=np.uint64, count=len(rows))
             vectors = np.frombuffer(b"".join(blob for _, blob in rows), dtype=np.float32).reshape(len(rows), -1)
@@ -760,11 +839,24 @@ class ShardStore:
             raise
         self._db.execute("COMMIT")
 
-    def _select(self, sql: str, keys: Sequence, *leading) -> Iterator[tuple]:
+    def _select(self, sql: str, keys: Sequence, *leading, db: sqlite3.Connection | None = None) -> Iterator[tuple]:
         """Runs `sql` with `leading` parameters, then its `IN ({})` bound to `keys`, a batch at a time."""
+        db = db or self._db
         for start in range(0, len(keys), _SQL_BATCH):
             batch = keys[start : start + _SQL_BATCH]
-            yield from self._db.execute(sql.format(",".join("?" * len(batch))), (*leading, *batch))
+            yield from db.execute(sql.format(",".join("?" * len(batch))), (*leading, *batch)).fetchall()
+
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read-only connection (WAL lets readers run beside the writer)."""
+        reader = getattr(self._readers, "connection", None)
+        if reader is None:
+            # check_same_thread off only so that `close` can close it; it is used by its own thread alone.
+            reader = sqlite3.connect(f"file:{self.data_dir / DB_FILE}?mode=ro", uri=True, check_same_thread=False)
+            reader.execute(f"PRAGMA mmap_size={_MMAP_BYTES}")
+            self._readers.connection = reader
+            with self._readers_lock:
+                self._reader_connections.append(reader)
+        return reader
 
     def _validate(self, chunks: Sequence[ChunkRecord], one_tenant: bool) -> np.ndarray:
         """The chunks' vectors as one float32 matrix; raises InvalidArgument naming the first bad field."""

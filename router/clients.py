@@ -76,6 +76,12 @@ class ShardClient:
         )
         return await self._stub.Search(request, timeout=deadline.timeout(self.timeout_s))
 
+    async def lexical_search(self, queries: list[str], k: int, scope, deadline: Deadline) -> indexer_pb2.SearchResponse:
+        request = indexer_pb2.LexicalSearchRequest(
+            queries=queries, k=k, shard_id=self.shard_id, tenant=scope.tenant, tags=scope.tags,
+        )
+        return await self._stub.LexicalSearch(request, timeout=deadline.timeout(self.timeout_s))
+
     async def stats(self, deadline: Deadline) -> indexer_pb2.StatsResponse:
         return await self._stub.Stats(indexer_pb2.StatsRequest(), timeout=deadline.timeout(self.timeout_s))
 

@@ -47,6 +47,11 @@ class Coverage:
     def partial(self) -> bool:
         return bool(self.failed)
 
+    def merge(self, other: "Coverage") -> "Coverage":
+        """Shards that answered both retrievals; a shard that failed either counts as failed."""
+        failed = sorted(set(self.failed) | set(other.failed))
+        return Coverage(sorted((set(self.answered) | set(other.answered)) - set(failed)), failed)
+
 
 @dataclass
 class DocumentInput:
@@ -56,6 +61,22 @@ class DocumentInput:
     format: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
     tags: list[str] = field(default_factory=list)
+
+
+MODES = ("dense", "lexical", "hybrid")
+RRF_K = 60  # the constant of Cormack et al.'s reciprocal rank fusion
+
+
+def fuse_reciprocal_rank(rankings: list[list[Hit]]) -> list[Hit]:
+    """Reciprocal rank fusion: each list adds 1 / (RRF_K + rank) to a chunk's score; best first."""
+    fused: dict[str, Hit] = {}
+    scores: dict[str, float] = {}
+    for ranking in rankings:
+        for rank, hit in enumerate(ranking, 1):
+            fused.setdefault(hit.chunk_id, hit)
+            scores[hit.chunk_id] = scores.get(hit.chunk_id, 0.0) + 1.0 / (RRF_K + rank)
+    order = sorted(scores, key=lambda chunk_id: -scores[chunk_id])
+    return [Hit(scores[c], fused[c].document_id, c, fused[c].source, fused[c].text, fused[c].shard_id) for c in order]
 
 
 @dataclass
@@ -134,6 +155,7 @@ class RagConfig:
     max_document_bytes: int = 50 * 1024 * 1024
     max_documents: int = 256
     max_inflight: int = 64
+    retrieval_mode: str = "hybrid"
     # Citation fallback: when the model writes no [n] markers, sources this close to the answer are cited.
     attribution_min_score: float = 0.45
 
@@ -256,13 +278,14 @@ class Rag:
         return top_k
 
     async def search(
-        self, query: str, top_k: int | None, deadline: Deadline, scope: Scope = Scope(), require_complete: bool = False
+        self, query: str, top_k: int | None, deadline: Deadline, scope: Scope = Scope(), require_complete: bool = False,
+        mode: str = "",
     ) -> tuple[list[Hit], Coverage, Timings]:
         if not query.strip():
             raise InvalidArgument("query", "must not be empty")
         k = self._top_k(top_k, self.config.default_top_k, self.config.max_top_k)
         timings = Timings()
-        hits, coverage = await self._retrieve(query, k, scope, require_complete, deadline, timings)
+        hits, coverage = await self._retrieve(query, k, scope, require_complete, deadline, timings, mode)
         return hits, coverage, timings
 
     async def _embed_query(self, query: str, deadline: Deadline) -> np.ndarray:
@@ -278,20 +301,53 @@ class Rag:
             return vector
 
     async def _retrieve(
-        self, query: str, k: int, scope: Scope, require_complete: bool, deadline: Deadline, timings: Timings
+        self, query: str, k: int, scope: Scope, require_complete: bool, deadline: Deadline, timings: Timings,
+        mode: str = "",
     ) -> tuple[list[Hit], Coverage]:
+        """Top-k chunks for `query`: dense (embedding), lexical (BM25) or hybrid (both, fused by reciprocal rank)."""
+        mode = mode or self.config.retrieval_mode
+        if mode not in MODES:
+            raise InvalidArgument("mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
         clock = _Clock()
-        vector = await self._embed_query(query, deadline)
-        timings.embed_ms = clock.lap()
-        ef = max(self.config.ef, k)
+        # Hybrid fuses two longer lists: a chunk ranked just below k by one method can win on the other.
+        depth = k if mode != "hybrid" else max(2 * k, 20)
+        lexical = (asyncio.ensure_future(self._fan_out(
+            "lexical", lambda c: c.lexical_search([query], depth, scope, deadline), scope, require_complete, deadline))
+            if mode != "dense" else None)
+        try:
+            dense = None
+            if mode != "lexical":
+                vector = await self._embed_query(query, deadline)
+                timings.embed_ms = clock.lap()
+                ef = max(self.config.ef, depth)
+                dense = await self._fan_out(
+                    "dense", lambda c: c.search(vector, depth, ef, scope.tenant, scope.tags, deadline),
+                    scope, require_complete, deadline)
+            lexical_result = await lexical if lexical is not None else None
+        except BaseException:
+            if lexical is not None:
+                lexical.cancel()
+            raise
+        if mode == "hybrid":
+            hits, coverage = fuse_reciprocal_rank([dense[0], lexical_result[0]]), dense[1].merge(lexical_result[1])
+        else:
+            hits, coverage = dense if mode == "dense" else lexical_result
+        timings.index_ms = clock.lap()
+        timings.total_ms = clock.total()
+        STAGE_SECONDS.labels("embedding").observe(timings.embed_ms / 1000)
+        STAGE_SECONDS.labels("retrieval").observe(timings.index_ms / 1000)
+        return hits[:k], coverage
+
+    async def _fan_out(self, kind: str, call, scope: Scope, require_complete: bool, deadline: Deadline):
+        """`call` on every shard (one replica each, failing over), merged best first, with who answered."""
         DOWNSTREAM_CALLS.labels("indexer").inc()
 
-        async def search_shard(group: ShardGroup):
-            with _tracer.start_as_current_span("search shard", attributes={"ragloom.shard": group.shard_id}):
-                return await group.read(
-                    lambda client: client.search(vector, k, ef, scope.tenant, scope.tags, deadline), deadline)
+        async def one(group: ShardGroup):
+            with _tracer.start_as_current_span("search shard", attributes={"ragloom.shard": group.shard_id,
+                                                                           "ragloom.retrieval": kind}):
+                return await group.read(call, deadline)
 
-        replies = await asyncio.gather(*(search_shard(g) for g in self.shards), return_exceptions=True)
+        replies = await asyncio.gather(*(one(g) for g in self.shards), return_exceptions=True)
         coverage, hits = Coverage(), []
         for group, reply in zip(self.shards, replies):
             if isinstance(reply, BaseException):
@@ -309,11 +365,7 @@ class Rag:
             raise Unavailable(f"shards {coverage.failed} did not answer in time; "
                               f"{len(coverage.answered)} of {len(self.shards)} did")
         hits.sort(key=lambda h: h.score, reverse=True)
-        timings.index_ms = clock.lap()
-        timings.total_ms = clock.total()
-        STAGE_SECONDS.labels("embedding").observe(timings.embed_ms / 1000)
-        STAGE_SECONDS.labels("retrieval").observe(timings.index_ms / 1000)
-        return hits[:k], coverage
+        return hits, coverage
 
     # ---- ask ----------------------------------------------------------------------------------
     async def ask(
@@ -326,6 +378,7 @@ class Rag:
         scope: Scope = Scope(),
         require_complete: bool = False,
         use_cache: bool = True,
+        mode: str = "",
     ) -> AsyncIterator[AskSources | AskToken | AskDone]:
         """Sources first, then answer tokens as they are generated, then citations and timings.
 
@@ -340,8 +393,9 @@ class Rag:
         max_tokens = max_tokens or self.config.max_tokens
         temperature = self.config.temperature if temperature is None else temperature
         generation = await self.cache.generation(scope.tenant)
+        mode = mode or self.config.retrieval_mode
         key = cache_key("answer", question=question.strip(), k=k, max_tokens=max_tokens, temperature=temperature,
-                        tenant=scope.tenant, tags=sorted(scope.tags), generation=generation)
+                        tenant=scope.tenant, tags=sorted(scope.tags), mode=mode, generation=generation)
         if generation is not None and use_cache:
             with _tracer.start_as_current_span("cache lookup") as span:
                 cached = await self.cache.get(key)
@@ -353,16 +407,16 @@ class Rag:
         else:
             self.cache.bypassed()
         produce = lambda: self._answer(question, k, max_tokens, temperature, scope, require_complete, deadline,
-                                       key if generation is not None else None)
+                                       key if generation is not None else None, mode)
         async for event in self.flights.join(f"{key}:{require_complete}", produce):
             yield event
 
     async def _answer(
         self, question: str, k: int, max_tokens: int, temperature: float, scope: Scope,
-        require_complete: bool, deadline: Deadline, cache_as: str | None,
+        require_complete: bool, deadline: Deadline, cache_as: str | None, mode: str,
     ) -> AsyncIterator[AskSources | AskToken | AskDone]:
         clock, timings = _Clock(), Timings()
-        hits, coverage = await self._retrieve(question, k, scope, require_complete, deadline, timings)
+        hits, coverage = await self._retrieve(question, k, scope, require_complete, deadline, timings, mode)
         if not hits:
             raise FailedPrecondition("no documents to answer from: ingest documents first"
                                      + (f" (tenant {scope.tenant!r})" if scope.tenant else ""))

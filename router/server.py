@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import grpc
 
 from mesh.client import Deadline
+from mesh.errors import InvalidArgument
 from mesh.settings import ServiceSettings, option
 from ragloom.router.v1 import router_pb2, router_pb2_grpc
 from router.cache import Cache, MemoryBackend, RedisBackend
@@ -40,6 +41,7 @@ class Settings(ServiceSettings):
     redis_url: str = option("", "Redis URL for the answer/embedding cache (e.g. redis://127.0.0.1:6379/0); empty = in-process cache")
     cache_ttl_s: float = option(600.0, "cache entry lifetime (±10 % jitter)")
     max_inflight: int = option(64, "requests handled at once; more get RESOURCE_EXHAUSTED with a retry hint")
+    retrieval_mode: str = option("hybrid", "retrieval when a request names none: dense, lexical (BM25) or hybrid (both, fused)")
     tokenizer: str = option("", "tokenizer.json of the embedding model, for chunking (empty: the packaged MiniLM one)")
     chunk_tokens: int = option(200, "tokens per chunk (must stay under the embedder's limit)")
     chunk_overlap: int = option(40, "tokens shared by consecutive chunks")
@@ -57,6 +59,8 @@ class Settings(ServiceSettings):
     def validate(self) -> None:
         super().validate()
         parse_topology(self.indexers)
+        if self.retrieval_mode not in ("dense", "lexical", "hybrid"):
+            raise ValueError("retrieval_mode must be dense, lexical or hybrid")
         if self.max_inflight < 1:
             raise ValueError("max_inflight must be positive")
 
@@ -74,6 +78,20 @@ def _source(number: int, hit: Hit) -> router_pb2.Source:
 
 def _optional(request, name: str):
     return getattr(request, name) if request.HasField(name) else None
+
+
+_MODES = {
+    router_pb2.RETRIEVAL_MODE_UNSPECIFIED: "",
+    router_pb2.RETRIEVAL_MODE_DENSE: "dense",
+    router_pb2.RETRIEVAL_MODE_LEXICAL: "lexical",
+    router_pb2.RETRIEVAL_MODE_HYBRID: "hybrid",
+}
+
+
+def _mode(request) -> str:
+    if request.mode not in _MODES:
+        raise InvalidArgument("mode", f"unknown retrieval mode {request.mode}")
+    return _MODES[request.mode]
 
 
 def _scope(request) -> Scope:
@@ -114,7 +132,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         with self.service.rag.admit():
             hits, coverage, timings = await self.service.rag.search(
                 request.query, _optional(request, "top_k"), self._deadline(context), _scope(request),
-                request.require_complete,
+                request.require_complete, _mode(request),
             )
         return router_pb2.SearchResponse(
             hits=[
@@ -131,7 +149,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             async for event in self.service.rag.ask(
                 request.question, _optional(request, "top_k"), _optional(request, "max_tokens"),
                 _optional(request, "temperature"), self._deadline(context), _scope(request),
-                request.require_complete, use_cache=not request.no_cache,
+                request.require_complete, use_cache=not request.no_cache, mode=_mode(request),
             ):
                 yield event
 
@@ -189,6 +207,7 @@ class RouterService:
         config = RagConfig(
             default_top_k=s.top_k, ask_top_k=s.ask_top_k, max_tokens=s.max_tokens,
             temperature=s.temperature, context_tokens=s.context_tokens, max_inflight=s.max_inflight,
+            retrieval_mode=s.retrieval_mode,
         )
         shards = [
             ShardGroup(

@@ -51,17 +51,35 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "dimension", "max_tokens", "provider", "threads", "max_batch_texts")
+    __slots__ = ("model", "dimension", "max_tokens", "provider", "threads", "max_batch_texts", "variant", "max_wait_ms", "max_batch_tokens", "max_batch_rows", "max_queued_tokens", "runs", "texts", "tokens", "padded_tokens")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
     THREADS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_TEXTS_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    MAX_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PADDED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model: str
     dimension: int
     max_tokens: int
     provider: str
     threads: int
     max_batch_texts: int
-    def __init__(self, model: _Optional[str] = ..., dimension: _Optional[int] = ..., max_tokens: _Optional[int] = ..., provider: _Optional[str] = ..., threads: _Optional[int] = ..., max_batch_texts: _Optional[int] = ...) -> None: ...
+    variant: str
+    max_wait_ms: float
+    max_batch_tokens: int
+    max_batch_rows: int
+    max_queued_tokens: int
+    runs: int
+    texts: int
+    tokens: int
+    padded_tokens: int
+    def __init__(self, model: _Optional[str] = ..., dimension: _Optional[int] = ..., max_tokens: _Optional[int] = ..., provider: _Optional[str] = ..., threads: _Optional[int] = ..., max_batch_texts: _Optional[int] = ..., variant: _Optional[str] = ..., max_wait_ms: _Optional[float] = ..., max_batch_tokens: _Optional[int] = ..., max_batch_rows: _Optional[int] = ..., max_queued_tokens: _Optional[int] = ..., runs: _Optional[int] = ..., texts: _Optional[int] = ..., tokens: _Optional[int] = ..., padded_tokens: _Optional[int] = ...) -> None: ...

@@ -40,6 +40,11 @@ class EmbedderServiceStub:
                 request_serializer=ragloom_dot_embedder_dot_v1_dot_embedder__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=ragloom_dot_embedder_dot_v1_dot_embedder__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.EmbedStream = channel.stream_stream(
+                '/ragloom.embedder.v1.EmbedderService/EmbedStream',
+                request_serializer=ragloom_dot_embedder_dot_v1_dot_embedder__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=ragloom_dot_embedder_dot_v1_dot_embedder__pb2.EmbedResponse.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/ragloom.embedder.v1.EmbedderService/Info',
                 request_serializer=ragloom_dot_embedder_dot_v1_dot_embedder__pb2.InfoRequest.SerializeToString,
@@ -58,6 +63,13 @@ class EmbedderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EmbedStream(self, request_iterator, context):
+        """Bulk embedding: one response per request, in request order, several requests in flight at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Info(self, request, context):
         """Describes the loaded model and how it runs.
         """
@@ -70,6 +82,11 @@ def add_EmbedderServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Embed': grpc.unary_unary_rpc_method_handler(
                     servicer.Embed,
+                    request_deserializer=ragloom_dot_embedder_dot_v1_dot_embedder__pb2.EmbedRequest.FromString,
+                    response_serializer=ragloom_dot_embedder_dot_v1_dot_embedder__pb2.EmbedResponse.SerializeToString,
+            ),
+            'EmbedStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.EmbedStream,
                     request_deserializer=ragloom_dot_embedder_dot_v1_dot_embedder__pb2.EmbedRequest.FromString,
                     response_serializer=ragloom_dot_embedder_dot_v1_dot_embedder__pb2.EmbedResponse.SerializeToString,
             ),
@@ -105,6 +122,33 @@ class EmbedderService:
             request,
             target,
             '/ragloom.embedder.v1.EmbedderService/Embed',
+            ragloom_dot_embedder_dot_v1_dot_embedder__pb2.EmbedRequest.SerializeToString,
+            ragloom_dot_embedder_dot_v1_dot_embedder__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EmbedStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/ragloom.embedder.v1.EmbedderService/EmbedStream',
             ragloom_dot_embedder_dot_v1_dot_embedder__pb2.EmbedRequest.SerializeToString,
             ragloom_dot_embedder_dot_v1_dot_embedder__pb2.EmbedResponse.FromString,
             options,

@@ -110,6 +110,24 @@ class SearchRequest(_message.Message):
     source_prefix: str
     def __init__(self, queries: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., k: _Optional[int] = ..., ef: _Optional[int] = ..., shard_id: _Optional[int] = ..., tenant: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., source_prefix: _Optional[str] = ...) -> None: ...
 
+class LexicalSearchRequest(_message.Message):
+    __slots__ = ("queries", "k", "shard_id", "tenant", "tags", "source", "source_prefix")
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    queries: _containers.RepeatedScalarFieldContainer[str]
+    k: int
+    shard_id: int
+    tenant: str
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    source: str
+    source_prefix: str
+    def __init__(self, queries: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., shard_id: _Optional[int] = ..., tenant: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., source_prefix: _Optional[str] = ...) -> None: ...
+
 class Vector(_message.Message):
     __slots__ = ("values",)
     VALUES_FIELD_NUMBER: _ClassVar[int]

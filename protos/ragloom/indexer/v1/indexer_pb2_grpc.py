@@ -50,6 +50,11 @@ class IndexerServiceStub:
                 request_serializer=ragloom_dot_indexer_dot_v1_dot_indexer__pb2.SearchRequest.SerializeToString,
                 response_deserializer=ragloom_dot_indexer_dot_v1_dot_indexer__pb2.SearchResponse.FromString,
                 _registered_method=True)
+        self.LexicalSearch = channel.unary_unary(
+                '/ragloom.indexer.v1.IndexerService/LexicalSearch',
+                request_serializer=ragloom_dot_indexer_dot_v1_dot_indexer__pb2.LexicalSearchRequest.SerializeToString,
+                response_deserializer=ragloom_dot_indexer_dot_v1_dot_indexer__pb2.SearchResponse.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/ragloom.indexer.v1.IndexerService/Stats',
                 request_serializer=ragloom_dot_indexer_dot_v1_dot_indexer__pb2.StatsRequest.SerializeToString,
@@ -87,6 +92,13 @@ class IndexerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LexicalSearch(self, request, context):
+        """Ranks chunks by BM25 over their words for a batch of text queries, with the same filters as Search.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stats(self, request, context):
         """Reports the shard's size and state.
         """
@@ -117,6 +129,11 @@ def add_IndexerServiceServicer_to_server(servicer, server):
             'Search': grpc.unary_unary_rpc_method_handler(
                     servicer.Search,
                     request_deserializer=ragloom_dot_indexer_dot_v1_dot_indexer__pb2.SearchRequest.FromString,
+                    response_serializer=ragloom_dot_indexer_dot_v1_dot_indexer__pb2.SearchResponse.SerializeToString,
+            ),
+            'LexicalSearch': grpc.unary_unary_rpc_method_handler(
+                    servicer.LexicalSearch,
+                    request_deserializer=ragloom_dot_indexer_dot_v1_dot_indexer__pb2.LexicalSearchRequest.FromString,
                     response_serializer=ragloom_dot_indexer_dot_v1_dot_indexer__pb2.SearchResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
@@ -211,6 +228,33 @@ class IndexerService:
             target,
             '/ragloom.indexer.v1.IndexerService/Search',
             ragloom_dot_indexer_dot_v1_dot_indexer__pb2.SearchRequest.SerializeToString,
+            ragloom_dot_indexer_dot_v1_dot_indexer__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LexicalSearch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ragloom.indexer.v1.IndexerService/LexicalSearch',
+            ragloom_dot_indexer_dot_v1_dot_indexer__pb2.LexicalSearchRequest.SerializeToString,
             ragloom_dot_indexer_dot_v1_dot_indexer__pb2.SearchResponse.FromString,
             options,
             channel_credentials,
