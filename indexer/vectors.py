@@ -11,6 +11,8 @@ from pathlib import Path
 import hnswlib
 import numpy as np
 
+from mesh.resources import usable_cpus
+
 #: (labels, cosine distances) of one query, nearest first; None where hnswlib could not fill k.
 Neighbours = tuple[np.ndarray, np.ndarray] | None
 
@@ -28,6 +30,8 @@ class VectorIndex:
     def __init__(self, index: hnswlib.Index, live: int):
         self._index = index
         self.live = live
+        # hnswlib would take the host's core count, not the CPUs this process may use (cgroup quota).
+        index.set_num_threads(usable_cpus())
 
     @classmethod
     def empty(cls, dimension: int, capacity: int, m: int, ef_construction: int) -> "VectorIndex":

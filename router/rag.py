@@ -310,7 +310,7 @@ class Rag:
             raise InvalidArgument("mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
         clock = _Clock()
         # Hybrid fuses two longer lists: a chunk ranked just below k by one method can win on the other.
-        depth = k if mode != "hybrid" else max(2 * k, 20)
+        depth = k if mode != "hybrid" else min(max(2 * k, 20), self.config.max_top_k)
         lexical = (asyncio.ensure_future(self._fan_out(
             "lexical", lambda c: c.lexical_search([query], depth, scope, deadline), scope, require_complete, deadline))
             if mode != "dense" else None)

@@ -148,8 +148,9 @@ def test_storage_is_wal_with_float32_vectors(store, tmp_path):
 
     with sqlite3.connect(tmp_path / DB_FILE) as db:
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        (blob,) = db.execute("SELECT vector FROM chunks").fetchone()
+        (blob,) = db.execute("SELECT vector FROM vectors").fetchone()
     np.testing.assert_array_equal(np.frombuffer(blob, dtype=np.float32), vector)
+    assert store._db.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL: COMMIT fsyncs the log
 
 
 def test_deleted_slots_are_reused_under_churn(store):
@@ -222,3 +223,24 @@ def test_search_falls_back_to_exact_when_hnswlib_cannot_fill_k(store, monkeypatc
 
     exact = np.argsort(-(vectors[:2] @ vectors.T), axis=1)[:, :8]
     assert [[h.chunk_id for h in hits] for hits in results] == [[f"doc-{i}" for i in row] for row in exact]
+
+
+def test_hits_read_off_the_store_thread_leave_out_chunks_deleted_meanwhile(store):
+    import threading
+
+    from indexer.filters import SearchFilter
+
+    vectors = unit_vectors(6)
+    store.upsert(chunks_for("a", vectors[:3]))
+    store.upsert(chunks_for("b", vectors[3:]))
+    neighbours = store.nearest(vectors[:1], k=6, ef=16, where=SearchFilter())
+    store.delete(["b"])
+
+    results = []
+    reader = threading.Thread(target=lambda: results.append(store.hits(neighbours, "")))
+    reader.start()
+    reader.join()
+
+    [hits] = results[0]
+    assert sorted(h.chunk_id for h in hits) == ["a-0", "a-1", "a-2"]
+    assert store.hits(neighbours, "other tenant") == [[]]

@@ -221,26 +221,47 @@ def test_changes_since_a_version(open_store):
     assert {(c.document_id, c.version) for c in page.cleared} == {("b", 14)}  # b's mark moved from 13 to 14
 
 
-def test_a_legacy_shard_is_upgraded_in_place(tmp_path):
-    """A shard written before tenants and versions opens with its chunks in the default tenant."""
-    with sqlite3.connect(tmp_path / DB_FILE) as db:
-        db.executescript(
-            """CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-               CREATE TABLE chunks (label INTEGER PRIMARY KEY AUTOINCREMENT, chunk_id TEXT NOT NULL UNIQUE,
+LEGACY_LAYOUTS = {
+    # The first layout: no tenants, tags, versions or per-row sequence numbers.
+    "first": """CREATE TABLE chunks (label INTEGER PRIMARY KEY AUTOINCREMENT, chunk_id TEXT NOT NULL UNIQUE,
                    document_id TEXT NOT NULL, text TEXT NOT NULL, source TEXT NOT NULL, metadata TEXT NOT NULL,
                    vector BLOB NOT NULL);
-               CREATE INDEX chunks_by_document ON chunks (document_id);
-               INSERT INTO meta VALUES ('dimension', 8), ('sequence', 7);"""
+                CREATE INDEX chunks_by_document ON chunks (document_id);""",
+    # Tenants and versions, vectors still inside `chunks`.
+    "vectors inline": """CREATE TABLE chunks (label INTEGER PRIMARY KEY AUTOINCREMENT, tenant TEXT NOT NULL,
+                   chunk_id TEXT NOT NULL, document_id TEXT NOT NULL, text TEXT NOT NULL, source TEXT NOT NULL,
+                   metadata TEXT NOT NULL, tags TEXT NOT NULL DEFAULT '[]', vector BLOB NOT NULL,
+                   version INTEGER NOT NULL DEFAULT 1, seq INTEGER NOT NULL DEFAULT 7, UNIQUE (tenant, chunk_id));
+                CREATE INDEX chunks_by_tenant_document ON chunks (tenant, document_id);
+                CREATE INDEX chunks_by_seq ON chunks (seq);""",
+}
+
+
+@pytest.mark.parametrize("layout", LEGACY_LAYOUTS)
+def test_an_earlier_layout_is_upgraded_in_place(tmp_path, layout):
+    """A shard written by an earlier version opens with its chunks, their vectors and its label counter."""
+    with sqlite3.connect(tmp_path / DB_FILE) as db:
+        db.executescript(
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);"
+            "INSERT INTO meta VALUES ('dimension', 8), ('sequence', 7);" + LEGACY_LAYOUTS[layout]
         )
+        tenant = ", tenant" if layout != "first" else ""
         db.executemany(
-            "INSERT INTO chunks (chunk_id, document_id, text, source, metadata, vector) VALUES (?, ?, ?, '', '{}', ?)",
-            [(f"old#{i}", "old", f"text {i}", VECTORS[i].tobytes()) for i in range(3)],
+            f"INSERT INTO chunks (chunk_id, document_id, text, source, metadata, vector{tenant})"
+            f" VALUES (?, ?, ?, '', '{{}}', ?{', ?' if tenant else ''})",
+            [(f"old#{i}", "old", f"text {i}", VECTORS[i].tobytes(), *([""] if tenant else [])) for i in range(5)],
         )
+        db.execute("DELETE FROM chunks WHERE label > 3")  # labels 4 and 5 are gone, never to be reused
 
     store = ShardStore(tmp_path, DIM)
     try:
         assert store.sequence == 7
         assert {(t, c) for t, c, *_ in state(store)} == {("", "old#0"), ("", "old#1"), ("", "old#2")}
+        [hits] = store.search(VECTORS[1:2], k=1)
+        assert hits[0].chunk_id == "old#1" and hits[0].score == pytest.approx(1.0, abs=1e-5)
+        store.upsert(chunks("new", range(10, 11)))
+        labels = {row[0] for row in store._db.execute("SELECT label FROM chunks")}
+        assert labels == {1, 2, 3, 6}
         assert store.delete(["old"]).removed == 3
     finally:
         store.close()
