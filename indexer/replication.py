@@ -45,6 +45,7 @@ from indexer.convert import change_page
 from indexer.store import ShardStore
 from mesh.client import channel
 from mesh.errors import RagloomError
+from mesh.telemetry import outgoing_metadata
 from ragloom.indexer.v1 import indexer_pb2, indexer_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ class CatchUp:
             since_sequence=state.sequence, store_id=state.store_id, shard_id=self._shard_id, batch_size=self._batch_size
         )
         changed = 0
-        call = self._stub(address).Changes(request, timeout=self._timeout_s)
+        call = self._stub(address).Changes(request, timeout=self._timeout_s, metadata=outgoing_metadata())
         try:
             async for batch in call:
                 if batch.store_id == own_store:

@@ -10,8 +10,6 @@ from typing import TYPE_CHECKING
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mesh.telemetry import client_interceptors
-
 if TYPE_CHECKING:
     from mesh.tls import Identity
 
@@ -45,10 +43,9 @@ def channel(target: str, *, max_message_mb: int = 64, identity: "Identity | None
         ("grpc.max_send_message_length", size),
         ("grpc.keepalive_time_ms", 30_000),
     ]
-    interceptors = client_interceptors()  # trace context on every hop, when tracing is on
     if identity is not None:
-        return grpc.aio.secure_channel(target, identity.channel_credentials(), options=options, interceptors=interceptors)
-    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+        return grpc.aio.secure_channel(target, identity.channel_credentials(), options=options)
+    return grpc.aio.insecure_channel(target, options=options)
 
 
 class Deadline:

@@ -21,7 +21,10 @@ from grpc_reflection.v1alpha import reflection
 
 from mesh.errors import to_status
 from mesh.metrics import GRPC_HANDLED, GRPC_IN_FLIGHT, GRPC_LATENCY, serve_metrics
-from mesh.telemetry import server_interceptors, setup_tracing, shutdown_tracing
+from opentelemetry.trace import Status, StatusCode
+
+from mesh import telemetry
+from mesh.telemetry import setup_tracing, shutdown_tracing
 from mesh.tls import IdentityInterceptor
 from mesh.settings import ServiceSettings
 
@@ -63,8 +66,9 @@ def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
 
 class CallInterceptor(grpc.aio.ServerInterceptor):
     """The one place calls are observed and errors become statuses, for unary and streaming handlers:
-    every exception maps to a status code (mesh.errors), and every call is counted by method and
-    code, timed, and tracked while in flight."""
+    every exception maps to a status code (mesh.errors), every call is counted by method and code,
+    timed and tracked while in flight, and, with tracing on, runs in a SERVER span continuing the
+    caller's trace (W3C traceparent metadata)."""
 
     def __init__(self, service: str):
         self.service = service
@@ -103,7 +107,13 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap_unary(self, behavior, method: str):
         async def wrapped(request, context):
-            call = _Observed(self, method, context)
+            if telemetry.enabled():
+                with telemetry.server_span(self.service, method, context.invocation_metadata()) as span:
+                    return await observed(request, context, span)
+            return await observed(request, context, None)
+
+        async def observed(request, context, span):
+            call = _Observed(self, method, context, span)
             try:
                 return await behavior(request, context)
             except grpc.aio.AbortError:
@@ -120,7 +130,16 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap_stream(self, behavior, method: str):
         async def wrapped(request, context):
-            call = _Observed(self, method, context)
+            if telemetry.enabled():
+                with telemetry.server_span(self.service, method, context.invocation_metadata()) as span:
+                    async for response in observed(request, context, span):
+                        yield response
+            else:
+                async for response in observed(request, context, None):
+                    yield response
+
+        async def observed(request, context, span):
+            call = _Observed(self, method, context, span)
             try:
                 async for response in behavior(request, context):
                     yield response
@@ -151,8 +170,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 class _Observed:
     """One call's metrics: in flight from creation, counted and timed at done()."""
 
-    def __init__(self, interceptor: CallInterceptor, method: str, context):
-        self.interceptor, self.method, self.context = interceptor, method.rsplit("/", 1)[-1], context
+    def __init__(self, interceptor: CallInterceptor, method: str, context, span=None):
+        self.interceptor, self.method, self.context, self.span = interceptor, method.rsplit("/", 1)[-1], context, span
         self.code: grpc.StatusCode | None = None
         self.start = time.perf_counter()
         interceptor.in_flight.inc()
@@ -163,6 +182,10 @@ class _Observed:
         code = self.code or _context_code(self.context) or grpc.StatusCode.OK
         GRPC_HANDLED.labels(service, self.method, code.name).inc()
         GRPC_LATENCY.labels(service, self.method).observe(time.perf_counter() - self.start)
+        if self.span is not None and self.span.is_recording():
+            self.span.set_attribute("rpc.grpc.status_code", code.value[0])
+            if code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
+                self.span.set_status(Status(StatusCode.ERROR, code.name))
 
 
 def _context_code(context) -> grpc.StatusCode | None:
@@ -184,10 +207,9 @@ async def serve(
     stop: asyncio.Event | None = None,
 ) -> None:
     """Runs `service` until SIGTERM/SIGINT (or `stop` is set), then shuts it down gracefully."""
-    setup_tracing(service.name, settings.otlp_endpoint)
+    setup_tracing(service.name, settings.otlp_endpoint, sample_ratio=settings.trace_sample_ratio)
     identity = settings.identity
-    # Tracing outermost (its span covers the whole call), then the call interceptor, which sees every error.
-    interceptors: list[grpc.aio.ServerInterceptor] = [*server_interceptors(), CallInterceptor(service.name)]
+    interceptors: list[grpc.aio.ServerInterceptor] = [CallInterceptor(service.name)]
     if identity is not None:
         interceptors.append(IdentityInterceptor(settings.allowed_callers))
     server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))

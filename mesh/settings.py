@@ -35,6 +35,7 @@ class ServiceSettings:
     log_level: str = option("INFO", "log level: DEBUG, INFO, WARNING, ERROR")
     log_format: str = option("json", "log lines as 'json' (with trace ids) or 'text'")
     otlp_endpoint: str = option("", "OTLP/gRPC endpoint for traces, e.g. http://127.0.0.1:4317 (empty = tracing off)")
+    trace_sample_ratio: float = option(0.1, "share of requests traced, decided where a trace starts (1 = every request)")
     metrics_port: int = option(0, "port for Prometheus /metrics (0 = off)")
     tls_cert: str = option("", "PEM certificate of this workload; with --tls-key and --tls-ca turns on mutual TLS")
     tls_key: str = option("", "PEM private key of this workload")
@@ -90,6 +91,8 @@ class ServiceSettings:
             raise ValueError(f"port must be 0..65535, got {self.port}")
         if self.grace_s < 0:
             raise ValueError("grace_s must not be negative")
+        if not 0 <= self.trace_sample_ratio <= 1:
+            raise ValueError("trace_sample_ratio must be between 0 and 1")
         if self.log_format not in ("json", "text"):
             raise ValueError("log_format must be 'json' or 'text'")
         tls = [self.tls_cert, self.tls_key, self.tls_ca]

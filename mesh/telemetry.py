@@ -12,25 +12,32 @@ import json
 import logging
 import time
 
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 
 _provider = None
 
 
-def setup_tracing(service: str, otlp_endpoint: str = "", exporter=None):
-    """Installs a tracer provider exporting to `otlp_endpoint` (or to `exporter`); returns it, or None when off."""
+def setup_tracing(service: str, otlp_endpoint: str = "", exporter=None, sample_ratio: float = 1.0):
+    """Installs a tracer provider exporting to `otlp_endpoint` (or to `exporter`); returns it, or None when off.
+
+    Head sampling: a trace is kept with probability `sample_ratio`, decided where it starts (the
+    router) and followed by every service it reaches, so a kept question is always a whole trace."""
     global _provider
     if not otlp_endpoint and exporter is None:
         return None
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
     if exporter is None:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         exporter = OTLPSpanExporter(endpoint=otlp_endpoint, insecure=not otlp_endpoint.startswith("https"))
-    provider = TracerProvider(resource=Resource.create({"service.name": f"ragloom-{service}"}))
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": f"ragloom-{service}"}),
+        sampler=ParentBased(TraceIdRatioBased(sample_ratio)),
+    )
     provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     _provider = provider
@@ -42,20 +49,30 @@ def shutdown_tracing() -> None:
         _provider.shutdown()  # flushes spans still batched
 
 
-def server_interceptors() -> list:
+def enabled() -> bool:
+    return _provider is not None
+
+
+def outgoing_metadata() -> tuple[tuple[str, str], ...]:
+    """The current trace context as gRPC metadata (W3C traceparent), for a call to another service.
+
+    Callers add it explicitly: cheaper than gRPC client interceptors, which wrap every call
+    whether or not it is traced."""
     if _provider is None:
-        return []
-    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+        return ()
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return tuple(carrier.items())
 
-    return [aio_server_interceptor(tracer_provider=_provider)]
 
-
-def client_interceptors() -> list:
-    if _provider is None:
-        return []
-    from opentelemetry.instrumentation.grpc import aio_client_interceptors
-
-    return list(aio_client_interceptors(tracer_provider=_provider))
+def server_span(service: str, method: str, invocation_metadata):
+    """A SERVER span for an incoming call, child of the caller's span when its metadata carries one."""
+    parent = propagate.extract({k: v for k, v in (invocation_metadata or ()) if isinstance(v, str)})
+    return trace.get_tracer("ragloom.grpc").start_as_current_span(
+        method.lstrip("/"), context=parent, kind=trace.SpanKind.SERVER,
+        attributes={"rpc.system": "grpc", "rpc.service": method.rsplit("/", 2)[-2] if method.count("/") >= 2 else "",
+                    "rpc.method": method.rsplit("/", 1)[-1], "ragloom.service": service},
+    )
 
 
 def tracer(name: str) -> trace.Tracer:

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 import numpy as np
 
 from mesh.client import Deadline, channel
+from mesh.telemetry import outgoing_metadata
 from ragloom.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from ragloom.generator.v1 import generator_pb2, generator_pb2_grpc
 from ragloom.indexer.v1 import indexer_pb2, indexer_pb2_grpc
@@ -23,7 +24,7 @@ class EmbedderClient:
         self._parallel = asyncio.Semaphore(parallel)
 
     async def info(self, deadline: Deadline) -> embedder_pb2.InfoResponse:
-        return await self._stub.Info(embedder_pb2.InfoRequest(), timeout=deadline.timeout(self.timeout_s))
+        return await self._stub.Info(embedder_pb2.InfoRequest(), timeout=deadline.timeout(self.timeout_s), metadata=outgoing_metadata())
 
     async def embed(self, texts: Sequence[str], deadline: Deadline) -> np.ndarray:
         """Vectors for `texts` (n, dim), sent in batches with a few calls in flight."""
@@ -31,7 +32,7 @@ class EmbedderClient:
         async def one(batch: Sequence[str]) -> np.ndarray:
             async with self._parallel:
                 reply = await self._stub.Embed(
-                    embedder_pb2.EmbedRequest(texts=batch), timeout=deadline.timeout(self.timeout_s)
+                    embedder_pb2.EmbedRequest(texts=batch), timeout=deadline.timeout(self.timeout_s), metadata=outgoing_metadata()
                 )
             return np.array([e.values for e in reply.embeddings], dtype=np.float32).reshape(len(batch), -1)
 
@@ -57,7 +58,7 @@ class ShardClient:
         request = indexer_pb2.UpsertRequest(
             chunks=chunks, replace_documents=True, shard_id=self.shard_id, version=version
         )
-        return await self._stub.Upsert(request, timeout=deadline.timeout(self.write_timeout_s))
+        return await self._stub.Upsert(request, timeout=deadline.timeout(self.write_timeout_s), metadata=outgoing_metadata())
 
     async def delete(
         self, document_ids: list[str], tenant: str, version: int, deadline: Deadline
@@ -65,7 +66,7 @@ class ShardClient:
         request = indexer_pb2.DeleteRequest(
             document_ids=document_ids, tenant=tenant, shard_id=self.shard_id, version=version
         )
-        return await self._stub.Delete(request, timeout=deadline.timeout(self.write_timeout_s))
+        return await self._stub.Delete(request, timeout=deadline.timeout(self.write_timeout_s), metadata=outgoing_metadata())
 
     async def search(
         self, vectors: np.ndarray, k: int, ef: int, tenant: str, tags: tuple[str, ...], deadline: Deadline
@@ -74,16 +75,16 @@ class ShardClient:
             queries=[indexer_pb2.Vector(values=v) for v in vectors], k=k, ef=ef, shard_id=self.shard_id,
             tenant=tenant, tags=tags,
         )
-        return await self._stub.Search(request, timeout=deadline.timeout(self.timeout_s))
+        return await self._stub.Search(request, timeout=deadline.timeout(self.timeout_s), metadata=outgoing_metadata())
 
     async def lexical_search(self, queries: list[str], k: int, scope, deadline: Deadline) -> indexer_pb2.SearchResponse:
         request = indexer_pb2.LexicalSearchRequest(
             queries=queries, k=k, shard_id=self.shard_id, tenant=scope.tenant, tags=scope.tags,
         )
-        return await self._stub.LexicalSearch(request, timeout=deadline.timeout(self.timeout_s))
+        return await self._stub.LexicalSearch(request, timeout=deadline.timeout(self.timeout_s), metadata=outgoing_metadata())
 
     async def stats(self, deadline: Deadline) -> indexer_pb2.StatsResponse:
-        return await self._stub.Stats(indexer_pb2.StatsRequest(), timeout=deadline.timeout(self.timeout_s))
+        return await self._stub.Stats(indexer_pb2.StatsRequest(), timeout=deadline.timeout(self.timeout_s), metadata=outgoing_metadata())
 
     async def close(self) -> None:
         await self._channel.close()
@@ -99,7 +100,7 @@ class GeneratorClient:
     async def generate(
         self, request: generator_pb2.GenerateRequest, deadline: Deadline
     ) -> AsyncIterator[generator_pb2.GenerateResponse]:
-        call = self._stub.Generate(request, timeout=deadline.timeout(self.timeout_s))
+        call = self._stub.Generate(request, timeout=deadline.timeout(self.timeout_s), metadata=outgoing_metadata())
         try:
             async for reply in call:
                 yield reply

@@ -28,6 +28,7 @@ def collector():
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory, collector):
     os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "100"  # children inherit it: export spans every 100 ms
+    os.environ["RAGLOOM_TRACE_SAMPLE_RATIO"] = "1"  # every question traced
     try:
         with LocalMesh(tmp_path_factory.mktemp("observed"), shards=2, metrics=True, otlp_endpoint=collector.endpoint) as m:
             with grpc.insecure_channel(m.router) as channel:
@@ -35,7 +36,7 @@ def mesh(tmp_path_factory, collector):
                 router_pb2_grpc.RouterServiceStub(channel).Ingest(router_pb2.IngestRequest(documents=docs), timeout=120)
             yield m
     finally:
-        del os.environ["OTEL_BSP_SCHEDULE_DELAY"]
+        del os.environ["OTEL_BSP_SCHEDULE_DELAY"], os.environ["RAGLOOM_TRACE_SAMPLE_RATIO"]
 
 
 def scrape(port: int) -> str:
@@ -66,7 +67,7 @@ def test_one_ask_is_one_trace_across_every_service(mesh, collector):
             spans = [(svc, s) for svc, s in collector.spans if s.trace_id == trace_id]
             services = {svc for svc, _ in spans}
             if {"ragloom-router", "ragloom-embedder", "ragloom-indexer", "ragloom-generator"} <= services and \
-                    sum(1 for svc, s in spans if svc == "ragloom-indexer" and s.kind == s.SPAN_KIND_SERVER) >= 2:
+                    sum(1 for svc, s in spans if svc == "ragloom-indexer" and s.kind == s.SPAN_KIND_SERVER) >= 4:
                 break
         time.sleep(0.2)
     else:
@@ -78,7 +79,9 @@ def test_one_ask_is_one_trace_across_every_service(mesh, collector):
     names = {s.name for _, s in spans}
     assert {"embed query", "build prompt", "generate"} <= names
     shard_spans = [s for _, s in spans if s.name == "search shard"]
-    assert sorted(a.value.int_value for s in shard_spans for a in s.attributes if a.key == "ragloom.shard") == [0, 1]
+    searched = {(next(a.value.int_value for a in s.attributes if a.key == "ragloom.shard"),
+                 next(a.value.string_value for a in s.attributes if a.key == "ragloom.retrieval")) for s in shard_spans}
+    assert searched == {(0, "dense"), (1, "dense"), (0, "lexical"), (1, "lexical")}  # hybrid: both, on every shard
     generate = next(s for _, s in spans if s.name == "generate")
     assert any(a.key == "ragloom.time_to_first_token_ms" and a.value.double_value > 0 for a in generate.attributes)
 
