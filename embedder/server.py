@@ -1,18 +1,18 @@
-"""gRPC servicer for the embedder: converts protos and hands work to the model off the event loop."""
+"""The embedder service: settings, model choice, request checks, and the gRPC servicer that converts protos."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
-from embedder.model import ModelSpec, OnnxEmbedder, model_from_dir, packaged_minilm
-from mesh.errors import InvalidArgument, Overloaded
+from embedder.batcher import Batcher
+from embedder.model import Embedded, ModelSpec, OnnxEmbedder, model_from_dir, packaged_minilm
+from mesh.errors import InvalidArgument, Unavailable
 from mesh.settings import ServiceSettings, option
 from ragloom.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 
@@ -23,85 +23,69 @@ log = logging.getLogger(__name__)
 class Settings(ServiceSettings):
     model: str = option(
         "minilm",
-        "'minilm' (fp32, exported once from the packaged weights), 'minilm-int8' (packaged int8 graph) "
-        "or a folder with model.onnx + tokenizer.json",
+        "'minilm' (fp32, exported once from the packaged weights), 'minilm-int8' (int8, quantised once from "
+        "that export: about twice as fast on a CPU) or a folder with model.onnx + tokenizer.json",
     )
     provider: str = option("auto", "ONNX Runtime execution provider: auto, Tensorrt, CUDA or CPU")
     threads: int = option(0, "intra-op threads; 0 = the CPUs this process may use")
-    batch_size: int = option(32, "texts per model run")
-    max_batch_texts: int = option(2048, "most texts accepted in one Embed call")
-    max_pending: int = option(256, "Embed calls allowed to wait for the model before RESOURCE_EXHAUSTED")
+    batch_size: int = option(64, "most texts in one model run")
+    max_batch_tokens: int = option(8192, "most padded tokens (rows x longest text) in one model run")
+    max_wait_ms: float = option(2.0, "longest a model run waits for more of a burst of calls")
+    max_queued_tokens: int = option(131072, "tokens allowed to wait for the model before RESOURCE_EXHAUSTED")
+    max_batch_texts: int = option(2048, "most texts accepted in one Embed call or stream message")
+    stream_window: int = option(4, "messages of one EmbedStream embedded at once")
 
     def validate(self) -> None:
         super().validate()
-        if self.batch_size < 1 or self.max_batch_texts < 1 or self.max_pending < 1:
-            raise ValueError("batch_size, max_batch_texts and max_pending must be positive")
+        positive = ("batch_size", "max_batch_tokens", "max_queued_tokens", "max_batch_texts", "stream_window")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+        if self.max_wait_ms < 0 or self.threads < 0:
+            raise ValueError("max_wait_ms and threads must not be negative")
+
+
+def _minilm_fp32() -> ModelSpec:
+    try:
+        from embedder.export import minilm_fp32
+
+        return model_from_dir(minilm_fp32(), variant="fp32")
+    except ImportError as exc:
+        log.warning("cannot export the fp32 model (%s: install ragloom[export]); using the packaged int8 graph", exc)
+        return packaged_minilm()
+
+
+def _minilm_int8() -> ModelSpec:
+    try:
+        from embedder.export import minilm_int8
+
+        return model_from_dir(minilm_int8(), variant="int8")
+    except ImportError as exc:
+        log.warning("cannot quantise the fp32 model (%s: install ragloom[export]); using the packaged int8 graph, "
+                    "which is no faster than fp32", exc)
+        return packaged_minilm()
+
+
+MODELS: dict[str, Callable[[], ModelSpec]] = {"minilm": _minilm_fp32, "minilm-int8": _minilm_int8}
 
 
 def resolve_model(name: str) -> ModelSpec:
-    if name == "minilm":
-        try:
-            from embedder.export import minilm_fp32
-
-            return model_from_dir(minilm_fp32())
-        except ImportError as exc:
-            log.warning("cannot export the fp32 model (%s: install ragloom[export]); using the int8 graph", exc)
-            return packaged_minilm()
-    if name == "minilm-int8":
-        return packaged_minilm()
+    """A named model, or else a model folder."""
+    if name in MODELS:
+        return MODELS[name]()
     return model_from_dir(Path(name).expanduser())
 
 
-class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
-    def __init__(self, service: "EmbedderService"):
-        self.service = service
-
-    async def Embed(self, request, context):
-        texts = list(request.texts)
-        settings = self.service.settings
-        if not texts:
-            raise InvalidArgument("texts", "at least one text is required")
-        if len(texts) > settings.max_batch_texts:
-            raise InvalidArgument("texts", f"{len(texts)} texts exceed the limit of {settings.max_batch_texts} per call")
-        for i, text in enumerate(texts):
-            if not text.strip():
-                raise InvalidArgument(f"texts[{i}]", "text is empty")
-        result, queue_ms = await self.service.embed(texts, request.reject_overlong)
-        model = self.service.model
-        return embedder_pb2.EmbedResponse(
-            embeddings=[
-                embedder_pb2.Embedding(values=vector, token_count=count, truncated=cut)
-                for vector, count, cut in zip(result.vectors, result.token_counts, result.truncated)
-            ],
-            dimension=model.spec.dimension,
-            model=model.spec.name,
-            usage=embedder_pb2.Usage(
-                total_tokens=sum(result.token_counts), queue_ms=queue_ms, inference_ms=result.inference_ms
-            ),
-        )
-
-    async def Info(self, request, context):
-        model, settings = self.service.model, self.service.settings
-        return embedder_pb2.InfoResponse(
-            model=model.spec.name,
-            dimension=model.spec.dimension,
-            max_tokens=model.spec.max_tokens,
-            provider=model.provider,
-            threads=model.threads,
-            max_batch_texts=settings.max_batch_texts,
-        )
-
-
 class EmbedderService:
+    """Checks requests and hands their texts to the batcher; plain Python, driven by the servicer or by tests."""
+
     name = "embedder"
     service_names = [embedder_pb2.DESCRIPTOR.services_by_name["EmbedderService"].full_name]
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self.model: OnnxEmbedder | None = None
-        # One model run at a time: ONNX Runtime already spreads each run over all intra-op threads.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
-        self._pending = 0
+        self.batcher: Batcher | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
         embedder_pb2_grpc.add_EmbedderServiceServicer_to_server(EmbedderServicer(self), server)
@@ -109,30 +93,123 @@ class EmbedderService:
     async def start(self) -> None:
         s = self.settings
         spec = await asyncio.to_thread(resolve_model, s.model)
-        self.model = await asyncio.to_thread(OnnxEmbedder, spec, s.provider, s.threads, s.batch_size)
-        await self.embed(["warm-up"], False)
-
-    async def embed(self, texts: list[str], reject_overlong: bool):
-        if self._pending >= self.settings.max_pending:
-            raise Overloaded(f"embedder has {self._pending} calls waiting; retry shortly", retry_after_s=0.5)
-        self._pending += 1
-        queued = time.perf_counter()
-        try:
-            loop = asyncio.get_running_loop()
-            started = 0.0
-
-            def run():
-                nonlocal started
-                started = time.perf_counter()
-                return self.model.embed(texts, reject_overlong)
-
-            result = await loop.run_in_executor(self._executor, run)
-            return result, (started - queued) * 1000
-        finally:
-            self._pending -= 1
+        self.model = await asyncio.to_thread(
+            OnnxEmbedder, spec, s.provider, s.threads, s.batch_size, s.max_batch_tokens
+        )
+        batcher = Batcher(self.model, max_wait_s=s.max_wait_ms / 1000, max_queued_tokens=s.max_queued_tokens)
+        batcher.start()
+        await batcher.embed(["warm-up"])
+        self.batcher = batcher
 
     async def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        if self.batcher is not None:
+            await self.batcher.close()
+
+    async def embed(self, texts: list[str], reject_overlong: bool = False) -> Embedded:
+        _, batcher = self.loaded()
+        if not texts:
+            raise InvalidArgument("texts", "at least one text is required")
+        if len(texts) > self.settings.max_batch_texts:
+            raise InvalidArgument(
+                "texts", f"{len(texts)} texts exceed the limit of {self.settings.max_batch_texts} per call"
+            )
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise InvalidArgument(f"texts[{i}]", "text is empty")
+        return await batcher.embed(texts, reject_overlong)
+
+    async def embed_stream(self, requests: AsyncIterator[tuple[list[str], bool]]) -> AsyncIterator[Embedded]:
+        """One result per request, in order, with up to `stream_window` requests embedded at once."""
+        loop = asyncio.get_running_loop()
+        slots = asyncio.Semaphore(self.settings.stream_window)
+        started: asyncio.Queue[asyncio.Future | None] = asyncio.Queue()
+
+        async def read() -> None:
+            n = 0
+            try:
+                async for texts, reject_overlong in requests:
+                    await slots.acquire()
+                    started.put_nowait(loop.create_task(self._embed_message(n, texts, reject_overlong)))
+                    n += 1
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it in order
+                failed = loop.create_future()
+                failed.set_exception(exc)
+                started.put_nowait(failed)
+                return
+            started.put_nowait(None)
+
+        reader = loop.create_task(read())
+        try:
+            while (next_result := await started.get()) is not None:
+                result = await next_result
+                slots.release()
+                yield result
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            while not started.empty():
+                left = started.get_nowait()
+                if left is not None and not left.cancel() and not left.cancelled():
+                    left.exception()  # it had finished: mark its outcome as seen
+
+    async def _embed_message(self, n: int, texts: list[str], reject_overlong: bool) -> Embedded:
+        try:
+            return await self.embed(texts, reject_overlong)
+        except InvalidArgument as exc:
+            raise InvalidArgument(exc.field, f"{exc.description} (stream message {n})") from None
+
+    def loaded(self) -> tuple[OnnxEmbedder, Batcher]:
+        if self.model is None or self.batcher is None:
+            raise Unavailable("embedder is still loading its model")
+        return self.model, self.batcher
+
+
+class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
+    def __init__(self, service: EmbedderService):
+        self.service = service
+
+    async def Embed(self, request, context):
+        return self._response(await self.service.embed(list(request.texts), request.reject_overlong))
+
+    async def EmbedStream(self, request_iterator, context):
+        requests = ((list(r.texts), r.reject_overlong) async for r in request_iterator)
+        async for result in self.service.embed_stream(requests):
+            yield self._response(result)
+
+    async def Info(self, request, context):
+        model, batcher = self.service.loaded()
+        settings, stats = self.service.settings, batcher.stats
+        return embedder_pb2.InfoResponse(
+            model=model.spec.name,
+            dimension=model.spec.dimension,
+            max_tokens=model.spec.max_tokens,
+            provider=model.provider,
+            threads=model.threads,
+            max_batch_texts=settings.max_batch_texts,
+            variant=model.spec.variant,
+            max_wait_ms=batcher.max_wait_s * 1000,
+            max_batch_tokens=model.limits.max_tokens,
+            max_batch_rows=model.limits.max_rows,
+            max_queued_tokens=batcher.max_queued_tokens,
+            runs=stats.runs,
+            texts=stats.texts,
+            tokens=stats.tokens,
+            padded_tokens=stats.padded_tokens,
+        )
+
+    def _response(self, result: Embedded) -> embedder_pb2.EmbedResponse:
+        spec = self.service.model.spec
+        return embedder_pb2.EmbedResponse(
+            embeddings=[
+                embedder_pb2.Embedding(values=vector, token_count=count, truncated=cut)
+                for vector, count, cut in zip(result.vectors.tolist(), result.token_counts, result.truncated)
+            ],
+            dimension=spec.dimension,
+            model=spec.name,
+            usage=embedder_pb2.Usage(
+                total_tokens=sum(result.token_counts), queue_ms=result.queue_ms, inference_ms=result.inference_ms
+            ),
+        )
 
 
 def create_service(settings: Settings) -> EmbedderService:

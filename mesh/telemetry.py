@@ -1,8 +1,8 @@
 """Tracing and structured logs for every service.
 
 Tracing is on only when an OTLP endpoint is configured: then each service exports its spans
-(batched) and gRPC instrumentation on servers and client channels carries the trace context
-across every hop, so one question is one trace. Off, nothing is installed and the
+(batched, head-sampled), callers put the W3C trace context in each call's metadata and the
+server's call interceptor continues it, so one question is one trace across every hop. Off, nothing is installed and the
 OpenTelemetry API stays a no-op.
 """
 
