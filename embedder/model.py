@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os  # EXPERIMENT
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -31,10 +30,10 @@ GPU_PROVIDERS = {"TensorrtExecutionProvider", "CUDAExecutionProvider"}
 _MAX_CHARS_PER_TOKEN = 100
 
 # A model run's fixed cost in padded tokens, for the run planner. On 2 CPU cores all-MiniLM-L6-v2
-# costs ~0.11 ms (fp32) / ~0.05 ms (int8) per padded token plus ~1.6 / ~0.7 ms per run, about
-# 14 tokens either way, plus the batcher's own per-run work. On a GPU padding is nearly free next
-# to a run's launch cost (not measured here).
-_CPU_RUN_COST_TOKENS = 16
+# costs ~0.11 ms (fp32) / ~0.05 ms (int8) per padded token and ~1.5-3 ms / ~0.7-1 ms per run
+# (spinning threads / sleeping threads), plus the batcher's own per-run work. On a GPU padding
+# is nearly free next to a run's launch cost (not measured here).
+_CPU_RUN_COST_TOKENS = 32
 _GPU_RUN_COST_TOKENS = 2048
 
 
@@ -156,6 +155,7 @@ class OnnxEmbedder:
         threads: int = 0,
         batch_size: int = 32,
         max_batch_tokens: int = 8192,
+        spin: bool = False,
         device_id: int = 0,
     ):
         self.spec = spec
@@ -167,9 +167,9 @@ class OnnxEmbedder:
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        import os  # EXPERIMENT
-        for kv in filter(None, os.environ.get("EXP_ORT", "").split(",")):  # EXPERIMENT
-            options.add_session_config_entry(*kv.split("="))  # EXPERIMENT
+        # Spinning intra-op threads answer the next op sooner but burn the cores the event loop,
+        # the tokenizer and neighbouring processes need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         self.session = ort.InferenceSession(
             str(spec.onnx_path), options, providers=provider_chain(choose_provider(provider), device_id)
         )
@@ -178,7 +178,7 @@ class OnnxEmbedder:
         self.limits = RunLimits(
             max_rows=batch_size,
             max_tokens=max_batch_tokens,
-            run_cost_tokens=_GPU_RUN_COST_TOKENS if on_gpu else int(os.environ.get("EXP_C", _CPU_RUN_COST_TOKENS)),  # EXPERIMENT
+            run_cost_tokens=_GPU_RUN_COST_TOKENS if on_gpu else _CPU_RUN_COST_TOKENS,
         )
         self._input_names = {i.name for i in self.session.get_inputs()}
         self._output = self.session.get_outputs()[0].name

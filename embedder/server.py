@@ -28,6 +28,8 @@ class Settings(ServiceSettings):
     )
     provider: str = option("auto", "ONNX Runtime execution provider: auto, Tensorrt, CUDA or CPU")
     threads: int = option(0, "intra-op threads; 0 = the CPUs this process may use")
+    spin: bool = option(False, "let intra-op threads spin between ops: lower latency on dedicated cores, "
+                               "CPU taken from gRPC and neighbours on shared ones")
     batch_size: int = option(64, "most texts in one model run")
     max_batch_tokens: int = option(8192, "most padded tokens (rows x longest text) in one model run")
     max_wait_ms: float = option(2.0, "longest a model run waits for more of a burst of calls")
@@ -94,7 +96,8 @@ class EmbedderService:
         s = self.settings
         spec = await asyncio.to_thread(resolve_model, s.model)
         self.model = await asyncio.to_thread(
-            OnnxEmbedder, spec, s.provider, s.threads, s.batch_size, s.max_batch_tokens
+            OnnxEmbedder, spec, provider=s.provider, threads=s.threads, batch_size=s.batch_size,
+            max_batch_tokens=s.max_batch_tokens, spin=s.spin,
         )
         batcher = Batcher(self.model, max_wait_s=s.max_wait_ms / 1000, max_queued_tokens=s.max_queued_tokens)
         batcher.start()
