@@ -24,7 +24,7 @@ from router.metrics import DOWNSTREAM_CALLS, PARTIAL_RESULTS, STAGE_SECONDS, TIM
 from router.parsing import format_for, parse
 from router.prompt import STOP_SEQUENCES, Passage, build_messages, cited_numbers
 from router.sharding import shard_for
-from mesh.telemetry import tracer
+from mesh.telemetry import span, tracer
 
 _tracer = tracer("ragloom.router")
 from router.topology import ShardGroup, VersionClock
@@ -289,10 +289,10 @@ class Rag:
         return hits, coverage, timings
 
     async def _embed_query(self, query: str, deadline: Deadline) -> np.ndarray:
-        with _tracer.start_as_current_span("embed query") as span:
+        with span(_tracer, "embed query") as current:
             key = cache_key("embedding", query=query)
             cached = await self.cache.get(key)
-            span.set_attribute("ragloom.cache_hit", cached is not None)
+            current.set_attribute("ragloom.cache_hit", cached is not None)
             if cached is not None and len(cached) % 4 == 0:
                 return np.frombuffer(cached, dtype=np.float32)[None, :]
             DOWNSTREAM_CALLS.labels("embedder").inc()
@@ -343,8 +343,7 @@ class Rag:
         DOWNSTREAM_CALLS.labels("indexer").inc()
 
         async def one(group: ShardGroup):
-            with _tracer.start_as_current_span("search shard", attributes={"ragloom.shard": group.shard_id,
-                                                                           "ragloom.retrieval": kind}):
+            with span(_tracer, "search shard", **{"ragloom.shard": group.shard_id, "ragloom.retrieval": kind}):
                 return await group.read(call, deadline)
 
         replies = await asyncio.gather(*(one(g) for g in self.shards), return_exceptions=True)
@@ -397,9 +396,9 @@ class Rag:
         key = cache_key("answer", question=question.strip(), k=k, max_tokens=max_tokens, temperature=temperature,
                         tenant=scope.tenant, tags=sorted(scope.tags), mode=mode, generation=generation)
         if generation is not None and use_cache:
-            with _tracer.start_as_current_span("cache lookup") as span:
+            with span(_tracer, "cache lookup") as current:
                 cached = await self.cache.get(key)
-                span.set_attribute("ragloom.cache_hit", cached is not None)
+                current.set_attribute("ragloom.cache_hit", cached is not None)
             if cached is not None:
                 for event in _replay(cached):
                     yield event
@@ -423,9 +422,9 @@ class Rag:
 
         passages = [Passage(i + 1, h.source, h.text) for i, h in enumerate(hits)]
         budget = self.config.context_tokens - max_tokens
-        with _tracer.start_as_current_span("build prompt") as span:
+        with span(_tracer, "build prompt") as current:
             messages, used = build_messages(question, passages, self.chunker.count, budget)
-            span.set_attribute("ragloom.sources", len(used))
+            current.set_attribute("ragloom.sources", len(used))
         sources = [(p.number, hits[p.number - 1]) for p in used]
         yield AskSources(sources, coverage)
 
@@ -438,18 +437,18 @@ class Rag:
         DOWNSTREAM_CALLS.labels("generator").inc()
         gen_start = time.perf_counter()
         answer, completion_tokens = [], 0
-        with _tracer.start_as_current_span("generate") as span:
+        with span(_tracer, "generate") as current:
             async for reply in self.generator.generate(request, deadline):
                 if reply.text:
                     if not answer:
                         timings.time_to_first_token_ms = (time.perf_counter() - gen_start) * 1000
-                        span.add_event("first token")
-                        span.set_attribute("ragloom.time_to_first_token_ms", timings.time_to_first_token_ms)
+                        current.add_event("first token")
+                        current.set_attribute("ragloom.time_to_first_token_ms", timings.time_to_first_token_ms)
                     answer.append(reply.text)
                     yield AskToken(reply.text)
                 if reply.HasField("usage"):
                     completion_tokens = reply.usage.completion_tokens
-            span.set_attribute("ragloom.completion_tokens", completion_tokens)
+            current.set_attribute("ragloom.completion_tokens", completion_tokens)
         timings.generate_ms = (time.perf_counter() - gen_start) * 1000
         STAGE_SECONDS.labels("generation").observe(timings.generate_ms / 1000)
         if timings.time_to_first_token_ms:
