@@ -8,6 +8,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 import grpc
+from prometheus_client import Histogram
 
 from generator.backends import Backend, ChatMessage, Delta, GenerationParams, create_backend
 from generator.backends.base import ROLES
@@ -105,7 +106,20 @@ def to_params(request: generator_pb2.GenerateRequest, default_max_tokens: int) -
     )
 
 
+TIME_TO_FIRST_TOKEN = Histogram(
+    "ragloom_generator_time_to_first_token_seconds", "From request to the first generated token",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60),
+)
+TOKENS_PER_SECOND = Histogram(
+    "ragloom_generator_tokens_per_second", "Generated tokens over a whole request (prompt processing included)",
+    buckets=(1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 250, 500, 1000),
+)
+
+
 def _usage(stats: GenerationStats) -> generator_pb2.Usage:
+    if stats.completion_tokens:
+        TIME_TO_FIRST_TOKEN.observe(stats.time_to_first_token_ms / 1000)
+        TOKENS_PER_SECOND.observe(stats.tokens_per_second)
     return generator_pb2.Usage(
         prompt_tokens=stats.prompt_tokens,
         completion_tokens=stats.completion_tokens,

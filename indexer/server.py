@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import grpc
 import numpy as np
+from prometheus_client import Gauge
 
 from indexer import convert
 from indexer.replication import CatchUp
@@ -59,6 +60,9 @@ class Settings(ServiceSettings):
         for name in ("exact_search_max", "snapshot_interval_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+
+
+LIVE_CHUNKS = Gauge("ragloom_indexer_live_chunks", "Chunks this shard can find, by shard", ["shard"])
 
 
 class IndexerService:
@@ -155,6 +159,7 @@ class IndexerService:
             s.data_dir, s.dimension, m=s.hnsw_m, ef_construction=s.ef_construction,
             snapshots_kept=s.snapshots_kept, exact_search_max=s.exact_search_max,
         )
+        LIVE_CHUNKS.labels(str(s.shard_id)).set_function(lambda: self._store.live_chunks if self._store else 0)
 
     def _close(self) -> None:
         store, self._store = self._store, None

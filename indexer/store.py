@@ -376,6 +376,12 @@ class ShardStore:
                 neighbours[i] = found
         return neighbours
 
+    @property
+    def live_chunks(self) -> int:
+        """Chunks the index holds now (no query: read by the metrics endpoint)."""
+        index = self._index
+        return index.live if index is not None else 0
+
     def lexical_search(self, queries: Sequence[str], k: int, where: SearchFilter | None = None) -> list[list[HitRecord]]:
         """The `k` chunks `where` allows that best match each query's words (BM25), best first."""
         where = where or SearchFilter()
