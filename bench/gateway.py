@@ -32,14 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mesh import policy  # noqa: E402
+from bench.common import percentile  # noqa: E402
 from mesh.launcher import LocalMesh  # noqa: E402
 from mesh.tls import LocalCA  # noqa: E402
 from ragloom.router.v1 import router_pb2, router_pb2_grpc  # noqa: E402
 
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
 def main() -> None:
@@ -80,13 +77,13 @@ def main() -> None:
                 fn()
                 samples[name].append((time.perf_counter() - start) * 1000)
 
-    figures = {f"{name}_{q}_ms": round(pct(v, q), 3) for name, v in samples.items() for q in (50, 99)}
+    figures = {f"{name}_{q}_ms": round(percentile(v, q), 3) for name, v in samples.items() for q in (50, 99)}
     for path in ("gateway_grpc", "gateway_rest"):
         figures[f"{path}_added_p50_ms"] = round(statistics.median(samples[path]) - statistics.median(samples["direct_grpc"]), 3)
-        figures[f"{path}_added_p99_ms"] = round(pct(samples[path], 99) - pct(samples["direct_grpc"], 99), 3)
+        figures[f"{path}_added_p99_ms"] = round(percentile(samples[path], 99) - percentile(samples["direct_grpc"], 99), 3)
     figures["calls_per_path"] = args.calls
     for name, v in samples.items():
-        print(f"{name:>13}: p50 {statistics.median(v):.3f} ms  p99 {pct(v, 99):.3f} ms")
+        print(f"{name:>13}: p50 {statistics.median(v):.3f} ms  p99 {percentile(v, 99):.3f} ms")
     print(f"added by the gateway at p50: gRPC {figures['gateway_grpc_added_p50_ms']} ms, "
           f"REST {figures['gateway_rest_added_p50_ms']} ms (target ≤ 1 ms)")
     print(json.dumps(figures))

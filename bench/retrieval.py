@@ -33,6 +33,7 @@ import grpc
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import percentile  # noqa: E402
 from mesh.launcher import LocalMesh  # noqa: E402
 from ragloom.router.v1 import router_pb2, router_pb2_grpc  # noqa: E402
 
@@ -59,10 +60,6 @@ def ndcg_at_10(relevant: list[bool]) -> float:
     ideal = sum(1 / math.log2(i + 2) for i in range(min(10, max(1, sum(relevant)))))
     return dcg / ideal if ideal else 0.0
 
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
 def main() -> None:
@@ -112,9 +109,9 @@ def main() -> None:
     figures["hybrid_beats_both"] = (figures["hybrid_ndcg@10"] > max(figures["dense_ndcg@10"], figures["bm25_ndcg@10"])
                                     and figures["hybrid_recall@10"] >= max(figures["dense_recall@10"], figures["bm25_recall@10"]))
     figures.update({
-        "search_hybrid_p50_ms": round(statistics.median(search_ms), 2), "search_hybrid_p99_ms": round(pct(search_ms, 99), 2),
-        "ask_uncached_p50_ms": round(statistics.median(uncached), 1), "ask_uncached_p99_ms": round(pct(uncached, 99), 1),
-        "ask_cached_p50_ms": round(statistics.median(cached), 2), "ask_cached_p99_ms": round(pct(cached, 99), 2),
+        "search_hybrid_p50_ms": round(statistics.median(search_ms), 2), "search_hybrid_p99_ms": round(percentile(search_ms, 99), 2),
+        "ask_uncached_p50_ms": round(statistics.median(uncached), 1), "ask_uncached_p99_ms": round(percentile(uncached, 99), 1),
+        "ask_cached_p50_ms": round(statistics.median(cached), 2), "ask_cached_p99_ms": round(percentile(cached, 99), 2),
     })
     figures["ask_cached_speedup_p50"] = round(figures["ask_uncached_p50_ms"] / figures["ask_cached_p50_ms"], 1)
     print(f"{'mode':>7} {'nDCG@10':>8} {'recall@10':>9}   keyword paraphrase mixed (nDCG@10)")
