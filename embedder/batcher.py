@@ -3,13 +3,14 @@
 Each call's texts are tokenised, admitted against a bound on queued tokens (else
 `Overloaded`), and queued one row per text. One scheduler task takes the oldest rows
 (worth one token budget), has the model's planner group them by length into runs,
-and hands the runs one by one to a worker thread (ONNX Runtime releases the GIL, so
-the event loop keeps serving). Results go back after each run, row by row, so a call
-larger than one run is split over several and reassembled in order. Texts arriving
-meanwhile gather for the next step.
+and hands each run to the next free worker thread (ONNX Runtime releases the GIL, so
+the event loop keeps serving; several workers run several runs at once). Results go
+back after each run, row by row, so a call larger than one run is split over several
+and reassembled in order. Texts arriving meanwhile gather for the next plan, made
+when a worker is free and the current plan is used up.
 
-When the worker is idle and more than one call is waiting (a burst is arriving), the
-next step waits up to `max_wait_s` after the oldest call's arrival for the burst to
+When no run is in flight and more than one call is waiting (a burst is arriving), the
+next plan waits up to `max_wait_s` after the oldest call's arrival for the burst to
 fill its token budget; a lone caller is never delayed.
 """
 
@@ -24,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from prometheus_client import Gauge, Histogram
 
 from embedder.model import Embedded, OnnxEmbedder, Tokenized
 from mesh.errors import Overloaded, Unavailable
@@ -70,13 +72,24 @@ class _Row:
         self.ids = ids
 
 
+BATCH_SIZE = Histogram(
+    "ragloom_embedder_batch_size", "Texts per model run (concurrent calls share runs)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+QUEUE_DEPTH = Gauge("ragloom_embedder_queue_depth", "Tokens admitted and waiting for or in a model run")
+QUEUE_CAPACITY = Gauge("ragloom_embedder_queue_capacity", "Tokens the queue holds before RESOURCE_EXHAUSTED")
+
+
 class Batcher:
     """Embeds texts for many concurrent callers in shared model runs."""
 
-    def __init__(self, model: OnnxEmbedder, *, max_wait_s: float = 0.002, max_queued_tokens: int = 131072):
-        if max_wait_s < 0 or max_queued_tokens < 1:
-            raise ValueError("max_wait_s must not be negative and max_queued_tokens must be positive")
+    def __init__(
+        self, model: OnnxEmbedder, *, workers: int = 1, max_wait_s: float = 0.002, max_queued_tokens: int = 131072
+    ):
+        if workers < 1 or max_wait_s < 0 or max_queued_tokens < 1:
+            raise ValueError("workers and max_queued_tokens must be positive, max_wait_s not negative")
         self.model = model
+        self.workers = workers
         self.max_wait_s = max_wait_s
         self.max_queued_tokens = max_queued_tokens
         self.stats = BatchStats()
@@ -85,17 +98,24 @@ class Batcher:
         self._arrived = asyncio.Event()
         self._calls = 0  # admitted and not finished
         self._tokens_per_s = 5000.0  # refined by every run; only used for the retry hint
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        self._worker = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="embed")
+        self._free_workers = asyncio.Semaphore(workers)
+        self._running: set[asyncio.Task] = set()
         self._tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
+        QUEUE_DEPTH.set_function(lambda: self._queued_tokens)
+        QUEUE_CAPACITY.set(self.max_queued_tokens)
         self._task = asyncio.get_running_loop().create_task(self._schedule(), name="embedder-batcher")
 
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        for task in list(self._running):
+            task.cancel()
+        await asyncio.gather(*self._running, return_exceptions=True)
         while self._pending:
             self._fail(self._pending.popleft().call, Unavailable("embedder is shutting down"))
         self._worker.shutdown(wait=True, cancel_futures=True)
@@ -156,18 +176,30 @@ class Batcher:
             call.future.set_exception(exc)
 
     async def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        planned: deque[list[_Row]] = deque()
         while True:
-            for rows in await self._next_step():
-                try:
-                    await self._execute(rows)
-                except asyncio.CancelledError:
-                    for call in _calls(rows):
-                        self._fail(call, Unavailable("embedder is shutting down"))
-                    raise
-                except Exception as exc:  # noqa: BLE001 - the callers get the error; the batcher keeps going
-                    log.exception("model run over %d texts failed", len(rows))
-                    for call in _calls(rows):
-                        self._fail(call, exc)
+            await self._free_workers.acquire()
+            if not planned:
+                planned.extend(await self._next_step())
+            task = loop.create_task(self._run(planned.popleft()))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run(self, rows: list[_Row]) -> None:
+        BATCH_SIZE.observe(len(rows))
+        try:
+            await self._execute(rows)
+        except asyncio.CancelledError:
+            for call in _calls(rows):
+                self._fail(call, Unavailable("embedder is shutting down"))
+            raise
+        except Exception as exc:  # noqa: BLE001 - the callers get the error; the batcher keeps going
+            log.exception("model run over %d texts failed", len(rows))
+            for call in _calls(rows):
+                self._fail(call, exc)
+        finally:
+            self._free_workers.release()
 
     async def _next_step(self) -> list[list[_Row]]:
         """The next runs: the oldest live rows, grouped by the model's planner."""
@@ -185,7 +217,7 @@ class Batcher:
                 return [[candidates[i] for i in run] for run in plan]
 
     async def _gather(self) -> None:
-        if self._calls < 2:
+        if self._running or self._calls < 2:
             return
         deadline = self._pending[0].call.admitted_at + self.max_wait_s
         while self._queued_tokens < self.model.limits.max_tokens:

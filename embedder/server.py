@@ -11,8 +11,17 @@ from pathlib import Path
 import grpc
 
 from embedder.batcher import Batcher
-from embedder.model import Embedded, ModelSpec, OnnxEmbedder, model_from_dir, packaged_minilm
+from embedder.model import (
+    GPU_PROVIDERS,
+    Embedded,
+    ModelSpec,
+    OnnxEmbedder,
+    choose_provider,
+    model_from_dir,
+    packaged_minilm,
+)
 from mesh.errors import InvalidArgument, Unavailable
+from mesh.resources import usable_cpus
 from mesh.settings import ServiceSettings, option
 from ragloom.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 
@@ -27,9 +36,10 @@ class Settings(ServiceSettings):
         "that export: about twice as fast on a CPU) or a folder with model.onnx + tokenizer.json",
     )
     provider: str = option("auto", "ONNX Runtime execution provider: auto, Tensorrt, CUDA or CPU")
-    threads: int = option(0, "intra-op threads; 0 = the CPUs this process may use")
-    spin: bool = option(False, "let intra-op threads spin between ops: lower latency on dedicated cores, "
-                               "CPU taken from gRPC and neighbours on shared ones")
+    workers: int = option(0, "model runs executed at once; 0 = one per usable CPU on a CPU, 1 on a GPU")
+    threads: int = option(0, "intra-op threads of each model run; 0 = the usable CPUs shared among the workers")
+    spin: bool = option(False, "with --threads > 1, let intra-op threads spin between ops: lower latency on "
+                               "dedicated cores, CPU taken from gRPC and neighbours on shared ones")
     batch_size: int = option(64, "most texts in one model run")
     max_batch_tokens: int = option(8192, "most padded tokens (rows x longest text) in one model run")
     max_wait_ms: float = option(2.0, "longest a model run waits for more of a burst of calls")
@@ -43,8 +53,17 @@ class Settings(ServiceSettings):
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
-        if self.max_wait_ms < 0 or self.threads < 0:
-            raise ValueError("max_wait_ms and threads must not be negative")
+        for name in ("max_wait_ms", "workers", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+
+    def parallelism(self, provider: str) -> tuple[int, int]:
+        """(workers, intra-op threads per run). On a CPU, runs side by side on one thread each beat one run over
+        all threads, where every op waits for its slowest thread: on 2 cores, runs of ~8 texts, int8 ~690 vs
+        ~450-600 texts/s, fp32 ~310 vs ~270. A lone short text waits longer on one thread (~4 vs ~8 ms fp32)."""
+        cpus = usable_cpus()
+        workers = self.workers or (1 if provider in GPU_PROVIDERS else cpus)
+        return workers, self.threads or max(1, cpus // workers)
 
 
 def _minilm_fp32() -> ModelSpec:
@@ -94,12 +113,16 @@ class EmbedderService:
 
     async def start(self) -> None:
         s = self.settings
+        provider = choose_provider(s.provider)
+        workers, threads = s.parallelism(provider)
         spec = await asyncio.to_thread(resolve_model, s.model)
         self.model = await asyncio.to_thread(
-            OnnxEmbedder, spec, provider=s.provider, threads=s.threads, batch_size=s.batch_size,
+            OnnxEmbedder, spec, provider=provider, threads=threads, batch_size=s.batch_size,
             max_batch_tokens=s.max_batch_tokens, spin=s.spin,
         )
-        batcher = Batcher(self.model, max_wait_s=s.max_wait_ms / 1000, max_queued_tokens=s.max_queued_tokens)
+        batcher = Batcher(
+            self.model, workers=workers, max_wait_s=s.max_wait_ms / 1000, max_queued_tokens=s.max_queued_tokens
+        )
         batcher.start()
         await batcher.embed(["warm-up"])
         self.batcher = batcher
@@ -188,6 +211,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
             max_tokens=model.spec.max_tokens,
             provider=model.provider,
             threads=model.threads,
+            workers=batcher.workers,
             max_batch_texts=settings.max_batch_texts,
             variant=model.spec.variant,
             max_wait_ms=batcher.max_wait_s * 1000,

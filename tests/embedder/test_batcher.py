@@ -47,10 +47,10 @@ def _text(k: int, words: int) -> str:
     return f"t{k} " + "w " * words
 
 
-@pytest.fixture
-async def fake():
+@pytest.fixture(params=[1, 2], ids=["1-worker", "2-workers"])
+async def fake(request):
     model = FakeModel()
-    batcher = Batcher(model, max_wait_s=0.002, max_queued_tokens=10_000)
+    batcher = Batcher(model, workers=request.param, max_wait_s=0.002, max_queued_tokens=10_000)
     batcher.start()
     yield model, batcher
     model.gate.set()
@@ -104,19 +104,26 @@ async def test_overload_is_refused_with_a_retry_hint_and_nothing_is_lost():
         await batcher.close()
 
 
-async def test_a_caller_that_gives_up_frees_its_place(fake):
-    model, batcher = fake
-    model.gate.clear()
-    running = asyncio.ensure_future(batcher.embed([_text(1, 5)]))
-    await asyncio.sleep(0.01)
-    waiting = asyncio.ensure_future(batcher.embed([_text(2, 5)] * 3))
-    await asyncio.sleep(0.01)
-    waiting.cancel()
-    await asyncio.gather(waiting, return_exceptions=True)
-    model.gate.set()
-    await running
-    assert batcher.queued_tokens == 0
-    assert batcher.stats.texts == 1
+async def test_a_caller_that_gives_up_frees_its_place():
+    model = FakeModel()
+    batcher = Batcher(model, workers=1, max_wait_s=0, max_queued_tokens=1000)
+    batcher.start()
+    try:
+        model.gate.clear()
+        running = asyncio.ensure_future(batcher.embed([_text(1, 5)]))
+        await asyncio.sleep(0.01)
+        waiting = asyncio.ensure_future(batcher.embed([_text(2, 5)] * 3))
+        await asyncio.sleep(0.01)
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        assert batcher.queued_tokens == 6
+        model.gate.set()
+        await running
+        assert batcher.queued_tokens == 0
+        assert batcher.stats.texts == 1, "the abandoned texts were still embedded"
+    finally:
+        model.gate.set()
+        await batcher.close()
 
 
 async def test_a_failed_run_fails_its_callers_and_the_batcher_carries_on(fake):
@@ -144,7 +151,7 @@ async def test_a_lone_caller_is_not_held_for_the_batch_wait():
 
 
 async def test_real_model_batched_under_concurrency_matches_one_at_a_time(fp32_model):
-    batcher = Batcher(fp32_model, max_wait_s=0.002)
+    batcher = Batcher(fp32_model, workers=2, max_wait_s=0.002)
     batcher.start()
     try:
         rng = random.Random(3)

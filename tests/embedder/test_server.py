@@ -39,7 +39,7 @@ async def test_embed_and_info(stub):
     assert [e.truncated for e in reply.embeddings] == [False, False, True]
     assert reply.usage.total_tokens == sum(e.token_count for e in reply.embeddings)
     info = await stub.Info(embedder_pb2.InfoRequest(), timeout=5)
-    assert info.max_tokens == 256 and info.provider == "CPUExecutionProvider" and info.threads >= 1
+    assert info.max_tokens == 256 and info.provider == "CPUExecutionProvider" and info.threads >= 1 <= info.workers
     assert info.variant == "fp32" and info.max_wait_ms == 2.0 and info.max_batch_tokens == 8192
     assert info.max_queued_tokens > 0 and info.texts >= 4 and info.padded_tokens >= info.tokens > 0
 
@@ -118,3 +118,42 @@ async def test_overload_is_resource_exhausted_with_a_retry_hint():
     finally:
         stop.set()
         await task
+
+
+async def test_a_stream_the_client_abandons_leaves_nothing_queued():
+    from embedder.server import EmbedderService
+
+    service = EmbedderService(Settings(model="minilm", stream_window=3))
+    await service.start()
+    try:
+
+        async def requests():
+            for m in range(50):
+                yield [f"bulk message {m} " + "about lighthouses " * 30] * 8, False
+
+        stream = service.embed_stream(requests())
+        assert len((await stream.__anext__()).vectors) == 8
+        await stream.aclose()
+        await asyncio.sleep(0.1)
+        assert service.batcher.queued_tokens == 0
+        assert len((await service.embed(["still serving"])).vectors) == 1
+    finally:
+        await service.close()
+
+
+def test_cpu_runs_side_by_side_on_one_thread_each_and_a_gpu_runs_one_at_a_time():
+    from mesh.resources import usable_cpus
+
+    cpus = usable_cpus()
+    assert Settings().parallelism("CPUExecutionProvider") == (cpus, 1)
+    assert Settings().parallelism("CUDAExecutionProvider") == (1, cpus)
+    assert Settings(workers=1).parallelism("CPUExecutionProvider") == (1, cpus)
+    assert Settings(workers=3, threads=2).parallelism("CPUExecutionProvider") == (3, 2)
+
+
+def test_settings_refuse_nonsense():
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        Settings(max_batch_tokens=0).validate()
+    with pytest.raises(ValueError, match="max_wait_ms"):
+        Settings(max_wait_ms=-1).validate()
+    assert Settings.from_args(["--model", "minilm-int8", "--max-wait-ms", "0.5", "--spin"]).max_wait_ms == 0.5

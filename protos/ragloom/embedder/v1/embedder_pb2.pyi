@@ -51,7 +51,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "dimension", "max_tokens", "provider", "threads", "max_batch_texts", "variant", "max_wait_ms", "max_batch_tokens", "max_batch_rows", "max_queued_tokens", "runs", "texts", "tokens", "padded_tokens")
+    __slots__ = ("model", "dimension", "max_tokens", "provider", "threads", "max_batch_texts", "variant", "max_wait_ms", "max_batch_tokens", "max_batch_rows", "max_queued_tokens", "runs", "texts", "tokens", "padded_tokens", "workers")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,7 @@ class InfoResponse(_message.Message):
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     PADDED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
     model: str
     dimension: int
     max_tokens: int
@@ -82,4 +83,5 @@ class InfoResponse(_message.Message):
     texts: int
     tokens: int
     padded_tokens: int
-    def __init__(self, model: _Optional[str] = ..., dimension: _Optional[int] = ..., max_tokens: _Optional[int] = ..., provider: _Optional[str] = ..., threads: _Optional[int] = ..., max_batch_texts: _Optional[int] = ..., variant: _Optional[str] = ..., max_wait_ms: _Optional[float] = ..., max_batch_tokens: _Optional[int] = ..., max_batch_rows: _Optional[int] = ..., max_queued_tokens: _Optional[int] = ..., runs: _Optional[int] = ..., texts: _Optional[int] = ..., tokens: _Optional[int] = ..., padded_tokens: _Optional[int] = ...) -> None: ...
+    workers: int
+    def __init__(self, model: _Optional[str] = ..., dimension: _Optional[int] = ..., max_tokens: _Optional[int] = ..., provider: _Optional[str] = ..., threads: _Optional[int] = ..., max_batch_texts: _Optional[int] = ..., variant: _Optional[str] = ..., max_wait_ms: _Optional[float] = ..., max_batch_tokens: _Optional[int] = ..., max_batch_rows: _Optional[int] = ..., max_queued_tokens: _Optional[int] = ..., runs: _Optional[int] = ..., texts: _Optional[int] = ..., tokens: _Optional[int] = ..., padded_tokens: _Optional[int] = ..., workers: _Optional[int] = ...) -> None: ...
