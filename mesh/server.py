@@ -122,7 +122,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 call.code = grpc.StatusCode.CANCELLED
                 raise
             except Exception as exc:  # noqa: BLE001 - this is the one place errors become statuses
-                call.code = await self._abort(context, method, exc)
+                status = self._status(method, exc)
+                call.code = status.code
+                await context.abort(status.code, status.details, status.trailing_metadata)
             finally:
                 call.done()
 
@@ -149,22 +151,21 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 call.code = grpc.StatusCode.CANCELLED
                 raise
             except Exception as exc:  # noqa: BLE001
-                call.code = await self._abort(context, method, exc)
+                status = self._status(method, exc)
+                call.code = status.code
+                await context.abort(status.code, status.details, status.trailing_metadata)
             finally:
                 call.done()
 
         return wrapped
 
-    async def _abort(self, context, method: str, exc: Exception) -> grpc.StatusCode:
+    def _status(self, method: str, exc: Exception) -> grpc.Status:
         status = to_status(exc, self.service)
         if status.code is grpc.StatusCode.INTERNAL:
             log.exception("%s failed", method, exc_info=exc)
         else:
             log.info("%s -> %s: %s", method, status.code.name, status.details)
-        try:
-            await context.abort(status.code, status.details, status.trailing_metadata)
-        finally:
-            return status.code  # noqa: B012 - abort always raises; the code is recorded on the way out
+        return status
 
 
 class _Observed:
