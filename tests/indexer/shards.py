@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import subprocess
 import sys
@@ -11,12 +10,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from mesh.client import wait_healthy
-from mesh.launcher import free_port_block
+from mesh.launcher import Child, _start, _wait_ready, free_port_block
 from ragloom.indexer.v1 import indexer_pb2, indexer_pb2_grpc
-
-ROOT = Path(__file__).resolve().parents[2]
-
 
 class ShardProcess:
     """`python -m mesh serve indexer` on a fixed port and data folder, started and killed at will."""
@@ -30,20 +25,17 @@ class ShardProcess:
             "--data-dir", str(data_dir), "--dimension", str(dimension), "--grace-s", "1", *flags,
         ]
         self.log_path = data_dir.parent / f"{data_dir.name}.log"
-        self.process: subprocess.Popen | None = None
+        self._child = Child("indexer", self.address, self.argv, self.log_path)
         self._channel: grpc.aio.Channel | None = None
 
+    @property
+    def process(self) -> subprocess.Popen | None:
+        return self._child.process
+
     async def start(self, timeout_s: float = 30.0) -> indexer_pb2_grpc.IndexerServiceStub:
-        """Starts the process and waits until it reports SERVING; returns a stub to it."""
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        healthy = asyncio.ensure_future(wait_healthy(self.address, timeout_s))
-        while not healthy.done():
-            if self.process.poll() is not None:
-                healthy.cancel()
-                raise AssertionError(f"shard exited with {self.process.returncode}:\n{self.log_tail()}")
-            await asyncio.wait({healthy}, timeout=0.1)
-        healthy.result()
+        """Starts the process (as `ragloom up` starts its children) and waits until it reports SERVING."""
+        _start(self._child)
+        await _wait_ready([self._child], timeout_s, quiet=True)
         return self.stub()
 
     def stub(self) -> indexer_pb2_grpc.IndexerServiceStub:
@@ -67,12 +59,6 @@ class ShardProcess:
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
 
 
 def unit_vectors(n: int, dimension: int, seed: int) -> np.ndarray:
