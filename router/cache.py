@@ -18,7 +18,6 @@ import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from router.metrics import CACHE_LOOKUPS, SINGLE_FLIGHT_SHARED

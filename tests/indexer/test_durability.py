@@ -10,7 +10,6 @@ import json
 import random
 
 import grpc
-import numpy as np
 import pytest
 
 from indexer.snapshots import FOLDER

@@ -14,7 +14,7 @@ import pytest
 from mesh import policy
 from mesh.gateway import Upstream, envoy_argv, envoy_config, write_config
 from mesh.launcher import Child, LocalMesh, _start, _wait_ready, free_port_block, stop_all
-from mesh.tls import LocalCA, spiffe_id
+from mesh.tls import LocalCA
 from ragloom.indexer.v1 import indexer_pb2, indexer_pb2_grpc
 from ragloom.router.v1 import router_pb2, router_pb2_grpc
 

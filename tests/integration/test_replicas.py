@@ -37,7 +37,6 @@ def test_killing_a_replica_under_load_fails_no_query(mesh):
     failures, answered = [], 0
 
     async def load(stop: asyncio.Event):
-        nonlocal answered
         async with grpc.aio.insecure_channel(mesh.router) as channel:
             stub = router_pb2_grpc.RouterServiceStub(channel)
 
