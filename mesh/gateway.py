@@ -85,8 +85,11 @@ def envoy_config(
     canary: Upstream | None = None,
     identity: Identity | None = None,
     descriptor_set: Path = DESCRIPTOR_SET,
+    canary_weight: int | None = None,
 ) -> dict:
-    """Envoy's bootstrap config for the gateway (a dict; write it as JSON or YAML)."""
+    """Envoy's bootstrap config for the gateway (a dict; write it as JSON or YAML).
+
+    `canary_weight` (percent) overrides the policy's router canary weight."""
     route = policy.route("router")
     action = {
         "timeout": _duration(route.timeout_s),
@@ -103,7 +106,7 @@ def envoy_config(
                                                    "string_match": {"exact": policy.canary_header_value}}]},
             "route": {"cluster": "router-canary", **action},
         })
-        weight = route.canary_weight
+        weight = route.canary_weight if canary_weight is None else canary_weight
         routes.append({"match": {"prefix": "/"}, "route": {"weighted_clusters": {"clusters": [
             {"name": "router-stable", "weight": 100 - weight},
             {"name": "router-canary", "weight": weight},

@@ -111,10 +111,8 @@ def plan(args: argparse.Namespace) -> list[Child]:
             traffic, listen_host=host, listen_port=args.router_port, admin_port=admin_port,
             stable=Upstream("stable", host, int(router.rsplit(":", 1)[1])),
             canary=Upstream("canary", host, base + 3) if canary_weight else None,
-            identity=gateway_id,
+            identity=gateway_id, canary_weight=canary_weight,
         )
-        if canary_weight:
-            _set_canary_weight(config, canary_weight)
         path = write_config(config, data / "gateway" / "envoy.json")
         children.append(Child("gateway", f"{host}:{args.router_port}", envoy_argv(path, base_id=admin_port),
                               logs / "gateway.log", ready_url=f"http://127.0.0.1:{admin_port}/ready"))
@@ -130,14 +128,6 @@ def _canary_weight(args: argparse.Namespace, traffic: policy.TrafficPolicy) -> i
         return explicit
     route = traffic.route("router")
     return route.canary_weight if route.canary else 0
-
-
-def _set_canary_weight(config: dict, weight: int) -> None:
-    for route in config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
-            "route_config"]["virtual_hosts"][0]["routes"]:
-        clusters = route["route"].get("weighted_clusters", {}).get("clusters", [])
-        for cluster in clusters:
-            cluster["weight"] = weight if cluster["name"] == "router-canary" else 100 - weight
 
 
 def _start(child: Child) -> None:

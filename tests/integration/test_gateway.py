@@ -124,11 +124,7 @@ def envoy_in_front(tmp_path):
         traffic = policy.load(Path(policy.__file__).parent / "chart" / "values-canary.yaml")
         assert traffic.route("router").canary
         config = envoy_config(traffic, listen_host="127.0.0.1", listen_port=ports + 2, admin_port=ports + 3,
-                              stable=upstreams["stable"][1], canary=upstreams["canary"][1])
-        for route in config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
-                "route_config"]["virtual_hosts"][0]["routes"]:
-            for cluster in route["route"].get("weighted_clusters", {}).get("clusters", []):
-                cluster["weight"] = weight if cluster["name"] == "router-canary" else 100 - weight
+                              stable=upstreams["stable"][1], canary=upstreams["canary"][1], canary_weight=weight)
         path = write_config(config, tmp_path / "envoy.json")
         child = Child("gateway", f"127.0.0.1:{ports + 2}", envoy_argv(path, base_id=ports + 3), tmp_path / "envoy.log",
                       ready_url=f"http://127.0.0.1:{ports + 3}/ready")
