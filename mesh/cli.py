@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("query")
     search.add_argument("--top-k", type=int, default=None, help="hits to return (router default when unset)")
     search.add_argument("--json", action="store_true", help="print the hits as a JSON list")
+    search.add_argument("--rerank", action="store_true",
+                        help="rerank a wider candidate set by how well each passage answers; show the best sentence")
     client_args(search)
 
     delete = sub.add_parser("delete", help="remove documents by id")

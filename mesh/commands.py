@@ -112,7 +112,13 @@ def _ask_request(args: argparse.Namespace) -> router_pb2.AskRequest:
 
 def _source_json(s: router_pb2.Source) -> dict:
     return {"number": s.number, "score": round(s.score, 4), "document_id": s.document_id,
-            "source": s.source, "chunk_id": s.chunk_id, "shard_id": s.shard_id, "text": s.text}
+            "source": s.source, "chunk_id": s.chunk_id, "shard_id": s.shard_id, "text": s.text,
+            "evidence": [s.text[e.start:e.end] for e in s.evidence]}
+
+
+def _support_lines(support, sources: list[router_pb2.Source]) -> list[str]:
+    names = {s.number: s.source for s in sources}
+    return [f"  [{s.source}] {names.get(s.source, '')}: “{' '.join(s.text.split())[:200]}”" for s in support]
 
 
 def ask(args: argparse.Namespace) -> int:
@@ -121,7 +127,10 @@ def ask(args: argparse.Namespace) -> int:
         if args.json:
             reply = stub.Ask(_ask_request(args), timeout=args.timeout)
             print(json.dumps({
-                "answer": reply.answer, "citations": list(reply.citations),
+                "answer": reply.answer, "abstained": reply.abstained, "extractive": reply.extractive,
+                "citations": list(reply.citations),
+                "support": [{"source": s.source, "text": s.text, "start": s.span.start, "end": s.span.end}
+                            for s in reply.support],
                 "sources": [_source_json(s) for s in reply.sources],
                 "timings": {k: round(v, 1) for k, v in _fields(reply.timings).items()},
             }, indent=2))
@@ -141,13 +150,20 @@ def ask(args: argparse.Namespace) -> int:
         print()
         return _fail(args, exc)
     cited = list(done.citations) if done else []
-    print("\n\nSources:")
+    if done and done.abstained:
+        print("\n\nNot found in your documents. The closest passages:")
+    else:
+        if done and done.support:
+            print("\n\nSupported by:")
+            print("\n".join(_support_lines(done.support, sources)))
+        print("\n\nSources:" if not (done and done.support) else "\nSources:")
     for s in sources:
         mark = "*" if s.number in cited else " "
         print(f" {mark}[{s.number}] {s.source}  (score {s.score:.3f})")
     if done:
         t = done.timings
-        print(f"\n* cited · first token {t.time_to_first_token_ms:.0f} ms · total {t.total_ms:.0f} ms · "
+        kind = " · quoted from the evidence (no generated sentence could be verified)" if done.extractive else ""
+        print(f"\n* cited{kind} · first token {t.time_to_first_token_ms:.0f} ms · total {t.total_ms:.0f} ms · "
               f"{done.completion_tokens} tokens", file=sys.stderr)
     return 0
 
@@ -160,17 +176,20 @@ def search(args: argparse.Namespace) -> int:
     request = router_pb2.SearchRequest(query=args.query)
     if args.top_k is not None:
         request.top_k = args.top_k
+    if getattr(args, "rerank", False):
+        request.rerank = True
     try:
         reply = _stub(args).Search(request, timeout=args.timeout)
     except grpc.RpcError as exc:
         return _fail(args, exc)
     hits = [{"score": round(h.score, 4), "document_id": h.document_id, "source": h.source,
-             "chunk_id": h.chunk_id, "shard_id": h.shard_id, "text": h.text} for h in reply.hits]
+             "chunk_id": h.chunk_id, "shard_id": h.shard_id, "text": h.text,
+             "evidence": [h.text[e.start:e.end] for e in h.evidence]} for h in reply.hits]
     if args.json:
         print(json.dumps(hits, indent=2))
         return 0
     for i, h in enumerate(hits, 1):
-        snippet = " ".join(h["text"].split())[:160]
+        snippet = " ".join((h["evidence"][0] if h["evidence"] else h["text"]).split())[:160]
         print(f"{i:>2}. {h['score']:.3f}  {h['source']}\n    {snippet}…")
     if not hits:
         print("no results (is anything ingested?)")

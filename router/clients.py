@@ -9,6 +9,7 @@ import numpy as np
 
 from mesh.client import Deadline, channel
 from mesh.telemetry import outgoing_metadata
+from router.evidence import Scored, Span
 from ragloom.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from ragloom.generator.v1 import generator_pb2, generator_pb2_grpc
 from ragloom.indexer.v1 import indexer_pb2, indexer_pb2_grpc
@@ -38,6 +39,15 @@ class EmbedderClient:
 
         batches = [texts[i : i + self.batch_texts] for i in range(0, len(texts), self.batch_texts)]
         return np.concatenate(await asyncio.gather(*(one(b) for b in batches)))
+
+    async def rerank(self, query: str, texts: Sequence[str], deadline: Deadline,
+                     titles: Sequence[str] = ()) -> list[Scored]:
+        """The embedder's verdict on each text (index into `texts`, score, best sentences), best first."""
+        reply = await self._stub.Rerank(
+            embedder_pb2.RerankRequest(query=query, texts=texts, titles=titles), timeout=deadline.timeout(self.timeout_s),
+            metadata=outgoing_metadata(),
+        )
+        return [Scored(r.index, r.score, tuple(Span(s.start, s.end, s.score) for s in r.spans)) for r in reply.results]
 
     async def close(self) -> None:
         await self._channel.close()

@@ -19,9 +19,16 @@ PARTIAL_RESULTS = Counter(
 )
 STAGE_SECONDS = Histogram(
     "ragloom_router_stage_seconds", "Time in each stage of a request: embedding (the query), retrieval (all shards), "
-    "generation (first token to last)", ["stage"], buckets=LATENCY_BUCKETS,
+    "rerank (the candidates), generation (first token to last)", ["stage"], buckets=LATENCY_BUCKETS,
 )
 TIME_TO_FIRST_TOKEN = Histogram(
-    "ragloom_router_time_to_first_token_seconds", "From the start of generation to the first answer token, as users feel it",
+    "ragloom_router_time_to_first_token_seconds", "From the start of an ask to the first answer text sent (verified), as users feel it",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60),
+)
+VERIFIED_SENTENCES = Counter(
+    "ragloom_router_answer_sentences", "Generated answer sentences checked against the evidence, by outcome: kept or dropped",
+    ["outcome"],
+)
+ABSTENTIONS = Counter(
+    "ragloom_router_abstentions", "Asks answered 'the documents do not answer this' because the evidence was weak"
 )

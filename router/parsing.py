@@ -28,6 +28,18 @@ def format_for(source: str, declared: str = "") -> str:
     return _EXTENSIONS.get(PurePath(source).suffix.lower(), "txt")
 
 
+def title_for(source: str) -> str:
+    """What a document is called, from its source: 'docs/rosetta-stone.txt' → 'rosetta stone',
+    'shred.1.txt' → 'shred 1'. Chunks are embedded and reranked with it, since most of a document's
+    sentences never name what they are about."""
+    if source.startswith("sha256:"):  # an id made from the body's hash names nothing
+        return ""
+    name = PurePath(source.split("?", 1)[0].rstrip("/")).name
+    while PurePath(name).suffix.lower() in (*_EXTENSIONS, ".gz"):
+        name = name[: -len(PurePath(name).suffix)]
+    return " ".join(re.split(r"[-_.\s]+", name)).strip()
+
+
 def supported(path: str) -> bool:
     return PurePath(path).suffix.lower() in _EXTENSIONS
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -20,14 +21,21 @@ from ragloom.indexer.v1 import indexer_pb2
 from router.cache import Cache, SingleFlight, cache_key
 from router.chunking import Chunker
 from router.clients import EmbedderClient, GeneratorClient
-from router.metrics import DOWNSTREAM_CALLS, PARTIAL_RESULTS, STAGE_SECONDS, TIME_TO_FIRST_TOKEN
-from router.parsing import format_for, parse
+from router.metrics import DOWNSTREAM_CALLS, PARTIAL_RESULTS, STAGE_SECONDS, TIME_TO_FIRST_TOKEN, VERIFIED_SENTENCES
+from router.metrics import ABSTENTIONS
+from router.parsing import format_for, parse, title_for
+from router.evidence import EvidenceConfig, Scored, Sentence, Span, combine, grounded_messages, quote, select
+from router.evidence import STOP_SEQUENCES as GROUNDED_STOP_SEQUENCES
 from router.prompt import STOP_SEQUENCES, Passage, build_messages, cited_numbers
 from router.sharding import shard_for
+from router.topology import ShardGroup, VersionClock
+from router.verify import Verdict, Verifier, VerifierConfig, declines, split_sentences, strip_markers
 from mesh.telemetry import span, tracer
 
 _tracer = tracer("ragloom.router")
-from router.topology import ShardGroup, VersionClock
+log = logging.getLogger(__name__)
+
+ABSTENTION = "The documents do not answer this question; the closest passages are listed as sources."
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,8 @@ class Hit:
     source: str
     text: str
     shard_id: int
+    #: After reranking: the passage's sentences that best answer the question, best first.
+    evidence: tuple[Span, ...] = ()
 
 
 @dataclass
@@ -105,6 +115,8 @@ class Timings:
     time_to_first_token_ms: float = 0.0
     total_ms: float = 0.0
     parse_ms: float = 0.0
+    rerank_ms: float = 0.0
+    verify_ms: float = 0.0
 
 
 @dataclass
@@ -119,11 +131,23 @@ class AskToken:
     text: str
 
 
+@dataclass(frozen=True)
+class Support:
+    """The stretch of a cited source's text that supports the answer."""
+
+    source: int
+    span: Span
+    text: str
+
+
 @dataclass
 class AskDone:
     citations: list[int]
     timings: Timings
     completion_tokens: int
+    abstained: bool = False
+    support: list[Support] = field(default_factory=list)
+    extractive: bool = False
 
 
 
@@ -158,6 +182,22 @@ class RagConfig:
     retrieval_mode: str = "hybrid"
     # Citation fallback: when the model writes no [n] markers, sources this close to the answer are cited.
     attribution_min_score: float = 0.45
+    # Reranking: candidates retrieved and reranked for Ask (and for Search with rerank), and whether Ask and
+    # Search rerank when the request does not say.
+    rerank_candidates: int = 12
+    rerank_ask: bool = True
+    rerank_search: bool = False
+    # "evidence": the best sentences, numbered (the default); "passages": whole passages as before reranking.
+    prompt: str = "evidence"
+    # Check every answer sentence against the evidence, dropping what is unsupported.
+    verify: bool = True
+    # Abstain when the best reranked score is below this (fitted on the labelled set); None: never abstain.
+    abstain_below: float | None = 0.62
+    # When no generated sentence is supported, the evidence is quoted if the best passage scores at least
+    # this; below it the ask abstains (weak evidence and an answer that cannot be verified).
+    quote_min_score: float = 0.0
+    evidence: EvidenceConfig = field(default_factory=EvidenceConfig)
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
 
 
 class Rag:
@@ -200,7 +240,9 @@ class Rag:
         chunked = await asyncio.to_thread(self._parse_and_chunk, documents)
         timings.parse_ms = clock.lap()
 
-        texts = [text for chunks in chunked for text in chunks]
+        # Each chunk is embedded with its document's title in front (the stored text stays as it is).
+        texts = [_titled(title_for(doc.source or doc_id), text)
+                 for doc, doc_id, chunks in zip(documents, ids, chunked) for text in chunks]
         DOWNSTREAM_CALLS.labels("embedder").inc()
         vectors = await self.embedder.embed(texts, deadline)
         timings.embed_ms = clock.lap()
@@ -279,14 +321,33 @@ class Rag:
 
     async def search(
         self, query: str, top_k: int | None, deadline: Deadline, scope: Scope = Scope(), require_complete: bool = False,
-        mode: str = "",
+        mode: str = "", rerank: bool | None = None,
     ) -> tuple[list[Hit], Coverage, Timings]:
         if not query.strip():
             raise InvalidArgument("query", "must not be empty")
         k = self._top_k(top_k, self.config.default_top_k, self.config.max_top_k)
-        timings = Timings()
-        hits, coverage = await self._retrieve(query, k, scope, require_complete, deadline, timings, mode)
-        return hits, coverage, timings
+        rerank = self.config.rerank_search if rerank is None else rerank
+        clock, timings = _Clock(), Timings()
+        depth = max(k, self.config.rerank_candidates) if rerank else k
+        hits, coverage = await self._retrieve(query, depth, scope, require_complete, deadline, timings, mode)
+        if rerank and hits:
+            hits = await self._rerank(query, hits, deadline, timings)
+        timings.total_ms = clock.total()
+        return hits[:k], coverage, timings
+
+    async def _rerank(self, query: str, hits: list[Hit], deadline: Deadline, timings: Timings) -> list[Hit]:
+        """Candidates best first by how well they answer `query` (the embedder's Rerank), each with its best
+        sentences; the retrieval rank adds a small prior. Scores become the combined rerank score."""
+        clock = _Clock()
+        with span(_tracer, "rerank", **{"ragloom.candidates": len(hits)}):
+            DOWNSTREAM_CALLS.labels("embedder").inc()
+            scored = await self.embedder.rerank(query, [h.text for h in hits], deadline,
+                                                titles=[title_for(h.source) for h in hits])
+        ranked = combine(scored, self.config.evidence.prior_weight)
+        timings.rerank_ms = clock.lap()
+        STAGE_SECONDS.labels("rerank").observe(timings.rerank_ms / 1000)
+        return [Hit(r.score, hits[r.index].document_id, hits[r.index].chunk_id, hits[r.index].source,
+                    hits[r.index].text, hits[r.index].shard_id, r.spans) for r in ranked]
 
     async def _embed_query(self, query: str, deadline: Deadline) -> np.ndarray:
         with span(_tracer, "embed query") as current:
@@ -333,7 +394,6 @@ class Rag:
         else:
             hits, coverage = dense if mode == "dense" else lexical_result
         timings.index_ms = clock.lap()
-        timings.total_ms = clock.total()
         STAGE_SECONDS.labels("embedding").observe(timings.embed_ms / 1000)
         STAGE_SECONDS.labels("retrieval").observe(timings.index_ms / 1000)
         return hits[:k], coverage
@@ -394,7 +454,8 @@ class Rag:
         generation = await self.cache.generation(scope.tenant)
         mode = mode or self.config.retrieval_mode
         key = cache_key("answer", question=question.strip(), k=k, max_tokens=max_tokens, temperature=temperature,
-                        tenant=scope.tenant, tags=sorted(scope.tags), mode=mode, generation=generation)
+                        tenant=scope.tenant, tags=sorted(scope.tags), mode=mode, generation=generation,
+                        pipeline=self._pipeline_key())
         if generation is not None and use_cache:
             with span(_tracer, "cache lookup") as current:
                 cached = await self.cache.get(key)
@@ -410,55 +471,106 @@ class Rag:
         async for event in self.flights.join(f"{key}:{require_complete}", produce):
             yield event
 
+    def _pipeline_key(self) -> str:
+        c = self.config
+        return f"{c.rerank_ask}:{c.prompt}:{c.verify}:{c.abstain_below}:{c.quote_min_score}:{c.evidence}:{c.verifier}"
+
     async def _answer(
         self, question: str, k: int, max_tokens: int, temperature: float, scope: Scope,
         require_complete: bool, deadline: Deadline, cache_as: str | None, mode: str,
     ) -> AsyncIterator[AskSources | AskToken | AskDone]:
-        clock, timings = _Clock(), Timings()
-        hits, coverage = await self._retrieve(question, k, scope, require_complete, deadline, timings, mode)
+        """Retrieve wide → rerank → abstain on weak evidence, or prompt with the best sentences → stream the
+        sentences that the evidence supports (or quote the evidence when none is) → cite what was used."""
+        config, clock, timings = self.config, _Clock(), Timings()
+        depth = max(k, config.rerank_candidates) if config.rerank_ask else k
+        hits, coverage = await self._retrieve(question, depth, scope, require_complete, deadline, timings, mode)
         if not hits:
             raise FailedPrecondition("no documents to answer from: ingest documents first"
                                      + (f" (tenant {scope.tenant!r})" if scope.tenant else ""))
+        if config.rerank_ask:
+            hits = await self._rerank(question, hits, deadline, timings)
+        sources = [(i + 1, hit) for i, hit in enumerate(hits[:k])]
+        answer = _Answer(clock, timings)
 
-        passages = [Passage(i + 1, h.source, h.text) for i, h in enumerate(hits)]
-        budget = self.config.context_tokens - max_tokens
+        if config.rerank_ask and config.abstain_below is not None and hits[0].score < config.abstain_below:
+            yield AskSources(sources, coverage)
+            yield answer.emit(ABSTENTION)
+            ABSTENTIONS.inc()
+            yield answer.done(abstained=True)
+            return
+
         with span(_tracer, "build prompt") as current:
-            messages, used = build_messages(question, passages, self.chunker.count, budget)
-            current.set_attribute("ragloom.sources", len(used))
-        sources = [(p.number, hits[p.number - 1]) for p in used]
+            if config.prompt == "passages":
+                passages = [Passage(n, h.source, h.text) for n, h in sources]
+                messages, used = build_messages(question, passages, self.chunker.count, config.context_tokens - max_tokens)
+                sources = [(p.number, hits[p.number - 1]) for p in used]
+                evidence = [Sentence(n, Span(0, len(h.text)), h.text) for n, h in sources]
+                stop = STOP_SEQUENCES
+            else:
+                evidence = select([(n, h.text, h.evidence or (Span(0, len(h.text)),)) for n, h in sources],
+                                  config.evidence, self.chunker.count)
+                messages, stop = grounded_messages(question, evidence), GROUNDED_STOP_SEQUENCES
+            current.set_attribute("ragloom.evidence_sentences", len(evidence))
         yield AskSources(sources, coverage)
 
         request = generator_pb2.GenerateRequest(
-            messages=[generator_pb2.Message(**m) for m in messages],
-            max_tokens=max_tokens,
-            stop=STOP_SEQUENCES,
+            messages=[generator_pb2.Message(**m) for m in messages], max_tokens=max_tokens, stop=stop,
             temperature=temperature,
         )
+        verifier = Verifier(question, evidence, config.verifier) if config.verify else None
+        check = _SentenceCheck(verifier, self.embedder, deadline) if verifier else None
+        pending, said = "", []
         DOWNSTREAM_CALLS.labels("generator").inc()
         gen_start = time.perf_counter()
-        answer, completion_tokens = [], 0
         with span(_tracer, "generate") as current:
             async for reply in self.generator.generate(request, deadline):
-                if reply.text:
-                    if not answer:
-                        timings.time_to_first_token_ms = (time.perf_counter() - gen_start) * 1000
-                        current.add_event("first token")
-                        current.set_attribute("ragloom.time_to_first_token_ms", timings.time_to_first_token_ms)
-                    answer.append(reply.text)
-                    yield AskToken(reply.text)
                 if reply.HasField("usage"):
-                    completion_tokens = reply.usage.completion_tokens
-            current.set_attribute("ragloom.completion_tokens", completion_tokens)
+                    answer.completion_tokens = reply.usage.completion_tokens
+                if not reply.text:
+                    continue
+                said.append(reply.text)
+                if check is None:
+                    yield answer.emit(reply.text)
+                    continue
+                sentences, pending = split_sentences(pending + reply.text)
+                for sentence in sentences:
+                    if (kept := await check.keep(sentence, timings)) is not None:
+                        yield answer.emit(kept, sentence=True)
+            if check is not None and pending.strip() and (kept := await check.keep(pending, timings)) is not None:
+                yield answer.emit(kept, sentence=True)
+            current.set_attribute("ragloom.completion_tokens", answer.completion_tokens)
         timings.generate_ms = (time.perf_counter() - gen_start) * 1000
         STAGE_SECONDS.labels("generation").observe(timings.generate_ms / 1000)
+
+        text = "".join(said)
+        if check is None:
+            answer.citations = cited_numbers(text, len(sources)) or await self._attribute(text, sources, deadline)
+        elif check.kept:
+            answer.citations = list(dict.fromkeys(v.source for v in check.kept))
+            answer.support = [Support(v.source, v.support.span, v.support.text) for v in check.kept if v.support]
+        elif evidence and config.rerank_ask and hits[0].score < config.quote_min_score:
+            # Nothing the model said survived and the evidence is not strong enough to quote on its own.
+            yield answer.emit(ABSTENTION)
+            ABSTENTIONS.inc()
+            done = answer.done(abstained=True)
+            if cache_as is not None and not coverage.partial:
+                await self.cache.set(cache_as, _serialise(answer.text, sources, coverage, done))
+            yield done
+            return
+        elif evidence:
+            # Nothing the model said survived: the best evidence, quoted, is the answer.
+            quoted = quote(evidence)
+            yield answer.emit(quoted, sentence=True)
+            answer.extractive = True
+            best = max(evidence, key=lambda s: s.span.score)
+            answer.citations = [best.number]
+            answer.support = [Support(s.number, s.span, s.text) for s in evidence
+                              if s.number == best.number and f"“{' '.join(s.text.split())}”" in quoted]
         if timings.time_to_first_token_ms:
             TIME_TO_FIRST_TOKEN.observe(timings.time_to_first_token_ms / 1000)
-        text = "".join(answer)
-        citations = cited_numbers(text, len(sources)) or await self._attribute(text, sources, deadline)
-        timings.total_ms = clock.total()
-        done = AskDone(citations, timings, completion_tokens)
+        done = answer.done()
         if cache_as is not None and not coverage.partial:  # an answer from some shards only is not kept
-            await self.cache.set(cache_as, _serialise(text, sources, coverage, done))
+            await self.cache.set(cache_as, _serialise(answer.text, sources, coverage, done))
         yield done
 
     async def _attribute(self, answer: str, sources: list[tuple[int, Hit]], deadline: Deadline) -> list[int]:
@@ -479,6 +591,10 @@ class Rag:
         )
 
 
+def _titled(title: str, text: str) -> str:
+    return f"{title}: {text}" if title else text
+
+
 class _Admission:
     def __init__(self, rag: Rag):
         self.rag = rag
@@ -496,18 +612,90 @@ def _serialise(answer: str, sources: list[tuple[int, Hit]], coverage: Coverage, 
     return json.dumps({
         "answer": answer,
         "shards": coverage.answered,
-        "sources": [[number, vars(hit)] for number, hit in sources],
+        "sources": [[number, {**vars(hit), "evidence": [vars(e) for e in hit.evidence]}] for number, hit in sources],
         "citations": done.citations,
         "completion_tokens": done.completion_tokens,
+        "abstained": done.abstained,
+        "extractive": done.extractive,
+        "support": [[s.source, vars(s.span), s.text] for s in done.support],
     }).encode()
 
 
 def _replay(data: bytes) -> list[AskSources | AskToken | AskDone]:
     """A cached answer as the events a fresh one would stream (timings show it cost nothing)."""
     record = json.loads(data)
-    sources = [(number, Hit(**hit)) for number, hit in record["sources"]]
+    sources = [(number, Hit(**{**hit, "evidence": tuple(Span(**e) for e in hit.get("evidence", []))}))
+               for number, hit in record["sources"]]
+    support = [Support(n, Span(**span), text) for n, span, text in record.get("support", [])]
     return [
         AskSources(sources, Coverage(answered=record["shards"]), cached=True),
         AskToken(record["answer"]),
-        AskDone(record["citations"], Timings(), record["completion_tokens"]),
+        AskDone(record["citations"], Timings(), record["completion_tokens"], record.get("abstained", False),
+                support, record.get("extractive", False)),
     ]
+
+
+class _Answer:
+    """The answer as it is sent: its text so far, when the first of it went out, what it cites."""
+
+    def __init__(self, clock: _Clock, timings: Timings):
+        self.clock, self.timings = clock, timings
+        self.parts: list[str] = []
+        self.citations: list[int] = []
+        self.support: list[Support] = []
+        self.completion_tokens = 0
+        self.extractive = False
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def emit(self, text: str, sentence: bool = False) -> AskToken:
+        """`text` as the next event; a whole `sentence` is set off from the one before by a space."""
+        if not self.parts:
+            self.timings.time_to_first_token_ms = self.clock.total()
+        elif sentence:
+            text = " " + text
+        self.parts.append(text)
+        return AskToken(text)
+
+    def done(self, abstained: bool = False) -> AskDone:
+        self.timings.total_ms = self.clock.total()
+        return AskDone(self.citations, self.timings, self.completion_tokens, abstained, self.support,
+                       self.extractive)
+
+
+class _SentenceCheck:
+    """Verifies the answer sentence by sentence; embeds (for the paraphrase test) only when words alone
+    cannot decide."""
+
+    def __init__(self, verifier: Verifier, embedder: EmbedderClient, deadline: Deadline):
+        self.verifier, self.embedder, self.deadline = verifier, embedder, deadline
+        self.kept: list[Verdict] = []
+        self._evidence_vectors: np.ndarray | None = None
+
+    async def keep(self, sentence: str, timings: Timings) -> str | None:
+        """The sentence as it should be sent (its citation attached), or None when it is dropped."""
+        start = time.perf_counter()
+        try:
+            verdict = self.verifier.check(sentence)
+            config = self.verifier.config
+            if not verdict.supported and config.min_paraphrase_overlap <= verdict.overlap < config.min_overlap:
+                verdict = self.verifier.check(sentence, await self._similarity(verdict.sentence))
+        finally:
+            timings.verify_ms += (time.perf_counter() - start) * 1000
+        VERIFIED_SENTENCES.labels("kept" if verdict.supported else "dropped").inc()
+        if not verdict.supported:
+            log.debug("dropped %r: %s", verdict.sentence, verdict.reason)
+            return None
+        self.kept.append(verdict)
+        return f"{verdict.sentence} [{verdict.source}]"
+
+    async def _similarity(self, sentence: str) -> list[float]:
+        texts = [s.text for s in self.verifier.evidence]
+        if self._evidence_vectors is None:
+            vectors = await self.embedder.embed([sentence, *texts], self.deadline)
+            self._evidence_vectors, query = vectors[1:], vectors[0]
+        else:
+            query = (await self.embedder.embed([sentence], self.deadline))[0]
+        return (self._evidence_vectors @ query).tolist()

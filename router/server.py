@@ -14,7 +14,11 @@ from ragloom.router.v1 import router_pb2, router_pb2_grpc
 from router.cache import Cache, MemoryBackend, RedisBackend
 from router.chunking import Chunker
 from router.clients import EmbedderClient, GeneratorClient, ShardClient
-from router.rag import AskDone, AskSources, AskToken, Coverage, DocumentInput, Hit, Rag, RagConfig, Scope, Timings
+from router.evidence import EvidenceConfig, Span
+from router.rag import (
+    AskDone, AskSources, AskToken, Coverage, DocumentInput, Hit, Rag, RagConfig, Scope, Support, Timings,
+)
+from router.verify import VerifierConfig
 from router.topology import Breaker, Replica, ShardGroup, parse_topology
 
 log = logging.getLogger(__name__)
@@ -47,9 +51,21 @@ class Settings(ServiceSettings):
     chunk_overlap: int = option(40, "tokens shared by consecutive chunks")
     top_k: int = option(5, "search hits when the request sets none")
     ask_top_k: int = option(4, "sources given to the model when the request sets none")
-    max_tokens: int = option(256, "answer length when the request sets none")
+    max_tokens: int = option(128, "answer length when the request sets none")
     temperature: float = option(0.0, "sampling temperature when the request sets none")
     context_tokens: int = option(2048, "generator context window; sources are cut to fit it")
+    rerank_candidates: int = option(12, "passages retrieved and reranked for an ask (or a search with rerank)")
+    rerank: bool = option(True, "rerank the candidates of an ask by how well they answer (the embedder's Rerank)")
+    search_rerank: bool = option(False, "rerank searches whose request does not say")
+    prompt: str = option("evidence", "what the model is shown: 'evidence' (the best sentences) or 'passages' (whole passages)")
+    evidence_sentences: int = option(3, "most evidence sentences in the prompt")
+    evidence_tokens: int = option(160, "token budget of the evidence in the prompt")
+    verify: bool = option(True, "check each answer sentence against the evidence; drop what is unsupported")
+    abstain_below: float = option(
+        0.62, "abstain when the best reranked passage scores below this; a negative value never abstains")
+    quote_min_score: float = option(
+        0.0, "when no answer sentence can be verified: quote the evidence if the best passage scores at least "
+             "this, else abstain")
     embed_timeout_s: float = option(30.0, "longest wait for one embedder call")
     search_timeout_s: float = option(2.0, "longest wait for one shard's search; a slower shard is left out (partial result)")
     write_timeout_s: float = option(30.0, "longest wait for one shard write")
@@ -63,17 +79,29 @@ class Settings(ServiceSettings):
             raise ValueError("retrieval_mode must be dense, lexical or hybrid")
         if self.max_inflight < 1:
             raise ValueError("max_inflight must be positive")
+        if self.prompt not in ("evidence", "passages"):
+            raise ValueError("prompt must be evidence or passages")
+        if self.rerank_candidates < 1 or self.evidence_sentences < 1 or self.evidence_tokens < 16:
+            raise ValueError("rerank_candidates and evidence_sentences must be positive, evidence_tokens at least 16")
 
 
 def _timings(t: Timings) -> router_pb2.Timings:
     return router_pb2.Timings(**vars(t))
 
 
+def _span(s: Span) -> router_pb2.Span:
+    return router_pb2.Span(start=s.start, end=s.end, score=s.score)
+
+
 def _source(number: int, hit: Hit) -> router_pb2.Source:
     return router_pb2.Source(
         number=number, document_id=hit.document_id, chunk_id=hit.chunk_id, source=hit.source,
-        text=hit.text, score=hit.score, shard_id=hit.shard_id,
+        text=hit.text, score=hit.score, shard_id=hit.shard_id, evidence=[_span(e) for e in hit.evidence],
     )
+
+
+def _support(support: list[Support]) -> list[router_pb2.Support]:
+    return [router_pb2.Support(source=s.source, span=_span(s.span), text=s.text) for s in support]
 
 
 def _optional(request, name: str):
@@ -132,12 +160,13 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         with self.service.rag.admit():
             hits, coverage, timings = await self.service.rag.search(
                 request.query, _optional(request, "top_k"), self._deadline(context), _scope(request),
-                request.require_complete, _mode(request),
+                request.require_complete, _mode(request), _optional(request, "rerank"),
             )
         return router_pb2.SearchResponse(
             hits=[
                 router_pb2.SearchHit(score=h.score, document_id=h.document_id, chunk_id=h.chunk_id,
-                                     source=h.source, text=h.text, shard_id=h.shard_id)
+                                     source=h.source, text=h.text, shard_id=h.shard_id,
+                                     evidence=[_span(e) for e in h.evidence])
                 for h in hits
             ],
             timings=_timings(timings),
@@ -168,7 +197,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 yield router_pb2.AskStreamResponse(
                     done=router_pb2.AskDone(
                         citations=event.citations, timings=_timings(event.timings),
-                        completion_tokens=event.completion_tokens,
+                        completion_tokens=event.completion_tokens, abstained=event.abstained,
+                        support=_support(event.support), extractive=event.extractive,
                     )
                 )
 
@@ -186,6 +216,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 response.citations.extend(event.citations)
                 response.timings.CopyFrom(_timings(event.timings))
                 response.completion_tokens = event.completion_tokens
+                response.abstained = event.abstained
+                response.support.extend(_support(event.support))
+                response.extractive = event.extractive
         response.answer = "".join(answer)
         return response
 
@@ -207,7 +240,10 @@ class RouterService:
         config = RagConfig(
             default_top_k=s.top_k, ask_top_k=s.ask_top_k, max_tokens=s.max_tokens,
             temperature=s.temperature, context_tokens=s.context_tokens, max_inflight=s.max_inflight,
-            retrieval_mode=s.retrieval_mode,
+            retrieval_mode=s.retrieval_mode, rerank_candidates=s.rerank_candidates, rerank_ask=s.rerank,
+            rerank_search=s.search_rerank, prompt=s.prompt, verify=s.verify,
+            abstain_below=s.abstain_below if s.abstain_below >= 0 else None, quote_min_score=s.quote_min_score,
+            evidence=EvidenceConfig(sentences=s.evidence_sentences, tokens=s.evidence_tokens),
         )
         shards = [
             ShardGroup(

@@ -14,6 +14,8 @@ from mesh.errors import Overloaded
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 COUNT = [ChatMessage("user", "Count from 1 to 300, one number per line.")]
+# Greedy SmolLM2 writes this story to any length (it ends the count above after ~17 tokens on some CPUs).
+STORY = [ChatMessage("user", "Write a very long story about a lighthouse keeper.")]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -57,14 +59,14 @@ async def test_greedy_generation_is_repeatable_and_a_stop_sequence_holds(backend
 
 
 async def test_closing_the_stream_stops_the_worker(backend):
-    stream = backend.stream(GenerationParams(messages=COUNT, max_tokens=400, temperature=0.0))
+    stream = backend.stream(GenerationParams(messages=STORY, max_tokens=400, temperature=0.0))
     for _ in range(3):
         assert isinstance(await anext(stream), Delta)
     await stream.aclose()
     at_close = backend.tokens_sampled
 
     # The next generation gets the context only once the worker has let go of it.
-    _, finished = await generate(backend, GenerationParams(messages=COUNT, max_tokens=1, temperature=0.0))
+    _, finished = await generate(backend, GenerationParams(messages=STORY, max_tokens=1, temperature=0.0))
     await asyncio.sleep(0.2)
 
     assert finished.completion_tokens == 1
@@ -73,11 +75,11 @@ async def test_closing_the_stream_stops_the_worker(backend):
 
 async def test_a_busy_model_turns_away_waiters_after_queue_timeout(backend, monkeypatch):
     monkeypatch.setattr(backend, "queue_timeout_s", 0.1)
-    busy = backend.stream(GenerationParams(messages=COUNT, max_tokens=400, temperature=0.0))
+    busy = backend.stream(GenerationParams(messages=STORY, max_tokens=400, temperature=0.0))
     await anext(busy)
     try:
         with pytest.raises(Overloaded):
-            await anext(backend.stream(GenerationParams(messages=COUNT, max_tokens=1)))
+            await anext(backend.stream(GenerationParams(messages=STORY, max_tokens=1)))
     finally:
         await busy.aclose()
 
@@ -86,7 +88,7 @@ async def test_the_first_token_arrives_before_the_last_is_produced(backend):
     before = backend.tokens_sampled
     sampled_at_first_delta = None
     items = []
-    async for item in backend.stream(GenerationParams(messages=COUNT, max_tokens=24, temperature=0.0)):
+    async for item in backend.stream(GenerationParams(messages=STORY, max_tokens=24, temperature=0.0)):
         if sampled_at_first_delta is None:
             sampled_at_first_delta = backend.tokens_sampled - before
         items.append(item)
@@ -96,10 +98,10 @@ async def test_the_first_token_arrives_before_the_last_is_produced(backend):
 
 
 async def test_cancelling_while_text_is_held_back_stops_at_the_next_token(backend):
-    greedy = GenerationParams(messages=COUNT, max_tokens=30, temperature=0.0)
+    greedy = GenerationParams(messages=STORY, max_tokens=30, temperature=0.0)
     text, _ = await generate(backend, greedy)
     # A stop sequence the reply keeps matching: llama.cpp holds all its text back and yields nothing.
-    held = GenerationParams(messages=COUNT, max_tokens=400, temperature=0.0, stop=[text + "\x00never"])
+    held = GenerationParams(messages=STORY, max_tokens=400, temperature=0.0, stop=[text + "\x00never"])
     stream = backend.stream(held)
     waiting = asyncio.create_task(anext(stream))
     start = backend.tokens_sampled
@@ -111,7 +113,7 @@ async def test_cancelling_while_text_is_held_back_stops_at_the_next_token(backen
     with pytest.raises(asyncio.CancelledError):
         await waiting
     at_cancel = backend.tokens_sampled
-    _, finished = await generate(backend, GenerationParams(messages=COUNT, max_tokens=1, temperature=0.0))
+    _, finished = await generate(backend, GenerationParams(messages=STORY, max_tokens=1, temperature=0.0))
 
     assert finished.completion_tokens == 1
     assert backend.tokens_sampled - at_cancel <= 3  # the token in flight, the forced end, then this one

@@ -93,20 +93,49 @@ def test_answer_streams_sources_then_tokens_then_citations(router, corpus):
     ))
     kinds = [e.WhichOneof("event") for e in events]
     assert kinds[0] == "sources" and kinds[-1] == "done"
-    assert kinds.count("token") >= 3, "the answer should arrive as a stream of tokens"
+    assert kinds.count("token") >= 1, "the answer should arrive as verified sentences"
     sources = events[0].sources.sources
     assert Path(sources[0].source).name == "rosetta-stone.txt"
+    assert sources[0].evidence and all(0 <= e.start < e.end <= len(sources[0].text) for e in sources[0].evidence)
     done = events[-1].done
-    assert done.citations, "the answer should cite its sources"
+    assert not done.abstained and done.citations, "the answer should cite its sources"
     assert all(1 <= n <= len(sources) for n in done.citations)
     cited = {Path(sources[n - 1].source).name for n in done.citations}
     assert "rosetta-stone.txt" in cited
-    assert done.timings.time_to_first_token_ms > 0 and done.completion_tokens > 0
+    assert done.support and all(s.source in done.citations for s in done.support)
+    assert all(sources[s.source - 1].text[s.span.start:s.span.end] == s.text for s in done.support)
+    assert done.timings.time_to_first_token_ms > 0 and done.timings.rerank_ms > 0
+
+
+def _numbers(text):
+    import re
+
+    return set(re.findall(r"(?<![\w.])\d+(?:\.\d+)?(?![\w])", text))
+
+
+def test_the_honeybee_answer_is_the_waggle_dance_and_invents_nothing(router, corpus):
+    reply = router.Ask(router_pb2.AskRequest(
+        question="How do honeybees tell each other where the flowers are?", no_cache=True), timeout=120)
+    assert not reply.abstained
+    assert "waggle" in reply.answer.lower() or "dance" in reply.answer.lower(), reply.answer
+    cited = [reply.sources[n - 1] for n in reply.citations]
+    assert cited and {Path(s.source).name for s in cited} == {"honeybees.md"}
+    # Whatever the model said, every number in the answer stands in the cited evidence.
+    assert _numbers(reply.answer) <= _numbers(" ".join(s.text for s in reply.support)), reply.answer
+
+
+def test_a_question_the_documents_cannot_answer_abstains(router, corpus, mesh):
+    reply = router.Ask(router_pb2.AskRequest(question="Who won the football World Cup in 1998?", no_cache=True),
+                       timeout=120)
+    assert reply.abstained and not reply.citations and not reply.support
+    assert "do not answer" in reply.answer and reply.sources  # the closest passages are still listed
+    result = cli(mesh, "ask", "Which team won the football World Cup in 1998?")
+    assert "Not found in your documents" in result.stdout
 
 
 def test_cli_ask_and_search(mesh, corpus):
     result = cli(mesh, "ask", "How do bees let the rest of the colony know where the flowers are?", "--max-tokens", "60")
-    assert "Sources:" in result.stdout and "honeybees.md" in result.stdout
+    assert "Sources:" in result.stdout and "honeybees.md" in result.stdout and "Supported by:" in result.stdout
     hits = json.loads(cli(mesh, "search", "a hot-air-free way to move water across valleys", "--json", "--top-k", "3").stdout)
     assert len(hits) == 3 and {"score", "document_id", "source", "text"} <= hits[0].keys()
     assert hits[0]["score"] >= hits[-1]["score"]

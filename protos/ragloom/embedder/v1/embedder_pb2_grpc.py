@@ -50,6 +50,11 @@ class EmbedderServiceStub:
                 request_serializer=ragloom_dot_embedder_dot_v1_dot_embedder__pb2.InfoRequest.SerializeToString,
                 response_deserializer=ragloom_dot_embedder_dot_v1_dot_embedder__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.Rerank = channel.unary_unary(
+                '/ragloom.embedder.v1.EmbedderService/Rerank',
+                request_serializer=ragloom_dot_embedder_dot_v1_dot_embedder__pb2.RerankRequest.SerializeToString,
+                response_deserializer=ragloom_dot_embedder_dot_v1_dot_embedder__pb2.RerankResponse.FromString,
+                _registered_method=True)
 
 
 class EmbedderServiceServicer:
@@ -77,6 +82,13 @@ class EmbedderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rerank(self, request, context):
+        """Scores how well each text answers a query, best first, with the sentences that answer it (as TEI's /rerank).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbedderServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +106,11 @@ def add_EmbedderServiceServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=ragloom_dot_embedder_dot_v1_dot_embedder__pb2.InfoRequest.FromString,
                     response_serializer=ragloom_dot_embedder_dot_v1_dot_embedder__pb2.InfoResponse.SerializeToString,
+            ),
+            'Rerank': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rerank,
+                    request_deserializer=ragloom_dot_embedder_dot_v1_dot_embedder__pb2.RerankRequest.FromString,
+                    response_serializer=ragloom_dot_embedder_dot_v1_dot_embedder__pb2.RerankResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +195,33 @@ class EmbedderService:
             '/ragloom.embedder.v1.EmbedderService/Info',
             ragloom_dot_embedder_dot_v1_dot_embedder__pb2.InfoRequest.SerializeToString,
             ragloom_dot_embedder_dot_v1_dot_embedder__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rerank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ragloom.embedder.v1.EmbedderService/Rerank',
+            ragloom_dot_embedder_dot_v1_dot_embedder__pb2.RerankRequest.SerializeToString,
+            ragloom_dot_embedder_dot_v1_dot_embedder__pb2.RerankResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,26 @@ class AskRequest(_message.Message):
     no_cache: bool
     def __init__(self, question: _Optional[str] = ..., top_k: _Optional[int] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., scope: _Optional[_Union[Scope, _Mapping]] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ..., require_complete: _Optional[bool] = ..., no_cache: _Optional[bool] = ...) -> None: ...
 
+class Span(_message.Message):
+    __slots__ = ("start", "end", "score")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    end: int
+    score: float
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...
+
+class Support(_message.Message):
+    __slots__ = ("source", "span", "text")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SPAN_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    source: int
+    span: Span
+    text: str
+    def __init__(self, source: _Optional[int] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., text: _Optional[str] = ...) -> None: ...
+
 class Coverage(_message.Message):
     __slots__ = ("partial", "shards_answered", "shards_failed")
     PARTIAL_FIELD_NUMBER: _ClassVar[int]
@@ -58,7 +78,7 @@ class Coverage(_message.Message):
     def __init__(self, partial: _Optional[bool] = ..., shards_answered: _Optional[_Iterable[int]] = ..., shards_failed: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Source(_message.Message):
-    __slots__ = ("number", "document_id", "chunk_id", "source", "text", "score", "shard_id")
+    __slots__ = ("number", "document_id", "chunk_id", "source", "text", "score", "shard_id", "evidence")
     NUMBER_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
     CHUNK_ID_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +86,7 @@ class Source(_message.Message):
     TEXT_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    EVIDENCE_FIELD_NUMBER: _ClassVar[int]
     number: int
     document_id: str
     chunk_id: str
@@ -73,26 +94,31 @@ class Source(_message.Message):
     text: str
     score: float
     shard_id: int
-    def __init__(self, number: _Optional[int] = ..., document_id: _Optional[str] = ..., chunk_id: _Optional[str] = ..., source: _Optional[str] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., shard_id: _Optional[int] = ...) -> None: ...
+    evidence: _containers.RepeatedCompositeFieldContainer[Span]
+    def __init__(self, number: _Optional[int] = ..., document_id: _Optional[str] = ..., chunk_id: _Optional[str] = ..., source: _Optional[str] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., shard_id: _Optional[int] = ..., evidence: _Optional[_Iterable[_Union[Span, _Mapping]]] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("embed_ms", "index_ms", "generate_ms", "time_to_first_token_ms", "total_ms", "parse_ms")
+    __slots__ = ("embed_ms", "index_ms", "generate_ms", "time_to_first_token_ms", "total_ms", "parse_ms", "rerank_ms", "verify_ms")
     EMBED_MS_FIELD_NUMBER: _ClassVar[int]
     INDEX_MS_FIELD_NUMBER: _ClassVar[int]
     GENERATE_MS_FIELD_NUMBER: _ClassVar[int]
     TIME_TO_FIRST_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
     PARSE_MS_FIELD_NUMBER: _ClassVar[int]
+    RERANK_MS_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_MS_FIELD_NUMBER: _ClassVar[int]
     embed_ms: float
     index_ms: float
     generate_ms: float
     time_to_first_token_ms: float
     total_ms: float
     parse_ms: float
-    def __init__(self, embed_ms: _Optional[float] = ..., index_ms: _Optional[float] = ..., generate_ms: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., parse_ms: _Optional[float] = ...) -> None: ...
+    rerank_ms: float
+    verify_ms: float
+    def __init__(self, embed_ms: _Optional[float] = ..., index_ms: _Optional[float] = ..., generate_ms: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., parse_ms: _Optional[float] = ..., rerank_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ...) -> None: ...
 
 class AskResponse(_message.Message):
-    __slots__ = ("answer", "sources", "citations", "timings", "completion_tokens", "coverage", "cached")
+    __slots__ = ("answer", "sources", "citations", "timings", "completion_tokens", "coverage", "cached", "abstained", "support", "extractive")
     ANSWER_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
     CITATIONS_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +126,9 @@ class AskResponse(_message.Message):
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COVERAGE_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
+    ABSTAINED_FIELD_NUMBER: _ClassVar[int]
+    SUPPORT_FIELD_NUMBER: _ClassVar[int]
+    EXTRACTIVE_FIELD_NUMBER: _ClassVar[int]
     answer: str
     sources: _containers.RepeatedCompositeFieldContainer[Source]
     citations: _containers.RepeatedScalarFieldContainer[int]
@@ -107,7 +136,10 @@ class AskResponse(_message.Message):
     completion_tokens: int
     coverage: Coverage
     cached: bool
-    def __init__(self, answer: _Optional[str] = ..., sources: _Optional[_Iterable[_Union[Source, _Mapping]]] = ..., citations: _Optional[_Iterable[int]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., completion_tokens: _Optional[int] = ..., coverage: _Optional[_Union[Coverage, _Mapping]] = ..., cached: _Optional[bool] = ...) -> None: ...
+    abstained: bool
+    support: _containers.RepeatedCompositeFieldContainer[Support]
+    extractive: bool
+    def __init__(self, answer: _Optional[str] = ..., sources: _Optional[_Iterable[_Union[Source, _Mapping]]] = ..., citations: _Optional[_Iterable[int]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., completion_tokens: _Optional[int] = ..., coverage: _Optional[_Union[Coverage, _Mapping]] = ..., cached: _Optional[bool] = ..., abstained: _Optional[bool] = ..., support: _Optional[_Iterable[_Union[Support, _Mapping]]] = ..., extractive: _Optional[bool] = ...) -> None: ...
 
 class AskSources(_message.Message):
     __slots__ = ("sources", "coverage", "cached")
@@ -120,14 +152,20 @@ class AskSources(_message.Message):
     def __init__(self, sources: _Optional[_Iterable[_Union[Source, _Mapping]]] = ..., coverage: _Optional[_Union[Coverage, _Mapping]] = ..., cached: _Optional[bool] = ...) -> None: ...
 
 class AskDone(_message.Message):
-    __slots__ = ("citations", "timings", "completion_tokens")
+    __slots__ = ("citations", "timings", "completion_tokens", "abstained", "support", "extractive")
     CITATIONS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ABSTAINED_FIELD_NUMBER: _ClassVar[int]
+    SUPPORT_FIELD_NUMBER: _ClassVar[int]
+    EXTRACTIVE_FIELD_NUMBER: _ClassVar[int]
     citations: _containers.RepeatedScalarFieldContainer[int]
     timings: Timings
     completion_tokens: int
-    def __init__(self, citations: _Optional[_Iterable[int]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
+    abstained: bool
+    support: _containers.RepeatedCompositeFieldContainer[Support]
+    extractive: bool
+    def __init__(self, citations: _Optional[_Iterable[int]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., completion_tokens: _Optional[int] = ..., abstained: _Optional[bool] = ..., support: _Optional[_Iterable[_Union[Support, _Mapping]]] = ..., extractive: _Optional[bool] = ...) -> None: ...
 
 class AskStreamResponse(_message.Message):
     __slots__ = ("sources", "token", "done")
@@ -140,34 +178,38 @@ class AskStreamResponse(_message.Message):
     def __init__(self, sources: _Optional[_Union[AskSources, _Mapping]] = ..., token: _Optional[str] = ..., done: _Optional[_Union[AskDone, _Mapping]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("query", "top_k", "scope", "mode", "require_complete")
+    __slots__ = ("query", "top_k", "scope", "mode", "require_complete", "rerank")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     REQUIRE_COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    RERANK_FIELD_NUMBER: _ClassVar[int]
     query: str
     top_k: int
     scope: Scope
     mode: RetrievalMode
     require_complete: bool
-    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., scope: _Optional[_Union[Scope, _Mapping]] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ..., require_complete: _Optional[bool] = ...) -> None: ...
+    rerank: bool
+    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., scope: _Optional[_Union[Scope, _Mapping]] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ..., require_complete: _Optional[bool] = ..., rerank: _Optional[bool] = ...) -> None: ...
 
 class SearchHit(_message.Message):
-    __slots__ = ("score", "document_id", "chunk_id", "source", "text", "shard_id")
+    __slots__ = ("score", "document_id", "chunk_id", "source", "text", "shard_id", "evidence")
     SCORE_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
     CHUNK_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    EVIDENCE_FIELD_NUMBER: _ClassVar[int]
     score: float
     document_id: str
     chunk_id: str
     source: str
     text: str
     shard_id: int
-    def __init__(self, score: _Optional[float] = ..., document_id: _Optional[str] = ..., chunk_id: _Optional[str] = ..., source: _Optional[str] = ..., text: _Optional[str] = ..., shard_id: _Optional[int] = ...) -> None: ...
+    evidence: _containers.RepeatedCompositeFieldContainer[Span]
+    def __init__(self, score: _Optional[float] = ..., document_id: _Optional[str] = ..., chunk_id: _Optional[str] = ..., source: _Optional[str] = ..., text: _Optional[str] = ..., shard_id: _Optional[int] = ..., evidence: _Optional[_Iterable[_Union[Span, _Mapping]]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("hits", "timings", "coverage")

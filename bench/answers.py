@@ -1,0 +1,334 @@
+"""Answer quality: is the answer right, is the citation right, does it abstain when the documents cannot answer?
+
+Corpus and labels: bench/data/answers — real man pages of this machine (rendered by bench/corpus.py) and
+questions written by hand from them, paraphrased away from the pages' wording, each with a reference
+answer pattern (a regex) and the page that holds it, plus questions no page answers.
+
+The real mesh runs once (2 shards, the packaged SmolLM2-135M); each configuration is one more router
+process over the same embedder, shards and generator, so all run against the same services in one run:
+
+    today        the pipeline before reranking: 4 whole passages, the model's own answer, never abstains
+                 (the named baseline)
+    default      rerank → best evidence sentences → verify each answer sentence → quote or abstain
+    no-rerank    default without the reranker: the top fused passage is the evidence, no abstention gate
+    no-verify    default without the sentence check (the abstention gate stays)
+    passages     default, but the model sees 4 whole passages as today
+    model        default with --model-path's GGUF as the generator (only when given)
+
+Per configuration: answer accuracy (the reference pattern is in a non-abstained answer), citation
+precision (cited sources that hold the answer), abstention on unanswerable questions, false abstention
+on answerable ones, time to first answer text and total time (p50, client side, uncached).
+
+    .venv/bin/python bench/answers.py [--configs default,today] [--limit N] [--model-path FILE.gguf]
+    .venv/bin/python bench/answers.py --fit     # fits the reranker weights and the abstention threshold
+
+Last line: one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import corpus  # noqa: E402
+from bench.common import percentile  # noqa: E402
+from mesh.launcher import Child, LocalMesh, _start, _wait_ready, free_port_block, stop_all  # noqa: E402
+from ragloom.router.v1 import router_pb2, router_pb2_grpc  # noqa: E402
+
+DATA = ROOT / "bench" / "data" / "answers"
+CONFIGS = {
+    "today": ["--no-rerank", "--no-verify", "--prompt", "passages", "--abstain-below", "-1", "--max-tokens", "256"],
+    "default": [],
+    "no-rerank": ["--no-rerank"],
+    "no-verify": ["--no-verify"],
+    "passages": ["--prompt", "passages"],
+    # Never abstains: its answers and top scores show where the abstention thresholds belong.
+    "calibrate": ["--abstain-below", "-1"],
+}
+
+
+def normalise(text: str) -> str:
+    return " ".join(text.split()).lower()
+
+
+def load_questions() -> list[dict]:
+    return json.loads((DATA / "questions.json").read_text())
+
+
+def ingest(stub, pages: dict[str, str]) -> None:
+    docs = [router_pb2.Document(id=name, source=f"{name}.txt", text=text, format="txt") for name, text in pages.items()]
+    for i in range(0, len(docs), 16):
+        stub.Ingest(router_pb2.IngestRequest(documents=docs[i : i + 16]), timeout=600)
+
+
+def holds_answer(source, q: dict) -> bool:
+    """The cited passage is from the right page and holds the answer (its evidence, or the pattern)."""
+    if source.document_id != q["document"]:
+        return False
+    return normalise(q["evidence"]) in normalise(source.text) or bool(re.search(q["answer"], source.text, re.I))
+
+
+def ask(stub, question: str) -> dict:
+    start = time.perf_counter()
+    first, text, sources, done = None, [], [], None
+    for event in stub.AskStream(router_pb2.AskRequest(question=question, no_cache=True), timeout=300):
+        kind = event.WhichOneof("event")
+        if kind == "sources":
+            sources = list(event.sources.sources)
+        elif kind == "token":
+            first = first or time.perf_counter()
+            text.append(event.token)
+        else:
+            done = event.done
+    end = time.perf_counter()
+    return {"answer": "".join(text), "sources": sources, "citations": list(done.citations),
+            "abstained": done.abstained, "extractive": done.extractive,
+            "ttft_ms": ((first or end) - start) * 1000, "total_ms": (end - start) * 1000}
+
+
+def evaluate(stub, questions: list[dict], name: str, verbose: bool) -> tuple[dict, list[dict]]:
+    rows = []
+    for i, q in enumerate(questions):
+        r = ask(stub, q["question"])
+        r["id"] = q["id"]
+        r["top_score"] = r["sources"][0].score if r["sources"] else 0.0
+        r["answerable"] = q["document"] is not None
+        answerable = q["document"] is not None
+        r["correct"] = answerable and not r["abstained"] and bool(re.search(q["answer"], r["answer"], re.I))
+        cited = [s for s in r["sources"] if s.number in r["citations"]]
+        r["cited_right"] = sum(holds_answer(s, q) for s in cited) if answerable else 0
+        r["cited"] = len(cited) if answerable else 0
+        r["answer_in_sources"] = answerable and any(holds_answer(s, q) for s in r["sources"])
+        rows.append(r)
+        if verbose:
+            mark = "ABST" if r["abstained"] else ("ok  " if r["correct"] else "--  ")
+            print(f"  [{name}] {i + 1:>3} {mark} {q['id']} {q['question'][:60]!r} → {r['answer'][:110]!r}", flush=True)
+    answerable = [r for q, r in zip(questions, rows) if q["document"] is not None]
+    unanswerable = [r for q, r in zip(questions, rows) if q["document"] is None]
+    cited = sum(r["cited"] for r in answerable)
+    figures = {
+        "accuracy": _share(sum(r["correct"] for r in answerable), len(answerable)),
+        "citation_precision": _share(sum(r["cited_right"] for r in answerable), cited),
+        "abstention_unanswerable": _share(sum(r["abstained"] for r in unanswerable), len(unanswerable)),
+        "false_abstention": _share(sum(r["abstained"] for r in answerable), len(answerable)),
+        "extractive": _share(sum(r["extractive"] for r in answerable), len(answerable)),
+        "answer_in_sources": _share(sum(r["answer_in_sources"] for r in answerable), len(answerable)),
+        "ttft_p50_ms": round(statistics.median(r["ttft_ms"] for r in rows), 1),
+        "ttft_p90_ms": round(percentile([r["ttft_ms"] for r in rows], 90), 1),
+        "total_p50_ms": round(statistics.median(r["total_ms"] for r in rows), 1),
+    }
+    return figures, rows
+
+
+def _share(n: int, d: int) -> float:
+    return round(n / d, 4) if d else 0.0
+
+
+def extra_router(mesh: LocalMesh, name: str, flags: list[str], data: Path, generator: str | None = None) -> Child:
+    """One more router over the mesh's services, with `flags` on top of the mesh router's own."""
+    base = mesh.child("router")
+    port = free_port_block(1)
+    argv = list(base.argv)
+    argv[argv.index("--port") + 1] = str(port)
+    if generator:
+        argv[argv.index("--generator") + 1] = generator
+    return Child(f"router-{name}", f"127.0.0.1:{port}", argv + flags, data / "logs" / f"router-{name}.log")
+
+
+def extra_generator(mesh: LocalMesh, model_path: str, data: Path) -> Child:
+    base = mesh.child("generator")
+    port = free_port_block(1)
+    argv = list(base.argv)
+    argv[argv.index("--port") + 1] = str(port)
+    return Child("generator-model", f"127.0.0.1:{port}", argv + ["--model-path", model_path],
+                 data / "logs" / "generator-model.log")
+
+
+def run(args: argparse.Namespace) -> None:
+    questions = load_questions()
+    if args.limit:
+        answerable = [q for q in questions if q["document"]][: args.limit]
+        unanswerable = [q for q in questions if not q["document"]][: max(1, args.limit // 4)]
+        questions = answerable + unanswerable
+    names = args.configs.split(",")
+    unknown = [n for n in names if n not in CONFIGS and n != "model"]
+    if unknown:
+        raise SystemExit(f"unknown configuration(s) {unknown}; choose from {', '.join([*CONFIGS, 'model'])}")
+    if args.model_path and "model" not in names:
+        names.append("model")
+    pages = corpus.load()
+    results, all_rows = {}, {}
+    with tempfile.TemporaryDirectory() as tmp, LocalMesh(Path(tmp), shards=2) as mesh:
+        data = Path(tmp)
+        ingest(router_pb2_grpc.RouterServiceStub(grpc.insecure_channel(mesh.router)), pages)
+        print(f"ingested {len(pages)} man pages; {len(questions)} questions; configurations: {', '.join(names)}",
+              file=sys.stderr)
+        for name in names:
+            children = []
+            if name == "model":
+                if not args.model_path:
+                    raise SystemExit("the 'model' configuration needs --model-path")
+                gen = extra_generator(mesh, args.model_path, data)
+                children.append(gen)
+                children.append(extra_router(mesh, name, [], data, generator=gen.address))
+            else:
+                children.append(extra_router(mesh, name, CONFIGS[name], data))
+            for child in children:
+                _start(child)
+            try:
+                asyncio.run(_wait_ready(children, 300, quiet=True))
+                stub = router_pb2_grpc.RouterServiceStub(grpc.insecure_channel(children[-1].address))
+                ask(stub, "warm-up: what does ls do?")
+                results[name], all_rows[name] = evaluate(stub, questions, name, args.verbose)
+            finally:
+                stop_all(children)
+            print(f"{name:>10}: {results[name]}", file=sys.stderr, flush=True)
+
+    print(f"\n{'configuration':>13} {'accuracy':>8} {'cite-prec':>9} {'abstain':>7} {'false-abst':>10} "
+          f"{'quoted':>6} {'TTFT p50':>9} {'total p50':>9}")
+    for name, f in results.items():
+        print(f"{name:>13} {f['accuracy']:>8.1%} {f['citation_precision']:>9.1%} {f['abstention_unanswerable']:>7.1%} "
+              f"{f['false_abstention']:>10.1%} {f['extractive']:>6.1%} {f['ttft_p50_ms']:>7.0f}ms {f['total_p50_ms']:>7.0f}ms")
+    figures: dict = {"questions": len(questions), "answerable": sum(1 for q in questions if q["document"]),
+                     "baseline": "today", "configurations": results}
+    if "today" in results and "default" in results:
+        figures["accuracy_gain_points"] = round(100 * (results["default"]["accuracy"] - results["today"]["accuracy"]), 1)
+        figures["citation_precision_gain_points"] = round(
+            100 * (results["default"]["citation_precision"] - results["today"]["citation_precision"]), 1)
+    if args.dump:
+        Path(args.dump).write_text(json.dumps({n: [{k: v for k, v in r.items() if k != "sources"} for r in rows]
+                                               for n, rows in all_rows.items()}, indent=1))
+    print(json.dumps(figures))
+
+
+# ---- fitting ---------------------------------------------------------------------------------------
+
+
+def fit(args: argparse.Namespace) -> None:
+    """Fits the reranker's weights, the retrieval prior and the abstention threshold on the labelled set,
+    and compares fp32 with int8 retrieval quality (nDCG@10 of dense search over the same chunks)."""
+    import numpy as np
+
+    from embedder import rerank
+    from embedder.model import OnnxEmbedder
+    from embedder.server import resolve_model
+    from router.chunking import Chunker
+    from router.server import _packaged_tokenizer
+
+    questions = load_questions()
+    pages = corpus.load()
+    chunker = Chunker.from_file(_packaged_tokenizer())
+    from router.parsing import normalise_whitespace
+
+    chunks = [(name, text) for name, page in pages.items() for text in chunker.split(normalise_whitespace(page))]
+    print(f"{len(chunks)} chunks from {len(pages)} pages", file=sys.stderr)
+    models = {v: OnnxEmbedder(resolve_model(v)) for v in ("minilm", "minilm-int8")}
+    figures: dict = {"chunks": len(chunks)}
+    answerable = [q for q in questions if q["document"]]
+    for variant, model in models.items():
+        start = time.perf_counter()
+        vectors = model.embed([t for _, t in chunks]).vectors
+        figures[f"{variant}_embed_chunks_s"] = round(time.perf_counter() - start, 2)
+        queries = model.embed([q["question"] for q in answerable]).vectors
+        ndcg = []
+        for q, v in zip(answerable, queries):
+            order = np.argsort(-(vectors @ v))[:10]
+            relevant = [chunks[i][0] == q["document"] and normalise(q["evidence"]) in normalise(chunks[i][1]) for i in order]
+            dcg = sum(1 / math.log2(r + 2) for r, hit in enumerate(relevant) if hit)
+            ndcg.append(dcg)  # one relevant chunk at most in most cases: ideal DCG is 1
+        figures[f"{variant}_ndcg@10"] = round(statistics.mean(min(1.0, d) for d in ndcg), 4)
+    figures["int8_minus_fp32_ndcg@10"] = round(figures["minilm-int8_ndcg@10"] - figures["minilm_ndcg@10"], 4)
+
+    # Candidates as the router sees them: dense top-24 of the default model (hybrid adds BM25 at the shards;
+    # dense alone is what is available in process), with their retrieval rank.
+    model = models[args.fit_model]
+    vectors = model.embed([t for _, t in chunks]).vectors
+
+    async def embed(texts):
+        return model.embed(texts).vectors
+
+    cases = []
+    for q in questions:
+        v = model.embed([q["question"]]).vectors[0]
+        order = np.argsort(-(vectors @ v))[:24]
+        texts = [chunks[i][1] for i in order]
+        f = asyncio.run(rerank.features(q["question"], texts, embed))
+        cases.append((q, texts, [chunks[i][0] for i in order], f))
+
+    def evaluate_weights(w: rerank.Weights, prior: float, subset) -> tuple[float, list[float], list[float]]:
+        hits, good, bad = 0, [], []
+        for q, texts, docs, f in subset:
+            ranked = rerank.rank(f, len(texts), w, spans_per_text=1)
+            combined = sorted(((r.score + prior / (1 + r.index), r) for r in ranked), key=lambda x: -x[0])
+            top_score, top = combined[0]
+            if q["document"] is None:
+                bad.append(top_score)
+                continue
+            good.append(top_score)
+            span = top.spans[0]
+            sentence = texts[top.index][span.start : span.end]
+            hits += docs[top.index] == q["document"] and bool(re.search(q["answer"], sentence, re.I))
+        n = sum(1 for c in subset if c[0]["document"])
+        return hits / max(1, n), good, bad
+
+    grid = [(rerank.Weights(1.0, lex, ctx), prior) for lex in (0.0, 0.2, 0.35, 0.5, 0.8)
+            for ctx in (0.0, 0.25, 0.5) for prior in (0.0, 0.05, 0.1, 0.2)]
+    # Two folds by page: fit on one half of the pages, report on the other.
+    names = sorted(pages)
+    folds = [set(names[0::2]), set(names[1::2])]
+    held_out = []
+    for fold in folds:
+        train = [c for c in cases if c[0]["document"] not in fold]
+        test = [c for c in cases if c[0]["document"] in fold or c[0]["document"] is None]
+        best = max(grid, key=lambda g: evaluate_weights(*g, train)[0])
+        held_out.append((best, evaluate_weights(*best, test)[0]))
+    best = max(grid, key=lambda g: evaluate_weights(*g, cases)[0])
+    hit1, good, bad = evaluate_weights(*best, cases)
+    baseline_hit1, _, _ = evaluate_weights(rerank.Weights(1.0, 0.0, 0.0), 0.0, cases)
+    # Threshold: the highest that keeps false abstention on answerable questions at most 10 %.
+    threshold = sorted(good)[max(0, int(0.10 * len(good)) - 1)] if good else 0.0
+    figures.update({
+        "fit_model": args.fit_model,
+        "weights": {"dense": best[0].dense, "lexical": best[0].lexical, "context": best[0].context, "prior": best[1]},
+        "evidence_sentence_hit@1": round(hit1, 4),
+        "evidence_sentence_hit@1_dense_only": round(baseline_hit1, 4),
+        "held_out_hit@1": [round(h, 4) for _, h in held_out],
+        "held_out_weights": [[g[0].lexical, g[0].context, g[1]] for g, _ in held_out],
+        "abstain_below": round(threshold, 4),
+        "abstention_at_threshold": round(sum(s < threshold for s in bad) / max(1, len(bad)), 4),
+        "false_abstention_at_threshold": round(sum(s < threshold for s in good) / max(1, len(good)), 4),
+        "top_score_answerable_p10_p50": [round(percentile(good, 10), 4), round(percentile(good, 50), 4)],
+        "top_score_unanswerable_p50_p90": [round(percentile(bad, 50), 4), round(percentile(bad, 90), 4)],
+    })
+    print(json.dumps(figures))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="today,default,no-rerank,no-verify,passages",
+                        help="comma-separated configurations to run (default: all but 'model')")
+    parser.add_argument("--limit", type=int, default=0, help="only the first N answerable questions (and N/4 others)")
+    parser.add_argument("--model-path", default="", help="a GGUF model: adds the 'model' configuration")
+    parser.add_argument("--verbose", action="store_true", help="print every answer")
+    parser.add_argument("--dump", default="", help="write every answer of every configuration to this JSON file")
+    parser.add_argument("--fit", action="store_true", help="fit the reranker weights and abstention threshold instead")
+    parser.add_argument("--fit-model", default="minilm-int8", help="embedder variant the fit uses")
+    args = parser.parse_args()
+    fit(args) if args.fit else run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Reranking with the embedding model: how well each text answers a query, and which sentences do.
+
+Small-to-big: a passage is as good as its best sentence. Each text is cut into sentences
+(`mesh.text.sentence_spans`); every sentence is scored by
+
+    score = dense_weight · cos(query, sentence) + lexical_weight · BM25(query, sentence) / BM25(query, ideal)
+            + type_weight · [the sentence holds what the question asks for: a number, an option, a signal]
+
+where the BM25 statistics (IDF, mean length) come from all the sentences of the request, and the
+"ideal" sentence holds each query term once at mean length, so the lexical part is ~0..1 like the
+cosine. A text's score is its best sentence's, plus `context_weight` · cos(query, whole text) so that a
+passage about the subject beats a stray sentence that happens to match. The weights were fitted on the
+labelled man-page set (bench/answers.py --fit); see the README.
+
+This is the scorer behind the `Rerank` RPC: a cross-encoder can replace it without the router knowing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from mesh.text import answer_types, content_words, has_answer_type, sentence_spans
+
+# Fitted on bench/data/answers (see bench/answers.py --fit): evidence-sentence hit@1 on held-out pages.
+DENSE_WEIGHT = 1.0
+LEXICAL_WEIGHT = 0.35
+CONTEXT_WEIGHT = 0.25
+TYPE_WEIGHT = 0.2
+BM25_K1 = 1.2
+BM25_B = 0.75
+
+
+@dataclass(frozen=True)
+class Span:
+    """A sentence of a text, by character offsets (Unicode code points), and how well it answers."""
+
+    start: int
+    end: int
+    score: float
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """One input text: its position in the request, its score, its best sentences (best first)."""
+
+    index: int
+    score: float
+    spans: list[Span]
+
+
+@dataclass(frozen=True)
+class Weights:
+    dense: float = DENSE_WEIGHT
+    lexical: float = LEXICAL_WEIGHT
+    context: float = CONTEXT_WEIGHT
+    answer_type: float = TYPE_WEIGHT
+
+
+Embed = Callable[[list[str]], Awaitable[np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Features:
+    """Per-sentence features of one request, kept apart so the weights can be fitted offline."""
+
+    sentences: list[tuple[int, int, int]]  # (text index, start, end)
+    dense: np.ndarray  # cos(query, sentence)
+    lexical: np.ndarray  # BM25 / ideal BM25
+    context: np.ndarray  # cos(query, text), per text
+    typed: np.ndarray  # 1 where the sentence holds the kind of thing the question asks for
+
+
+async def features(query: str, texts: Sequence[str], embed: Embed, titles: Sequence[str] = ()) -> Features:
+    """`titles[i]`, when given, is what text i is about (its document's title): a sentence is read with its
+    title in front, so "it makes three passes" is known to be about shred."""
+    sentences = [(i, start, end) for i, text in enumerate(texts) for start, end in _units(text)]
+    titled = [f"{titles[i]}: " if i < len(titles) and titles[i] else "" for i in range(len(texts))]
+    pieces = [titled[i] + texts[i][start:end] for i, start, end in sentences]
+    vectors = await embed([query, *(titled[i] + t for i, t in enumerate(texts)), *pieces])
+    q, text_vectors, sentence_vectors = vectors[0], vectors[1 : 1 + len(texts)], vectors[1 + len(texts) :]
+    kinds = answer_types(query)
+    typed = np.array([float(bool(kinds) and has_answer_type(p, kinds)) for p in pieces], dtype=np.float32)
+    return Features(sentences, sentence_vectors @ q, _bm25(query, pieces), text_vectors @ q, typed)
+
+
+def rank(features: Features, n_texts: int, weights: Weights = Weights(), spans_per_text: int = 3) -> list[Ranked]:
+    """Texts best first, each with its `spans_per_text` best sentences."""
+    sentence_scores = (weights.dense * features.dense + weights.lexical * features.lexical
+                       + weights.answer_type * features.typed)
+    per_text: list[list[Span]] = [[] for _ in range(n_texts)]
+    for (i, start, end), score in zip(features.sentences, sentence_scores.tolist()):
+        per_text[i].append(Span(start, end, score))
+    ranked = []
+    for i, spans in enumerate(per_text):
+        spans.sort(key=lambda s: -s.score)
+        best = spans[0].score if spans else 0.0
+        ranked.append(Ranked(i, best + weights.context * float(features.context[i]), _disjoint(spans, spans_per_text)))
+    ranked.sort(key=lambda r: (-r.score, r.index))
+    return ranked
+
+
+def _disjoint(spans: list[Span], n: int) -> list[Span]:
+    """The best `n` spans that do not overlap one another (spans sorted best first)."""
+    chosen: list[Span] = []
+    for span in spans:
+        if len(chosen) == n:
+            break
+        if all(span.end <= c.start or span.start >= c.end for c in chosen):
+            chosen.append(span)
+    return chosen
+
+
+async def rerank(query: str, texts: Sequence[str], embed: Embed, weights: Weights = Weights(),
+                 spans_per_text: int = 3, titles: Sequence[str] = ()) -> list[Ranked]:
+    return rank(await features(query, texts, embed, titles), len(texts), weights, spans_per_text)
+
+
+def _units(text: str) -> list[tuple[int, int]]:
+    """Sentences, and each pair of neighbouring sentences of one paragraph: an option's name and the sentence
+    that describes it, a claim and the number that follows it, are often one answer."""
+    spans = sentence_spans(text) or [(0, len(text))]
+    pairs = [(a[0], b[1]) for a, b in zip(spans, spans[1:]) if "\n\n" not in text[a[1] : b[0]]]
+    return spans + pairs
+
+
+def _bm25(query: str, sentences: list[str]) -> np.ndarray:
+    terms = set(content_words(query))
+    docs = [Counter(content_words(s)) for s in sentences]
+    if not terms or not docs:
+        return np.zeros(len(sentences), dtype=np.float32)
+    n = len(docs)
+    mean_length = max(1.0, sum(sum(d.values()) for d in docs) / n)
+    idf = {t: math.log(1 + (n - df + 0.5) / (df + 0.5)) for t in terms for df in [sum(1 for d in docs if t in d)]}
+    ideal = sum(idf.values()) * (BM25_K1 + 1) / (1 + BM25_K1)  # each term once, at mean length
+    scores = np.zeros(n, dtype=np.float32)
+    for j, doc in enumerate(docs):
+        norm = BM25_K1 * (1 - BM25_B + BM25_B * sum(doc.values()) / mean_length)
+        scores[j] = sum(idf[t] * doc[t] * (BM25_K1 + 1) / (doc[t] + norm) for t in terms if t in doc)
+    return np.minimum(scores / ideal, 1.0)  # a term said twice does not make the sentence answer twice as well

@@ -1,0 +1,141 @@
+"""Checks each sentence of a generated answer against the evidence it was generated from.
+
+A sentence is kept only when
+  * every number and every command-line option name in it appears in the best evidence sentence (the
+    reranker's first): a small model's favourite inventions are numbers ("a SHA-1 hash 203856749",
+    "watch accepts 1 second") and, given three sentences, the option of the wrong one;
+  * it says something the question did not: two content words of the evidence that are not in the
+    question and not mere filler ("you can use the following command:"), or a number or option;
+  * it is prose, not code, and does not decline ("not specified", "I don't know");
+  * most of its content words come from the evidence or the question (`min_overlap`), or, for a
+    paraphrase, enough of them do (`min_paraphrase_overlap`) and its meaning is close to an evidence
+    sentence (embedding cosine ≥ `min_similarity`).
+The sentence is then cited to the source whose evidence supports it best — the citation is attached
+by the router, never taken from the model's [n] markers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mesh.text import content_words, numbers, options
+from router.evidence import Sentence
+
+_MARKER = re.compile(r"\s*\[\d+(?:\s*,\s*\d+)*\]")
+_DECLINES = re.compile(r"\b(?:i (?:do not|don't|cannot|can't) (?:know|tell|say|answer)|(?:is|are) not (?:stated|mentioned|"
+                       r"provided|given|specified|possible|known)|does not (?:say|mention|state|answer|specify)|"
+                       r"no information)\b", re.I)
+# Code, not an answer: a definition, a call, a shell prompt, a fenced block.
+_CODE = re.compile(r"^\s*(?:def |class |import |\$ |>>> |```)|[{};]\s*$|\w\(\S*\)|`{3}")
+# Words that carry no answer of their own.
+FILLER = frozenset(content_words(
+    "answer question evidence command commands option options flag flags file files following example "
+    "specify specified specifies used run runs running way order whether information text line lines output"))
+# A sentence ends at . ! ? (not inside a number or an option like "-n."), or at a line break.
+_BOUNDARY = re.compile(r"(?<=[^\d\s][.!?])\s+|(?<=\d[.!?])\s+(?=[A-Z])|\n+")
+
+
+@dataclass
+class VerifierConfig:
+    min_overlap: float = 0.6
+    min_paraphrase_overlap: float = 0.34
+    min_similarity: float = 0.6
+
+
+@dataclass(frozen=True)
+class Verdict:
+    sentence: str  # the sentence without the model's own [n] markers
+    supported: bool
+    reason: str
+    source: int = 0  # number of the supporting source when supported
+    support: Sentence | None = None  # the evidence sentence that supports it best
+    overlap: float = 0.0
+
+
+def strip_markers(text: str) -> str:
+    return _MARKER.sub("", text).strip()
+
+
+def declines(text: str) -> bool:
+    """The model said the evidence does not answer."""
+    return bool(_DECLINES.search(text))
+
+
+def split_sentences(buffer: str) -> tuple[list[str], str]:
+    """Complete sentences at the front of a growing answer, and the unfinished rest."""
+    sentences, start = [], 0
+    for match in _BOUNDARY.finditer(buffer):
+        piece = buffer[start : match.start()].strip()
+        if piece:
+            sentences.append(piece)
+        start = match.end()
+    return sentences, buffer[start:]
+
+
+class Verifier:
+    def __init__(self, question: str, evidence: Sequence[Sentence], config: VerifierConfig = VerifierConfig()):
+        self.config = config
+        self.evidence = list(evidence)
+        primary = max(self.evidence, key=lambda s: s.span.score).text if self.evidence else ""
+        self._primary_numbers, self._primary_options = numbers(primary), options(primary)
+        self._question = set(content_words(question))
+        self._question_options = options(question)
+        by_source: dict[int, list[Sentence]] = {}
+        for s in self.evidence:
+            by_source.setdefault(s.number, []).append(s)
+        self._sources = {n: " ".join(s.text for s in group) for n, group in by_source.items()}
+        self._words = {n: set(content_words(t)) for n, t in self._sources.items()}
+        self._numbers = {n: numbers(t) for n, t in self._sources.items()}
+        self._options = {n: options(t) for n, t in self._sources.items()}
+
+    def check(self, sentence: str, similarity: Sequence[float] | None = None) -> Verdict:
+        """Whether `sentence` is supported; `similarity[i]` is its embedding cosine to evidence sentence i."""
+        clean = strip_markers(sentence)
+        words = content_words(clean)
+        if not words:
+            return Verdict(clean, False, "no content")
+        if declines(clean):
+            return Verdict(clean, False, "declines to answer")
+        if _CODE.search(clean):
+            return Verdict(clean, False, "code, not an answer")
+        best: Verdict | None = None
+        for number in self._sources:
+            verdict = self._against(clean, words, number, similarity)
+            if verdict.supported:
+                if best is None or not best.supported or verdict.overlap > best.overlap:
+                    best = verdict
+            elif best is None or (not best.supported and verdict.overlap > best.overlap):
+                best = verdict
+        return best or Verdict(clean, False, "no evidence")
+
+    def _against(self, clean: str, words: list[str], number: int, similarity: Sequence[float] | None) -> Verdict:
+        evidence_words = self._words[number]
+        said_numbers, said_options = numbers(clean), options(clean)
+        missing_numbers = said_numbers - (self._numbers[number] & self._primary_numbers)
+        if missing_numbers:
+            return Verdict(clean, False, f"number {sorted(missing_numbers)[0]} is not in the best evidence")
+        missing_options = said_options - (self._options[number] & self._primary_options) - self._question_options
+        if missing_options:
+            return Verdict(clean, False, f"option {sorted(missing_options)[0]} is not in the best evidence")
+        distinct = set(words)
+        new = (distinct & evidence_words) - self._question - FILLER
+        if len(new) < 2 and not (said_numbers or said_options - self._question_options):
+            return Verdict(clean, False, "adds nothing from the evidence to the question")
+        overlap = len(distinct & (evidence_words | self._question)) / len(distinct)
+        support = self._closest(number, clean, similarity)
+        sim = max((similarity[i] for i, s in enumerate(self.evidence) if s.number == number), default=0.0) \
+            if similarity is not None else 0.0
+        if overlap >= self.config.min_overlap:
+            return Verdict(clean, True, "words in the evidence", number, support, overlap)
+        if overlap >= self.config.min_paraphrase_overlap and sim >= self.config.min_similarity:
+            return Verdict(clean, True, f"paraphrase (cosine {sim:.2f})", number, support, overlap)
+        return Verdict(clean, False, f"only {overlap:.0%} of its words are in the evidence", overlap=overlap)
+
+    def _closest(self, number: int, clean: str, similarity: Sequence[float] | None) -> Sentence:
+        candidates = [(i, s) for i, s in enumerate(self.evidence) if s.number == number]
+        if similarity is not None:
+            return max(candidates, key=lambda c: similarity[c[0]])[1]
+        words = set(content_words(clean))
+        return max(candidates, key=lambda c: len(words & set(content_words(c[1].text))))[1]

@@ -1,0 +1,146 @@
+"""The ask flow in process, over fake clients: reranked evidence, verified sentences, quote, abstention, cache."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from mesh.client import Deadline
+from router.cache import Cache, MemoryBackend
+from router.evidence import Scored, Span
+from router.rag import ABSTENTION, AskDone, AskSources, AskToken, Rag, RagConfig
+
+SHRED = ("shred overwrites the specified files repeatedly. -n, --iterations=N overwrite N times instead of the "
+         "default (3). -u deallocate and remove file after overwriting.")
+OTHER = "watch runs a command repeatedly, displaying its output and errors; by default every 2 seconds."
+
+
+class Words:
+    def count(self, text):
+        return len(text.split())
+
+
+class FakeEmbedder:
+    def __init__(self, best_score):
+        self.best_score = best_score
+        self.reranked = []
+
+    async def embed(self, texts, deadline):
+        vectors = np.array([[len(t) % 7 + 1.0, 1.0, (len(t) % 3) + 0.5] for t in texts], dtype=np.float32)
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+    async def rerank(self, query, texts, deadline, titles=()):
+        self.reranked.append(len(texts))
+        self.titles = list(titles)
+        spans = {SHRED: (Span(49, 113, 0.9), Span(0, 48, 0.8)), OTHER: (Span(0, len(OTHER), 0.3),)}
+        order = sorted(range(len(texts)), key=lambda i: texts[i] != SHRED)
+        return [Scored(i, self.best_score if texts[i] == SHRED else 0.2, spans[texts[i]]) for i in order]
+
+    async def close(self):
+        pass
+
+
+class FakeShards:
+    """One shard whose dense and lexical searches both return OTHER first, SHRED second."""
+
+    shard_id = 0
+
+    async def read(self, call, deadline):
+        return await call(self)
+
+    async def search(self, *args):
+        return self._reply()
+
+    async def lexical_search(self, *args):
+        return self._reply()
+
+    def _reply(self):
+        hits = [SimpleNamespace(score=0.9 - i / 10, document_id=f"d{i}", chunk_id=f"d{i}#0", source=f"{n}.1",
+                                text=t) for i, (n, t) in enumerate([("watch", OTHER), ("shred", SHRED)])]
+        return SimpleNamespace(results=[SimpleNamespace(hits=hits)])
+
+    async def close(self):
+        pass
+
+
+class FakeGenerator:
+    def __init__(self, *pieces):
+        self.pieces = pieces
+        self.requests = []
+
+    async def generate(self, request, deadline):
+        self.requests.append(request)
+        for piece in self.pieces:
+            yield SimpleNamespace(text=piece, HasField=lambda name: False)
+
+    async def close(self):
+        pass
+
+
+def make_rag(generator, best_score=0.9, **config):
+    embedder = FakeEmbedder(best_score)
+    rag = Rag(RagConfig(**config), Words(), embedder, [FakeShards()], generator, Cache(MemoryBackend()))
+    return rag, embedder
+
+
+async def ask(rag, question="How many passes does shred make unless told otherwise?"):
+    events = [e async for e in rag.ask(question, None, None, None, Deadline(10))]
+    sources = next(e for e in events if isinstance(e, AskSources))
+    text = "".join(e.text for e in events if isinstance(e, AskToken))
+    return sources, text, events[-1]
+
+
+async def test_unsupported_sentences_are_dropped_and_kept_ones_cited_by_the_router():
+    generator = FakeGenerator("Shred uses a SHA-1 hash 203856749. ", "By default it overwrites", " 3 times [2].")
+    rag, embedder = make_rag(generator)
+    sources, text, done = await ask(rag)
+    assert embedder.reranked == [2] and embedder.titles == ["watch 1", "shred 1"]
+    assert sources.sources[0][1].text == SHRED and sources.sources[0][1].evidence[0] == Span(49, 113, 0.9)
+    assert text == "By default it overwrites 3 times. [1]"
+    assert isinstance(done, AskDone) and done.citations == [1] and not done.abstained and not done.extractive
+    assert done.support[0].source == 1 and "default (3)" in done.support[0].text
+    prompt = generator.requests[0].messages[1].content
+    assert "[1] -n, --iterations=N overwrite N times" in prompt and "watch" not in prompt
+
+
+async def test_when_nothing_is_supported_the_evidence_is_quoted():
+    rag, _ = make_rag(FakeGenerator("The answer to the question is: ", "seven passes with SHA-1."))
+    _, text, done = await ask(rag)
+    # The two best sentences of the best source, in reading order.
+    assert text == ("“shred overwrites the specified files repeatedly.” [1] "
+                    "“-n, --iterations=N overwrite N times instead of the default (3).” [1]")
+    assert done.extractive and done.citations == [1] and len(done.support) == 2
+
+
+async def test_weak_evidence_abstains_without_generating():
+    generator = FakeGenerator("never used")
+    rag, _ = make_rag(generator, best_score=0.3)
+    sources, text, done = await ask(rag, "Who won the 1998 football world cup?")
+    assert done.abstained and text == ABSTENTION and not generator.requests and not done.citations
+    assert [n for n, _ in sources.sources] == [1, 2]  # the closest passages are still listed
+
+
+async def test_the_pipeline_of_today_is_one_setting_away():
+    generator = FakeGenerator("Shred uses a SHA-1 hash 203856749 [1].")
+    rag, embedder = make_rag(generator, rerank_ask=False, verify=False, prompt="passages")
+    _, text, done = await ask(rag)
+    assert text == "Shred uses a SHA-1 hash 203856749 [1]." and done.citations == [1] and not embedder.reranked
+    assert "Sources:" in generator.requests[0].messages[1].content
+
+
+async def test_a_cached_answer_replays_abstention_and_support():
+    rag, _ = make_rag(FakeGenerator("By default it overwrites 3 times."))
+    _, first, done = await ask(rag)
+    _, again, replayed = await ask(rag)
+    assert again == first and replayed.support == done.support and replayed.citations == done.citations
+    rag, _ = make_rag(FakeGenerator("x"), best_score=0.1)
+    await ask(rag, "off topic?")
+    _, text, replayed = await ask(rag, "off topic?")
+    assert replayed.abstained and text == ABSTENTION
+
+
+@pytest.mark.parametrize("verify", [True, False])
+async def test_time_to_first_token_counts_from_the_start_of_the_ask(verify):
+    rag, _ = make_rag(FakeGenerator("By default it overwrites 3 times."), verify=verify)
+    _, _, done = await ask(rag)
+    assert 0 < done.timings.time_to_first_token_ms <= done.timings.total_ms

@@ -1,0 +1,71 @@
+"""The answer verifier: what it keeps, what it drops and why."""
+
+from router.evidence import Sentence, Span
+from router.verify import Verifier, declines, split_sentences, strip_markers
+
+SHRED = "-n, --iterations=N overwrite N times instead of the default (3)"
+REMOVE = "-u deallocate and remove file after overwriting"
+EVIDENCE = [Sentence(1, Span(0, len(SHRED), 0.8), SHRED), Sentence(2, Span(0, len(REMOVE), 0.5), REMOVE)]
+QUESTION = "How many times does shred overwrite a file unless told otherwise?"
+
+
+def check(sentence, similarity=None):
+    return Verifier(QUESTION, EVIDENCE).check(sentence, similarity)
+
+
+def test_a_sentence_whose_number_is_not_in_the_evidence_is_dropped():
+    verdict = check("Shred overwrites the file 25 times by default [1].")
+    assert not verdict.supported and "number 25" in verdict.reason
+    assert check("Shred uses a SHA-1 hash 203856749 to overwrite the file.").reason.startswith("number")
+
+
+def test_the_same_sentence_with_the_evidence_number_is_kept_and_cited_to_its_source():
+    verdict = check("By default shred overwrites the file 3 times [2].")
+    assert verdict.supported and verdict.source == 1  # the router's citation, not the model's [2]
+    assert verdict.sentence == "By default shred overwrites the file 3 times."
+    assert verdict.support.text == SHRED
+
+
+def test_an_option_name_not_in_the_evidence_is_dropped():
+    verdict = check("Use the --passes option to overwrite the file 3 times.")
+    assert not verdict.supported and "option --passes" in verdict.reason
+    assert check("Use -n to choose how many times to overwrite; the default is 3.").supported
+
+
+def test_a_sentence_that_only_restates_the_question_is_dropped():
+    assert not check("The answer to the question is:").supported
+    assert not check("Shred overwrites a file unless told otherwise.").supported
+
+
+def test_words_not_in_the_evidence_are_dropped_unless_a_close_paraphrase():
+    invented = "Shred encrypts the disk with a random key before formatting it."
+    assert not check(invented).supported
+    paraphrase = "The data gets overwritten repeatedly, 3 times by default."
+    weak = check(paraphrase, similarity=[0.3, 0.1])
+    strong = check(paraphrase, similarity=[0.8, 0.1])
+    assert not weak.supported and strong.supported and strong.source == 1
+
+
+def test_declining_is_never_an_answer():
+    assert declines("I don't know.") and declines("The evidence does not mention it.")
+    assert not check("I don't know how many times shred overwrites [1].").supported
+    assert not declines("shred overwrites 3 times")
+
+
+def test_sentences_are_split_as_they_stream_without_cutting_numbers_or_options():
+    done, rest = split_sentences("It overwrites 3.5 times. Use -n. Then it")
+    assert done == ["It overwrites 3.5 times.", "Use -n."] and rest == "Then it"
+    assert split_sentences("First line\nsecond")[0] == ["First line"]
+    assert strip_markers("Yes [1, 2] it does [3].") == "Yes it does."
+
+
+def test_an_option_or_number_of_a_lesser_evidence_sentence_is_not_enough():
+    # -u is in the evidence, but not in the best sentence, which is what the question is about.
+    verdict = check("Use -u to choose how many times shred overwrites.")
+    assert not verdict.supported and "option -u" in verdict.reason
+
+
+def test_code_and_filler_are_not_answers():
+    assert check("def overwrite_file(times=3):").reason == "code, not an answer"
+    assert not check("You can use the following option to overwrite the file:").supported
+    assert not check("The number of times is not specified.").supported
