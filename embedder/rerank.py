@@ -22,6 +22,8 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+import re
+
 import numpy as np
 
 from mesh.text import answer_types, content_words, has_answer_type, sentence_spans
@@ -29,8 +31,13 @@ from mesh.text import answer_types, content_words, has_answer_type, sentence_spa
 # Fitted on bench/data/answers (see bench/answers.py --fit): evidence-sentence hit@1 on held-out pages.
 DENSE_WEIGHT = 1.0
 LEXICAL_WEIGHT = 0.35
-CONTEXT_WEIGHT = 0.25
-TYPE_WEIGHT = 0.2
+CONTEXT_WEIGHT = 0.1
+TYPE_WEIGHT = 0.3
+# Verbs a question is phrased with that say nothing about which sentence answers it ("how do bees tell ...").
+_GENERIC = frozenset(content_words("tell let know make give take show find get keep need come go put see say "
+                                   "happen want try call"))
+_WORDS = re.compile(r"[A-Za-z0-9]+")
+_ANSWER_ATOM = re.compile(r"(?<![\w-])--?[A-Za-z]|\d")
 BM25_K1 = 1.2
 BM25_B = 0.75
 
@@ -77,15 +84,36 @@ class Features:
 
 async def features(query: str, texts: Sequence[str], embed: Embed, titles: Sequence[str] = ()) -> Features:
     """`titles[i]`, when given, is what text i is about (its document's title): a sentence is read with its
-    title in front, so "it makes three passes" is known to be about shred."""
-    sentences = [(i, start, end) for i, text in enumerate(texts) for start, end in _units(text)]
+    title in front, so "it makes three passes" is known to be about shred.
+
+    Only the sentences are embedded (one model call for the whole request); a pair's vector is the
+    length-weighted mean of its two sentences' and a text's the mean of all its sentences' (mean-pooled
+    embeddings add up nearly so), which costs a third of embedding pairs and texts whole."""
     titled = [f"{titles[i]}: " if i < len(titles) and titles[i] else "" for i in range(len(texts))]
-    pieces = [titled[i] + texts[i][start:end] for i, start, end in sentences]
-    vectors = await embed([query, *(titled[i] + t for i, t in enumerate(texts)), *pieces])
-    q, text_vectors, sentence_vectors = vectors[0], vectors[1 : 1 + len(texts)], vectors[1 + len(texts) :]
+    per_text = [sentence_spans(text) or [(0, len(text))] for text in texts]
+    flat = [(i, a, b) for i, spans in enumerate(per_text) for a, b in spans]
+    vectors = await embed([query, *(titled[i] + texts[i][a:b] for i, a, b in flat)])
+    q, sentence_vectors = vectors[0], vectors[1:]
+    weights = np.array([b - a for _, a, b in flat], dtype=np.float32)[:, None]
+
+    units, unit_vectors, context, row = [], [], np.zeros(len(texts), dtype=np.float32), 0
+    for i, spans in enumerate(per_text):
+        rows = range(row, row + len(spans))
+        row += len(spans)
+        context[i] = _normalise((sentence_vectors[rows] * weights[rows]).sum(axis=0)) @ q
+        for (start, end), r in _units(texts[i], spans, rows):
+            units.append((i, start, end))
+            unit_vectors.append(_normalise((sentence_vectors[r] * weights[r]).sum(axis=0)))
+    pieces = [titled[i] + texts[i][a:b] for i, a, b in units]
     kinds = answer_types(query)
     typed = np.array([float(bool(kinds) and has_answer_type(p, kinds)) for p in pieces], dtype=np.float32)
-    return Features(sentences, sentence_vectors @ q, _bm25(query, pieces), text_vectors @ q, typed)
+    dense = np.array(unit_vectors, dtype=np.float32).reshape(len(units), -1) @ q
+    return Features(units, dense, _bm25(query, pieces), context, typed)
+
+
+def _normalise(v: np.ndarray) -> np.ndarray:
+    norm = float(np.linalg.norm(v))
+    return v / norm if norm else v
 
 
 def rank(features: Features, n_texts: int, weights: Weights = Weights(), spans_per_text: int = 3) -> list[Ranked]:
@@ -120,16 +148,37 @@ async def rerank(query: str, texts: Sequence[str], embed: Embed, weights: Weight
     return rank(await features(query, texts, embed, titles), len(texts), weights, spans_per_text)
 
 
-def _units(text: str) -> list[tuple[int, int]]:
-    """Sentences, and each pair of neighbouring sentences of one paragraph: an option's name and the sentence
-    that describes it, a claim and the number that follows it, are often one answer."""
-    spans = sentence_spans(text) or [(0, len(text))]
-    pairs = [(a[0], b[1]) for a, b in zip(spans, spans[1:]) if "\n\n" not in text[a[1] : b[0]]]
-    return spans + pairs
+def _units(text: str, spans: list[tuple[int, int]], rows: Sequence[int]):
+    """((start, end), the sentence rows it spans) for each sentence that can answer on its own, and each pair of
+    neighbouring sentences of one paragraph (or a heading and the paragraph after it): an option's name and
+    the sentence that describes it, a claim and the number that follows it, are often one answer. The
+    cut-off sentence a chunk may begin with (its overlap with the chunk before) is left out."""
+    whole = [k for k, (a, b) in enumerate(spans) if not (a == 0 and text[:1].islower())]
+    out = [((spans[k][0], spans[k][1]), [rows[k]]) for k in whole if _can_answer(text[spans[k][0] : spans[k][1]])]
+    for k, m in zip(whole, whole[1:]):
+        a, b = spans[k], spans[m]
+        if m == k + 1 and ("\n\n" not in text[a[1] : b[0]] or _heading(text[a[0] : a[1]])):
+            out.append(((a[0], b[1]), [rows[k], rows[m]]))
+    if not out:  # a text of one heading, say: it is still ranked
+        out = [((spans[0][0], spans[-1][1]), list(rows))]
+    return out
+
+
+def _can_answer(piece: str) -> bool:
+    """A heading ('The waggle dance') or a stray '.' answers nothing on its own; an option's name or a
+    number does."""
+    if _ANSWER_ATOM.search(piece):
+        return True
+    return len(_WORDS.findall(piece)) >= 3 and not _heading(piece)
+
+
+def _heading(piece: str) -> bool:
+    """A short paragraph that names what the next one says: an option ('-i[SUFFIX], --in-place'), a title."""
+    return len(piece) <= 60 and piece[-1:] not in ".!?:;"
 
 
 def _bm25(query: str, sentences: list[str]) -> np.ndarray:
-    terms = set(content_words(query))
+    terms = set(content_words(query)) - _GENERIC
     docs = [Counter(content_words(s)) for s in sentences]
     if not terms or not docs:
         return np.zeros(len(sentences), dtype=np.float32)

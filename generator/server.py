@@ -40,6 +40,9 @@ class Settings(ServiceSettings):
     threads: int = option(
         1, "llama_cpp: CPU threads; 0 = every CPU this process may use (faster only on a machine it has to itself)"
     )
+    batch_threads: int = option(
+        0, "llama_cpp: CPU threads for reading the prompt (parallel work, most of the time to first token); "
+           "0 = every CPU this process may use")
     repeat_penalty: float = option(1.15, "llama_cpp: penalty on repeating recent tokens (1 = none); small models loop without it")
     default_max_tokens: int = option(256, "reply length limit when a request sets no max_tokens")
     queue_timeout_s: float = option(30.0, "seconds a request may wait for the model before RESOURCE_EXHAUSTED")
@@ -64,8 +67,8 @@ class Settings(ServiceSettings):
             raise ValueError("context_tokens and default_max_tokens must be positive")
         if self.repeat_penalty <= 0:
             raise ValueError("repeat_penalty must be positive")
-        if self.threads < 0:
-            raise ValueError("threads must not be negative")
+        if self.threads < 0 or self.batch_threads < 0:
+            raise ValueError("threads and batch_threads must not be negative")
         if self.queue_timeout_s < 0 or self.request_timeout_s <= 0:
             raise ValueError("queue_timeout_s must not be negative and request_timeout_s must be positive")
         if self.trtllm_tensor_parallel_size < 1:

@@ -99,12 +99,13 @@ def grounded_messages(question: str, evidence: Sequence[Sentence]) -> list[dict[
 
 
 def quote(evidence: Sequence[Sentence], limit: int = 2) -> str:
-    """The extractive answer: the best evidence sentence, and the next best of the same source, quoted
-    in reading order with their citation."""
+    """The extractive answer: the best (at most `limit`) evidence sentences of the best source, quoted in
+    reading order with their citation. The best source, not the best lone sentence: a passage's score
+    weighs what the whole passage is about, which a single sentence's similarity often misjudges."""
     if not evidence:
         return ""
-    best = max(evidence, key=lambda s: s.span.score)
-    same = sorted((s for s in evidence if s.number == best.number), key=lambda s: -s.span.score)[:limit]
+    first = min(s.number for s in evidence)
+    same = sorted((s for s in evidence if s.number == first), key=lambda s: -s.span.score)[:limit]
     return " ".join(f"“{_tidy(s.text)}” [{s.number}]" for s in sorted(same, key=lambda s: s.span.start))
 
 

@@ -562,10 +562,10 @@ class Rag:
             quoted = quote(evidence)
             yield answer.emit(quoted, sentence=True)
             answer.extractive = True
-            best = max(evidence, key=lambda s: s.span.score)
-            answer.citations = [best.number]
+            first = min(s.number for s in evidence)
+            answer.citations = [first]
             answer.support = [Support(s.number, s.span, s.text) for s in evidence
-                              if s.number == best.number and f"“{' '.join(s.text.split())}”" in quoted]
+                              if s.number == first and f"“{' '.join(s.text.split())}”" in quoted]
         if timings.time_to_first_token_ms:
             TIME_TO_FIRST_TOKEN.observe(timings.time_to_first_token_ms / 1000)
         done = answer.done()

@@ -1,8 +1,8 @@
 """Checks each sentence of a generated answer against the evidence it was generated from.
 
 A sentence is kept only when
-  * every number and every command-line option name in it appears in the best evidence sentence (the
-    reranker's first): a small model's favourite inventions are numbers ("a SHA-1 hash 203856749",
+  * every number and every command-line option name in it appears in the best evidence sentence (of
+    the reranker's best source): a small model's favourite inventions are numbers ("a SHA-1 hash 203856749",
     "watch accepts 1 second") and, given three sentences, the option of the wrong one;
   * it says something the question did not: two content words of the evidence that are not in the
     question and not mere filler ("you can use the following command:"), or a number or option;
@@ -78,7 +78,10 @@ class Verifier:
     def __init__(self, question: str, evidence: Sequence[Sentence], config: VerifierConfig = VerifierConfig()):
         self.config = config
         self.evidence = list(evidence)
-        primary = max(self.evidence, key=lambda s: s.span.score).text if self.evidence else ""
+        # The best sentence of the best source: what the question is about (and what a quote would say).
+        first = min((s.number for s in self.evidence), default=0)
+        primary = max((s for s in self.evidence if s.number == first), key=lambda s: s.span.score).text \
+            if self.evidence else ""
         self._primary_numbers, self._primary_options = numbers(primary), options(primary)
         self._question = set(content_words(question))
         self._question_options = options(question)
