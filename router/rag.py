@@ -192,7 +192,7 @@ class RagConfig:
     # Check every answer sentence against the evidence, dropping what is unsupported.
     verify: bool = True
     # Abstain when the best reranked score is below this (fitted on the labelled set); None: never abstain.
-    abstain_below: float | None = 0.80
+    abstain_below: float | None = 0.55
     # When no generated sentence is supported, the evidence is quoted if the best passage scores at least
     # this; below it the ask abstains (weak evidence and an answer that cannot be verified).
     quote_min_score: float = 0.0
@@ -496,7 +496,10 @@ class Rag:
             yield AskSources(sources, coverage)
             yield answer.emit(ABSTENTION)
             ABSTENTIONS.inc()
-            yield answer.done(abstained=True)
+            done = answer.done(abstained=True)
+            if cache_as is not None and not coverage.partial:
+                await self.cache.set(cache_as, _serialise(answer.text, sources, coverage, done))
+            yield done
             return
 
         with span(_tracer, "build prompt") as current:
@@ -528,6 +531,9 @@ class Rag:
                     answer.completion_tokens = reply.usage.completion_tokens
                 if not reply.text:
                     continue
+                if not said:
+                    current.add_event("first token")
+                    current.set_attribute("ragloom.time_to_first_token_ms", (time.perf_counter() - gen_start) * 1000)
                 said.append(reply.text)
                 if check is None:
                     yield answer.emit(reply.text)

@@ -62,8 +62,9 @@ class Settings(ServiceSettings):
     evidence_tokens: int = option(160, "token budget of the evidence in the prompt")
     verify: bool = option(True, "check each answer sentence against the evidence; drop what is unsupported")
     abstain_below: float = option(
-        0.80, "abstain when the best reranked passage scores below this (fitted on the labelled man-page set: "
-              "~8 % of answerable questions fall below it); a negative value never abstains")
+        0.55, "abstain when the best reranked passage scores below this (fitted on two labelled sets, man pages "
+              "and the bundled prose samples: at most ~8 % of their answerable questions fall below it); a "
+              "negative value never abstains")
     quote_min_score: float = option(
         0.0, "when no answer sentence can be verified: quote the evidence if the best passage scores at least "
              "this, else abstain")

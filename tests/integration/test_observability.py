@@ -76,7 +76,7 @@ def test_one_ask_is_one_trace_across_every_service(mesh, collector):
     root = asks[-1]
     assert not root.parent_span_id or root.parent_span_id not in by_id, "the router's server span is the root"
     names = {s.name for _, s in spans}
-    assert {"embed query", "build prompt", "generate"} <= names
+    assert {"embed query", "rerank", "build prompt", "generate"} <= names
     shard_spans = [s for _, s in spans if s.name == "search shard"]
     searched = {(next(a.value.int_value for a in s.attributes if a.key == "ragloom.shard"),
                  next(a.value.string_value for a in s.attributes if a.key == "ragloom.retrieval")) for s in shard_spans}
