@@ -101,6 +101,16 @@ def resolve_model(name: str) -> ModelSpec:
     return model_from_dir(Path(name).expanduser())
 
 
+def _check_texts(texts: list[str], limit: int) -> None:
+    if not texts:
+        raise InvalidArgument("texts", "at least one text is required")
+    if len(texts) > limit:
+        raise InvalidArgument("texts", f"{len(texts)} texts exceed the limit of {limit} per call")
+    for i, text in enumerate(texts):
+        if not text.strip():
+            raise InvalidArgument(f"texts[{i}]", "text is empty")
+
+
 class EmbedderService:
     """Checks requests and hands their texts to the batcher; plain Python, driven by the servicer or by tests."""
 
@@ -137,15 +147,7 @@ class EmbedderService:
 
     async def embed(self, texts: list[str], reject_overlong: bool = False) -> Embedded:
         _, batcher = self.loaded()
-        if not texts:
-            raise InvalidArgument("texts", "at least one text is required")
-        if len(texts) > self.settings.max_batch_texts:
-            raise InvalidArgument(
-                "texts", f"{len(texts)} texts exceed the limit of {self.settings.max_batch_texts} per call"
-            )
-        for i, text in enumerate(texts):
-            if not text.strip():
-                raise InvalidArgument(f"texts[{i}]", "text is empty")
+        _check_texts(texts, self.settings.max_batch_texts)
         return await batcher.embed(texts, reject_overlong)
 
     async def rerank(self, query: str, texts: list[str], spans_per_text: int = 0,
@@ -154,15 +156,7 @@ class EmbedderService:
         _, batcher = self.loaded()
         if not query.strip():
             raise InvalidArgument("query", "must not be empty")
-        if not texts:
-            raise InvalidArgument("texts", "at least one text is required")
-        if len(texts) > self.settings.max_rerank_texts:
-            raise InvalidArgument(
-                "texts", f"{len(texts)} texts exceed the limit of {self.settings.max_rerank_texts} per call"
-            )
-        for i, text in enumerate(texts):
-            if not text.strip():
-                raise InvalidArgument(f"texts[{i}]", "text is empty")
+        _check_texts(texts, self.settings.max_rerank_texts)
         if titles and len(titles) != len(texts):
             raise InvalidArgument("titles", f"{len(titles)} titles for {len(texts)} texts: give none or one per text")
         if not 0 <= spans_per_text <= 16:
