@@ -69,3 +69,14 @@ def test_code_and_filler_are_not_answers():
     assert check("def overwrite_file(times=3):").reason == "code, not an answer"
     assert not check("You can use the following option to overwrite the file:").supported
     assert not check("The number of times is not specified.").supported
+
+
+def test_a_claim_stitched_from_several_evidence_sentences_is_not_supported():
+    dance = "For sources close to the nest a bee performs a simple round dance."
+    colony = "The hive holds one colony of bees."
+    evidence = [Sentence(1, Span(0, len(dance), 0.9), dance), Sentence(1, Span(0, len(colony), 0.6), colony)]
+    verifier = Verifier("How do honeybees tell each other where the flowers are?", evidence)
+    invented = "The bees use a simple round dance, also known as a bee-hive or colony, to communicate."
+    # Each word is somewhere in the evidence, but no one sentence says it; its cosine (0.75) is no paraphrase.
+    assert not verifier.check(invented, similarity=[0.75, 0.4]).supported
+    assert verifier.check("A bee performs a simple round dance for sources close to the nest.").supported
