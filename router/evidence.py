@@ -9,7 +9,7 @@ passages, and the prompt is processed several times faster, which is most of the
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -111,17 +111,3 @@ def quote(evidence: Sequence[Sentence], limit: int = 2) -> str:
 
 def _tidy(text: str) -> str:
     return " ".join(text.split())
-
-
-@dataclass
-class EvidenceSet:
-    """What the answer stands on: the sentences shown to the model, by source number."""
-
-    sentences: list[Sentence] = field(default_factory=list)
-
-    def text_of(self, number: int) -> str:
-        return " ".join(s.text for s in self.sentences if s.number == number)
-
-    @property
-    def numbers(self) -> list[int]:
-        return list(dict.fromkeys(s.number for s in self.sentences))

@@ -24,12 +24,12 @@ from router.clients import EmbedderClient, GeneratorClient
 from router.metrics import DOWNSTREAM_CALLS, PARTIAL_RESULTS, STAGE_SECONDS, TIME_TO_FIRST_TOKEN, VERIFIED_SENTENCES
 from router.metrics import ABSTENTIONS
 from router.parsing import format_for, parse, title_for
-from router.evidence import EvidenceConfig, Scored, Sentence, Span, combine, grounded_messages, quote, select
+from router.evidence import EvidenceConfig, Sentence, Span, combine, grounded_messages, quote, select
 from router.evidence import STOP_SEQUENCES as GROUNDED_STOP_SEQUENCES
 from router.prompt import STOP_SEQUENCES, Passage, build_messages, cited_numbers
 from router.sharding import shard_for
 from router.topology import ShardGroup, VersionClock
-from router.verify import Verdict, Verifier, VerifierConfig, declines, split_sentences, strip_markers
+from router.verify import Verdict, Verifier, VerifierConfig, split_sentences
 from mesh.telemetry import span, tracer
 
 _tracer = tracer("ragloom.router")

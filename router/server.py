@@ -18,7 +18,6 @@ from router.evidence import EvidenceConfig, Span
 from router.rag import (
     AskDone, AskSources, AskToken, Coverage, DocumentInput, Hit, Rag, RagConfig, Scope, Support, Timings,
 )
-from router.verify import VerifierConfig
 from router.topology import Breaker, Replica, ShardGroup, parse_topology
 
 log = logging.getLogger(__name__)
