@@ -685,8 +685,9 @@ class _SentenceCheck:
         start = time.perf_counter()
         try:
             verdict = self.verifier.check(sentence)
-            config = self.verifier.config
-            if not verdict.supported and config.min_paraphrase_overlap <= verdict.overlap < config.min_overlap:
+            # Words decide alone only against: a sentence they accept, or might as a paraphrase, is also
+            # compared by meaning with its evidence (one embedding of the sentence).
+            if verdict.supported or verdict.overlap >= self.verifier.config.min_paraphrase_overlap:
                 verdict = self.verifier.check(sentence, await self._similarity(verdict.sentence))
         finally:
             timings.verify_ms += (time.perf_counter() - start) * 1000

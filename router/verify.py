@@ -7,7 +7,8 @@ A sentence is kept only when
   * it says something the question did not: two content words of the evidence that are not in the
     question and not mere filler ("you can use the following command:"), or a number or option;
   * it is prose, not code, and does not decline ("not specified", "I don't know");
-  * most of its content words come from one evidence sentence or the question (`min_overlap`), or, for a
+  * its meaning is close to that one evidence sentence (embedding cosine ≥ `min_support_similarity`) and
+    most of its content words come from it or the question (`min_overlap`), or, for a
     paraphrase, enough of them do (`min_paraphrase_overlap`) and its meaning is close to an evidence
     sentence (embedding cosine ≥ `min_similarity`).
 The sentence is then cited to the source whose evidence supports it best — the citation is attached
@@ -42,6 +43,9 @@ class VerifierConfig:
     min_overlap: float = 0.6
     min_paraphrase_overlap: float = 0.34
     min_similarity: float = 0.8
+    # Even a sentence made of the evidence's words must mean something close to it: "the colony tells where the
+    # flowers are by laying a few hundred bees on branches" is all evidence words and no evidence claim.
+    min_support_similarity: float = 0.7
 
 
 @dataclass(frozen=True)
@@ -127,7 +131,7 @@ class Verifier:
             return Verdict(clean, False, "adds nothing from the evidence to the question")
         overlap = len(distinct & (evidence_words | self._question)) / len(distinct)
         sim = similarity[i] if similarity is not None else 0.0
-        if overlap >= self.config.min_overlap:
+        if overlap >= self.config.min_overlap and (similarity is None or sim >= self.config.min_support_similarity):
             return Verdict(clean, True, "words in the evidence", evidence.number, evidence, overlap)
         if overlap >= self.config.min_paraphrase_overlap and sim >= self.config.min_similarity:
             return Verdict(clean, True, f"paraphrase (cosine {sim:.2f})", evidence.number, evidence, overlap)

@@ -80,3 +80,10 @@ def test_a_claim_stitched_from_several_evidence_sentences_is_not_supported():
     # Each word is somewhere in the evidence, but no one sentence says it; its cosine (0.75) is no paraphrase.
     assert not verifier.check(invented, similarity=[0.75, 0.4]).supported
     assert verifier.check("A bee performs a simple round dance for sources close to the nest.").supported
+
+
+def test_evidence_words_in_a_claim_the_evidence_does_not_make_are_dropped():
+    sentence = "By default shred overwrites the file 3 times."
+    assert check(sentence).supported  # words alone (no embedder at hand) accept it
+    assert check(sentence, similarity=[0.85, 0.2]).supported
+    assert not check(sentence, similarity=[0.4, 0.2]).supported  # the same words, meaning something else
