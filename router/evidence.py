@@ -98,15 +98,20 @@ def grounded_messages(question: str, evidence: Sequence[Sentence]) -> list[dict[
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
-def quote(evidence: Sequence[Sentence], limit: int = 2) -> str:
-    """The extractive answer: the best (at most `limit`) evidence sentences of the best source, quoted in
-    reading order with their citation. The best source, not the best lone sentence: a passage's score
-    weighs what the whole passage is about, which a single sentence's similarity often misjudges."""
+def quoted(evidence: Sequence[Sentence], limit: int = 2) -> list[Sentence]:
+    """What the extractive answer quotes: the best (at most `limit`) evidence sentences of the best source, in
+    reading order. The best source, not the best lone sentence: a passage's score weighs what the whole
+    passage is about, which a single sentence's similarity often misjudges."""
     if not evidence:
-        return ""
+        return []
     first = min(s.number for s in evidence)
     same = sorted((s for s in evidence if s.number == first), key=lambda s: -s.span.score)[:limit]
-    return " ".join(f"“{_tidy(s.text)}” [{s.number}]" for s in sorted(same, key=lambda s: s.span.start))
+    return sorted(same, key=lambda s: s.span.start)
+
+
+def quote(evidence: Sequence[Sentence], limit: int = 2) -> str:
+    """The extractive answer: `quoted(evidence)`, each sentence in quotes with its citation."""
+    return " ".join(f"“{_tidy(s.text)}” [{s.number}]" for s in quoted(evidence, limit))
 
 
 def _tidy(text: str) -> str:

@@ -24,7 +24,7 @@ from router.clients import EmbedderClient, GeneratorClient
 from router.metrics import DOWNSTREAM_CALLS, PARTIAL_RESULTS, STAGE_SECONDS, TIME_TO_FIRST_TOKEN, VERIFIED_SENTENCES
 from router.metrics import ABSTENTIONS
 from router.parsing import format_for, parse, title_for
-from router.evidence import EvidenceConfig, Sentence, Span, combine, grounded_messages, quote, select
+from router.evidence import EvidenceConfig, Sentence, Span, combine, grounded_messages, quote, quoted, select
 from router.evidence import STOP_SEQUENCES as GROUNDED_STOP_SEQUENCES
 from router.prompt import STOP_SEQUENCES, Passage, build_messages, cited_numbers
 from router.sharding import shard_for
@@ -495,11 +495,7 @@ class Rag:
         if config.rerank_ask and config.abstain_below is not None and hits[0].score < config.abstain_below:
             yield AskSources(sources, coverage)
             yield answer.emit(ABSTENTION)
-            ABSTENTIONS.inc()
-            done = answer.done(abstained=True)
-            if cache_as is not None and not coverage.partial:
-                await self.cache.set(cache_as, _serialise(answer.text, sources, coverage, done))
-            yield done
+            yield await self._finish(answer, sources, coverage, cache_as, abstained=True)
             return
 
         with span(_tracer, "build prompt") as current:
@@ -557,27 +553,27 @@ class Rag:
         elif evidence and config.rerank_ask and hits[0].score < config.quote_min_score:
             # Nothing the model said survived and the evidence is not strong enough to quote on its own.
             yield answer.emit(ABSTENTION)
-            ABSTENTIONS.inc()
-            done = answer.done(abstained=True)
-            if cache_as is not None and not coverage.partial:
-                await self.cache.set(cache_as, _serialise(answer.text, sources, coverage, done))
-            yield done
+            yield await self._finish(answer, sources, coverage, cache_as, abstained=True)
             return
         elif evidence:
             # Nothing the model said survived: the best evidence, quoted, is the answer.
-            quoted = quote(evidence)
-            yield answer.emit(quoted, sentence=True)
+            yield answer.emit(quote(evidence), sentence=True)
             answer.extractive = True
-            first = min(s.number for s in evidence)
-            answer.citations = [first]
-            answer.support = [Support(s.number, s.span, s.text) for s in evidence
-                              if s.number == first and f"“{' '.join(s.text.split())}”" in quoted]
-        if timings.time_to_first_token_ms:
-            TIME_TO_FIRST_TOKEN.observe(timings.time_to_first_token_ms / 1000)
-        done = answer.done()
-        if cache_as is not None and not coverage.partial:  # an answer from some shards only is not kept
+            answer.support = [Support(s.number, s.span, s.text) for s in quoted(evidence)]
+            answer.citations = [answer.support[0].source]
+        yield await self._finish(answer, sources, coverage, cache_as)
+
+    async def _finish(self, answer: "_Answer", sources: list[tuple[int, Hit]], coverage: Coverage,
+                      cache_as: str | None, abstained: bool = False) -> AskDone:
+        """The last event of an ask, counted and kept in the cache (unless only some shards answered)."""
+        done = answer.done(abstained)
+        if abstained:
+            ABSTENTIONS.inc()
+        elif done.timings.time_to_first_token_ms:
+            TIME_TO_FIRST_TOKEN.observe(done.timings.time_to_first_token_ms / 1000)
+        if cache_as is not None and not coverage.partial:
             await self.cache.set(cache_as, _serialise(answer.text, sources, coverage, done))
-        yield done
+        return done
 
     async def _attribute(self, answer: str, sources: list[tuple[int, Hit]], deadline: Deadline) -> list[int]:
         """When the model cited nothing: the sources whose meaning is closest to the answer's."""
