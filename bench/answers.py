@@ -46,7 +46,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench import corpus  # noqa: E402
 from bench.common import percentile  # noqa: E402
-from mesh.launcher import Child, LocalMesh, _start, _wait_ready, free_port_block, stop_all  # noqa: E402
+from tests.support.mesh import LocalMesh  # noqa: E402
+from tests.support.ports import free_port_block  # noqa: E402
+from mesh.launcher import Child, start_child, wait_ready, stop_all  # noqa: E402
 from ragloom.router.v1 import router_pb2, router_pb2_grpc  # noqa: E402
 
 DATA = ROOT / "bench" / "data" / "answers"
@@ -188,9 +190,9 @@ def run(args: argparse.Namespace) -> None:
             else:
                 children.append(extra_router(mesh, name, CONFIGS[name], data))
             for child in children:
-                _start(child)
+                start_child(child)
             try:
-                asyncio.run(_wait_ready(children, 300, quiet=True))
+                asyncio.run(wait_ready(children, 300, quiet=True))
                 stub = router_pb2_grpc.RouterServiceStub(grpc.insecure_channel(children[-1].address))
                 ask(stub, "warm-up: what does ls do?")
                 results[name], all_rows[name] = evaluate(stub, questions, name, args.verbose)
@@ -228,7 +230,7 @@ def fit(args: argparse.Namespace) -> None:
     from embedder import rerank
     from embedder.model import OnnxEmbedder
     from embedder.server import resolve_model
-    from mesh.text import content_words
+    from fabric.text import content_words
     from router.chunking import Chunker
     from router.parsing import normalise_whitespace, title_for
     from router.server import _packaged_tokenizer

@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 from embedder.batcher import Batcher  # noqa: E402
 from embedder.model import OnnxEmbedder  # noqa: E402
 from embedder.server import Settings, resolve_model  # noqa: E402
-from mesh.client import channel, wait_healthy  # noqa: E402
+from fabric.client import channel, wait_healthy  # noqa: E402
 from ragloom.embedder.v1 import embedder_pb2, embedder_pb2_grpc  # noqa: E402
 
 THREADS = 2

@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 from mesh import policy  # noqa: E402
 from bench.common import percentile  # noqa: E402
-from mesh.launcher import LocalMesh  # noqa: E402
-from mesh.tls import LocalCA  # noqa: E402
+from tests.support.mesh import LocalMesh  # noqa: E402
+from fabric.tls import LocalCA  # noqa: E402
 from ragloom.router.v1 import router_pb2, router_pb2_grpc  # noqa: E402
 
 

@@ -3,7 +3,7 @@
 Baseline: the llama.cpp backend (packaged SmolLM2-135M) driven in this process, no network.
 Measured: the same backend behind `python -m mesh serve generator --port N --threads T` in a
 separate process, called with streaming Generate over loopback gRPC (ready once
-`mesh.client.wait_healthy` says SERVING). Both use the same RAG-like prompts (the router's prompt
+`fabric.client.wait_healthy` says SERVING). Both use the same RAG-like prompts (the router's prompt
 shape: numbered passages from the bundled samples + a question, ~300–800 prompt tokens), the same
 seed, temperature 0, stop sequences, max_tokens and thread count. Both are timed at the caller
 with the same clock (generator.stats): TTFT is request → first text, tokens/s is completion tokens
@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from generator.backends import ChatMessage, Delta, Finished, GenerationParams  # noqa: E402
 from generator.backends.llama_cpp import LlamaCppBackend, packaged_model_path  # noqa: E402
 from generator.stats import GenerationClock, GenerationStats  # noqa: E402
-from mesh.client import wait_healthy  # noqa: E402
+from fabric.client import wait_healthy  # noqa: E402
 from ragloom.generator.v1 import generator_pb2, generator_pb2_grpc  # noqa: E402
 from router.prompt import STOP_SEQUENCES, Passage, build_messages  # noqa: E402
 

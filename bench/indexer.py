@@ -171,7 +171,7 @@ class Shard:
 
     def start(self) -> float:
         """Starts the shard; returns seconds until it reported SERVING."""
-        from mesh.client import wait_healthy
+        from fabric.client import wait_healthy
 
         started = time.perf_counter()
         with open(self.log_path, "ab") as log:
@@ -339,7 +339,7 @@ def main() -> None:
     raw = RawIndex(corpus, m=16, ef_construction=200)
     print(f"raw hnswlib: built in {raw.build_s:.1f}s", file=sys.stderr)
 
-    from mesh.launcher import free_port_block
+    from tests.support.ports import free_port_block
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="ragloom-bench-") as data:

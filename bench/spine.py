@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import percentile  # noqa: E402
-from mesh.launcher import LocalMesh  # noqa: E402
+from tests.support.mesh import LocalMesh  # noqa: E402
 from ragloom.embedder.v1 import embedder_pb2, embedder_pb2_grpc  # noqa: E402
 from ragloom.router.v1 import router_pb2, router_pb2_grpc  # noqa: E402
 from router.parsing import format_for  # noqa: E402

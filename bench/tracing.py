@@ -32,8 +32,9 @@ import grpc
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mesh.launcher import LocalMesh, free_port_block  # noqa: E402
-from mesh.telemetry import SpanSink  # noqa: E402
+from tests.support.mesh import LocalMesh  # noqa: E402
+from tests.support.ports import free_port_block  # noqa: E402
+from tests.support.spans import SpanSink  # noqa: E402
 from ragloom.router.v1 import router_pb2, router_pb2_grpc  # noqa: E402
 
 QUERIES = [q["question"] for q in json.loads((ROOT / "tests" / "data" / "questions.json").read_text())]

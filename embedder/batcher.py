@@ -28,7 +28,7 @@ import numpy as np
 from prometheus_client import Gauge, Histogram
 
 from embedder.model import Embedded, OnnxEmbedder, Tokenized
-from mesh.errors import Overloaded, Unavailable
+from fabric.errors import Overloaded, Unavailable
 
 log = logging.getLogger(__name__)
 

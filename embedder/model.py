@@ -15,8 +15,8 @@ from tokenizers import Tokenizer
 
 from embedder.export import cache_root
 from embedder.planning import RunLimits, plan_runs
-from mesh.errors import InvalidArgument
-from mesh.resources import usable_cpus
+from fabric.errors import InvalidArgument
+from fabric.resources import usable_cpus
 
 log = logging.getLogger(__name__)
 

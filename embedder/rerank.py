@@ -1,7 +1,7 @@
 """Reranking with the embedding model: how well each text answers a query, and which sentences do.
 
 Small-to-big: a passage is as good as its best sentence. Each text is cut into sentences
-(`mesh.text.sentence_spans`); every sentence is scored by
+(`fabric.text.sentence_spans`); every sentence is scored by
 
     score = dense_weight · cos(query, sentence) + lexical_weight · BM25(query, sentence) / BM25(query, ideal)
             + type_weight · [the sentence holds what the question asks for: a number, an option, a signal]
@@ -26,7 +26,7 @@ import re
 
 import numpy as np
 
-from mesh.text import answer_types, content_words, has_answer_type, sentence_spans
+from fabric.text import answer_types, content_words, has_answer_type, sentence_spans
 
 # Fitted on bench/data/answers (see bench/answers.py --fit): evidence-sentence hit@1 on held-out pages.
 DENSE_WEIGHT = 1.0

@@ -21,9 +21,9 @@ from embedder.model import (
     model_from_dir,
     packaged_minilm,
 )
-from mesh.errors import InvalidArgument, Unavailable
-from mesh.resources import usable_cpus
-from mesh.settings import ServiceSettings, option
+from fabric.errors import InvalidArgument, Unavailable
+from fabric.resources import usable_cpus
+from fabric.settings import ServiceSettings, option
 from ragloom.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Settings(ServiceSettings):
+    service = "embedder"
+
     model: str = option(
         "minilm-int8",
         "'minilm-int8' (int8, quantised once from the fp32 export: about twice as fast on a CPU, and as good at "

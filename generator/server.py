@@ -13,8 +13,8 @@ from prometheus_client import Histogram
 from generator.backends import Backend, ChatMessage, Delta, GenerationParams, create_backend
 from generator.backends.base import ROLES
 from generator.stats import GenerationClock, GenerationStats
-from mesh.errors import InvalidArgument
-from mesh.settings import ServiceSettings, option
+from fabric.errors import InvalidArgument
+from fabric.settings import ServiceSettings, option
 from ragloom.generator.v1 import generator_pb2, generator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,8 @@ _FINISH_REASONS = {
 
 @dataclass
 class Settings(ServiceSettings):
+    service = "generator"
+
     backend: str = option(
         "llama_cpp",
         "backend: llama_cpp (in-process, CPU), openai (an OpenAI-compatible server) or tensorrt_llm (in-process, GPU)",

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from ragloom.indexer.v1 import indexer_pb2
 
+from fabric.errors import InvalidArgument
 from indexer.filters import SearchFilter
 from indexer.store import ChangePage, ChunkRecord, ClearedDocument, HitRecord
 
@@ -34,6 +37,14 @@ def chunk_message(chunk: ChunkRecord) -> indexer_pb2.Chunk:
         tenant=chunk.tenant,
         tags=chunk.tags,
     )
+
+
+def query_matrix(queries: Sequence[indexer_pb2.Vector], dimension: int) -> np.ndarray:
+    """The query vectors as one float32 matrix; refuses a query of another dimension by its index."""
+    for i, query in enumerate(queries):
+        if len(query.values) != dimension:
+            raise InvalidArgument(f"queries[{i}].values", f"expected {dimension} values, got {len(query.values)}")
+    return np.array([query.values for query in queries], dtype=np.float32)
 
 
 def search_filter(request: indexer_pb2.SearchRequest) -> SearchFilter:

@@ -43,9 +43,9 @@ import grpc
 
 from indexer.convert import change_page
 from indexer.store import ShardStore
-from mesh.client import channel
-from mesh.errors import RagloomError
-from mesh.telemetry import outgoing_metadata
+from fabric.client import channel
+from fabric.errors import RagloomError
+from fabric.telemetry import outgoing_metadata
 from ragloom.indexer.v1 import indexer_pb2, indexer_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -13,15 +13,14 @@ from pathlib import Path
 from typing import TypeVar
 
 import grpc
-import numpy as np
 from prometheus_client import Gauge
 
 from indexer import convert
 from indexer.replication import CatchUp
 from indexer.snapshots import Manifest
-from indexer.store import ShardStore, WriteResult
-from mesh.errors import FailedPrecondition, InvalidArgument, Unavailable
-from mesh.settings import ServiceSettings, option
+from indexer.store import ShardStore
+from fabric.errors import FailedPrecondition, InvalidArgument, Unavailable
+from fabric.settings import ServiceSettings, option
 from ragloom.indexer.v1 import indexer_pb2, indexer_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -31,6 +30,8 @@ T = TypeVar("T")
 
 @dataclass
 class Settings(ServiceSettings):
+    service = "indexer"
+
     data_dir: Path = option(Path("./data/shard-0"), "folder holding this shard's data")
     shard_id: int = option(0, "this shard's id; requests meant for another shard are refused")
     dimension: int = option(384, "length of the vectors this shard accepts")
@@ -213,14 +214,9 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
         self._check_batch("chunks", request.chunks)
         chunks = [convert.chunk_record(c) for c in request.chunks]
         version = request.version if request.HasField("version") else None
-        tenant = chunks[0].tenant
-
-        def write(store: ShardStore) -> tuple[dict[str, int], WriteResult]:
-            # One worker-thread call, so no other write can land between the count and the upsert.
-            previous = store.chunk_counts(list(dict.fromkeys(c.document_id for c in chunks)), tenant)
-            return previous, store.upsert(chunks, request.replace_documents, version)
-
-        previous, result = await self._service.write(write)
+        previous, result = await self._service.write(
+            ShardStore.upsert_with_previous, chunks, request.replace_documents, version
+        )
         return indexer_pb2.UpsertResponse(
             upserted=result.written, removed=result.removed, sequence=result.sequence, previous_chunks=previous,
             skipped=result.skipped, version=result.version,
@@ -238,7 +234,7 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
         self._check_batch("queries", request.queries)
         if not 0 < request.k <= self._settings.max_k:
             raise InvalidArgument("k", f"must be between 1 and {self._settings.max_k}, got {request.k}")
-        queries = self._query_matrix(request.queries)
+        queries = convert.query_matrix(request.queries, self._settings.dimension)
         ef = request.ef or self._settings.default_ef
         where = convert.search_filter(request)
         neighbours = await self._service.run(ShardStore.nearest, queries, request.k, ef, where)
@@ -289,15 +285,9 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
     async def Changes(self, request: indexer_pb2.ChangesRequest, context):
         self._check_shard(request)
         limit = min(request.batch_size or self._settings.changes_batch, self._settings.max_batch)
-
-        def first_page(store: ShardStore):
-            # A cursor is a position in one store's sequence: another store's means nothing here, and
-            # one beyond this store's sequence (its folder restored from a backup) is not trusted.
-            valid = request.store_id == store.store_id and request.since_sequence <= store.sequence
-            since = request.since_sequence if valid else 0
-            return store.changes(since, request.since_version, limit)
-
-        page = await self._service.run(first_page)
+        page = await self._service.run(
+            ShardStore.changes_from_cursor, request.store_id, request.since_sequence, request.since_version, limit
+        )
         yield convert.change_batch(page)
         while not page.done:
             page = await self._service.run(ShardStore.changes, page.sequence, request.since_version, limit)
@@ -314,13 +304,6 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
             raise InvalidArgument(field, "must not be empty")
         if len(items) > self._settings.max_batch:
             raise InvalidArgument(field, f"at most {self._settings.max_batch} per request, got {len(items)}")
-
-    def _query_matrix(self, queries: Sequence[indexer_pb2.Vector]) -> np.ndarray:
-        dimension = self._settings.dimension
-        for i, query in enumerate(queries):
-            if len(query.values) != dimension:
-                raise InvalidArgument(f"queries[{i}].values", f"expected {dimension} values, got {len(query.values)}")
-        return np.array([query.values for query in queries], dtype=np.float32)
 
 
 def create_service(settings: Settings) -> IndexerService:

@@ -11,7 +11,7 @@ from pathlib import Path
 import hnswlib
 import numpy as np
 
-from mesh.resources import usable_cpus
+from fabric.resources import usable_cpus
 
 #: (labels, cosine distances) of one query, nearest first; None where hnswlib could not fill k.
 Neighbours = tuple[np.ndarray, np.ndarray] | None

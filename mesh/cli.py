@@ -11,7 +11,8 @@ from pathlib import Path
 
 import platformdirs
 
-SERVICES = ("embedder", "indexer", "generator", "router")
+from mesh.spec import SERVICES
+
 DEFAULT_ROUTER = "127.0.0.1:50051"
 
 
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--mtls", action=argparse.BooleanOptionalAction, default=True,
                     help="mutual TLS between gateway, router and services with SPIFFE identities from a local CA in "
                     "DATA_DIR/pki; each service admits only the callers the policy names (default: on)")
-    up.add_argument("--values", action="append", default=[], metavar="FILE",
+    up.add_argument("--values", action="append", type=Path, default=[], metavar="FILE",
                     help="Helm values overlay(s) for the traffic policy, e.g. mesh/chart/values-canary.yaml (repeatable)")
     up.add_argument("--canary-weight", type=int, default=None,
                     help="run a second (canary) router taking this percent of traffic; default: the values' router canary")
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="GGUF file (llama_cpp) or checkpoint/engine folder (tensorrt_llm); default: the packaged SmolLM2")
     up.add_argument("--openai-base-url", default="", help="base URL of an OpenAI-compatible server, for --generator-backend openai")
     up.add_argument("--openai-model", default="", help="model name at that server")
-    up.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for every service to be SERVING")
+    up.add_argument("--startup-timeout", dest="startup_timeout_s", type=float, default=300.0, help="seconds to wait for every service to be SERVING")
 
     serve = sub.add_parser("serve", help="run one service (what a Kubernetes pod runs)", add_help=False,
                            description="Runs one service until SIGTERM/SIGINT. "
@@ -112,8 +113,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "up":
             from mesh.launcher import run_up
+            from mesh.spec import MeshSpec
 
-            sys.exit(run_up(args))
+            sys.exit(run_up(MeshSpec.from_namespace(args)))
         if args.command == "serve":
             sys.exit(_serve(args))
         from mesh import commands
@@ -124,8 +126,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from mesh.server import serve
-    from mesh.telemetry import configure_logging
+    from fabric.server import serve
+    from fabric.telemetry import configure_logging
 
     module = _service_module(args.service)  # imported only here: it loads the service's heavy libraries
     parser = argparse.ArgumentParser(prog=f"ragloom serve {args.service}",

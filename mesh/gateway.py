@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mesh.policy import TrafficPolicy
-from mesh.tls import Identity
+from fabric.tls import Identity
 
 ROUTER_SERVICE = "ragloom.router.v1.RouterService"
 DESCRIPTOR_SET = Path(__file__).resolve().parents[1] / "protos" / "ragloom.pb"

@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import random
+import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from fabric.client import wait_healthy
+from fabric.settings import ENV_PREFIX
+from fabric.tls import Identity, LocalCA, spiffe_id
 from mesh import policy
-from mesh.client import wait_healthy
 from mesh.gateway import Upstream, envoy_argv, envoy_config, write_config
-from mesh.tls import Identity, LocalCA, spiffe_id
+from mesh.spec import SERVICES, MeshSpec
 
 
 @dataclass
@@ -26,6 +27,8 @@ class Child:
     address: str
     argv: list[str]
     log_path: Path
+    #: The environment it starts with: the shell's, less the RAGLOOM_* settings meant for others.
+    env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen | None = None
     #: Readiness: gRPC health on `address` (with this mTLS identity), or this HTTP URL (Envoy's /ready).
     identity: Identity | None = None
@@ -34,62 +37,91 @@ class Child:
     metrics_port: int = 0
 
 
-def plan(args: argparse.Namespace) -> list[Child]:
-    """The processes `ragloom up` runs, with their ports, flags and identities.
+@dataclass
+class Plan:
+    """What `ragloom up` will run, decided without touching the disk; `prepare` writes what it needs."""
 
-    Ports from --base-port: embedder, generator, router, canary router, gateway admin, then the
-    shards' replicas. With the gateway on, Envoy takes --router-port (gRPC and REST) and the
-    router listens on its internal port; without it, the router takes --router-port.
-    """
-    data, host, base = args.data_dir.expanduser().resolve(), args.host, args.base_port
+    children: list[Child]
+    #: mTLS: the local CA's folder and the certificates to issue there (file name → SPIFFE id).
+    pki: Path | None = None
+    certificates: dict[str, str] = field(default_factory=dict)
+    #: The gateway's Envoy config and where it goes.
+    gateway_config: dict | None = None
+    gateway_config_path: Path | None = None
+
+    def child(self, name: str) -> Child:
+        return next(c for c in self.children if c.name == name)
+
+    @property
+    def public(self) -> Child:
+        """The child clients talk to: the gateway when there is one, else the router."""
+        return self.child("gateway" if self.gateway_config is not None else "router")
+
+
+# What a child must not inherit from the shell unprefixed: the launcher sets these per child.
+_PER_CHILD = ("HOST", "PORT", "METRICS_PORT", "TLS_CERT", "TLS_KEY", "TLS_CA", "ALLOWED_CALLERS")
+
+
+def child_env(service: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """The shell's environment for one child: its own RAGLOOM_<SERVICE>_* settings and the shared
+    ones (log level, tracing…), never another service's, nor an address or identity meant for one child."""
+    others = tuple(f"{ENV_PREFIX}{s.upper()}_" for s in SERVICES if s != service)
+    per_child = {f"{ENV_PREFIX}{name}" for name in _PER_CHILD}
+    return {k: v for k, v in environ.items() if not k.startswith(others) and k not in per_child}
+
+
+def plan(spec: MeshSpec, environ: Mapping[str, str] | None = None) -> Plan:
+    """The processes `ragloom up` runs for `spec`, with their ports, flags, identities and environments."""
+    environ = os.environ if environ is None else environ
+    data, host, base = spec.data_dir, spec.host, spec.base_port
     logs = data / "logs"
     serve = [sys.executable, "-m", "mesh", "serve"]
-    gateway = getattr(args, "gateway", False)
-    traffic = policy.load(*getattr(args, "values", []) or [])
-    canary_weight = _canary_weight(args, traffic)
+    traffic = policy.load(*spec.values)
+    canary_weight = _canary_weight(spec, traffic)
     embedder, generator = f"{host}:{base}", f"{host}:{base + 1}"
-    router = f"{host}:{base + 2}" if gateway else f"{host}:{args.router_port}"
+    router = f"{host}:{base + 2}" if spec.gateway else f"{host}:{spec.router_port}"
     router_canary = f"{host}:{base + 3}"
     admin_port = base + 4
-    replicas = args.replicas
+    replicas = spec.replicas
     # shards[s][r]: address of replica r of shard s
-    shards = [[f"{host}:{base + 5 + s * replicas + r}" for r in range(replicas)] for s in range(args.shards)]
+    shards = [[f"{host}:{base + 5 + s * replicas + r}" for r in range(replicas)] for s in range(spec.shards)]
 
-    ca = LocalCA(data / "pki") if getattr(args, "mtls", False) else None
-    launcher_id = ca.issue("launcher", spiffe_id("launcher", traffic.namespace, traffic.trust_domain)) if ca else None
+    pki = data / "pki" if spec.mtls else None
+    certificates: dict[str, str] = {}
 
-    def tls(service: str, name: str) -> tuple[list[str], Identity | None]:
-        if ca is None:
-            return [], None
-        ident = ca.issue(name, traffic.spiffe_id(service))
-        flags = ["--tls-cert", str(ident.cert), "--tls-key", str(ident.key), "--tls-ca", str(ident.ca)]
-        allowed = traffic.allowed_spiffe_ids(service)
-        if allowed:
-            flags += ["--allowed-callers", ",".join(allowed)]
-        return flags, ident
+    def identity(name: str, spiffe: str) -> Identity | None:
+        if pki is None:
+            return None
+        certificates[name] = spiffe
+        return LocalCA.identity_paths(pki, name)
 
-    metrics_ports = iter(range(getattr(args, "metrics_base_port", 0) or 0, 65536))
-    otlp = getattr(args, "otlp_endpoint", "")
+    launcher_id = identity("launcher", spiffe_id("launcher", traffic.namespace, traffic.trust_domain))
+    metrics_ports = iter(range(spec.metrics_base_port, 65536))
 
     def child(name: str, service: str, address: str, flags: list[str]) -> Child:
-        tls_flags, _ = tls(service, name)
-        argv = [*serve, service, "--host", host, "--port", address.rsplit(":", 1)[1], *flags, *tls_flags]
-        metrics_port = 0
-        if getattr(args, "metrics_base_port", 0):
-            metrics_port = next(metrics_ports)
+        argv = [*serve, service, "--host", host, "--port", address.rsplit(":", 1)[1], *flags]
+        ident = identity(name, traffic.spiffe_id(service))
+        if ident is not None:
+            argv += ["--tls-cert", str(ident.cert), "--tls-key", str(ident.key), "--tls-ca", str(ident.ca)]
+            allowed = traffic.allowed_spiffe_ids(service)
+            if allowed:
+                argv += ["--allowed-callers", ",".join(allowed)]
+        metrics_port = next(metrics_ports) if spec.metrics_base_port else 0
+        if metrics_port:
             argv += ["--metrics-port", str(metrics_port)]
-        if otlp:
-            argv += ["--otlp-endpoint", otlp]
-        return Child(name, address, argv, logs / f"{name}.log", identity=launcher_id, metrics_port=metrics_port)
+        if spec.otlp_endpoint:
+            argv += ["--otlp-endpoint", spec.otlp_endpoint]
+        return Child(name, address, argv, logs / f"{name}.log", env=child_env(service, environ),
+                     identity=launcher_id, metrics_port=metrics_port)
 
     children = [child("embedder", "embedder", embedder, [])]
-    gen_flags = ["--backend", args.generator_backend]
-    if getattr(args, "generator_model_path", ""):
-        gen_flags += ["--model-path", args.generator_model_path]
-    if args.openai_base_url:
-        gen_flags += ["--openai-base-url", args.openai_base_url]
-    if args.openai_model:
-        gen_flags += ["--openai-model", args.openai_model]
+    gen_flags = ["--backend", spec.generator_backend]
+    if spec.generator_model_path:
+        gen_flags += ["--model-path", spec.generator_model_path]
+    if spec.openai_base_url:
+        gen_flags += ["--openai-base-url", spec.openai_base_url]
+    if spec.openai_model:
+        gen_flags += ["--openai-model", spec.openai_model]
     children.append(child("generator", "generator", generator, gen_flags))
     for s, group in enumerate(shards):
         for r, address in enumerate(group):
@@ -100,42 +132,49 @@ def plan(args: argparse.Namespace) -> list[Child]:
                 flags += ["--peers", ",".join(peers)]
             children.append(child(f"indexer-{suffix}", "indexer", address, flags))
     router_flags = ["--embedder", embedder, "--generator", generator, "--indexers", ",".join("|".join(g) for g in shards)]
-    if args.redis_url:
-        router_flags += ["--redis-url", args.redis_url]
+    if spec.redis_url:
+        router_flags += ["--redis-url", spec.redis_url]
     children.append(child("router", "router", router, router_flags))
-    if gateway and canary_weight:
+    if spec.gateway and canary_weight:
         children.append(child("router-canary", "router", router_canary, router_flags))
-    if gateway:
-        gateway_id = ca.issue("gateway", traffic.spiffe_id(policy.GATEWAY)) if ca else None
-        config = envoy_config(
-            traffic, listen_host=host, listen_port=args.router_port, admin_port=admin_port,
+    result = Plan(children, pki, certificates)
+    if spec.gateway:
+        result.gateway_config = envoy_config(
+            traffic, listen_host=host, listen_port=spec.router_port, admin_port=admin_port,
             stable=Upstream("stable", host, int(router.rsplit(":", 1)[1])),
             canary=Upstream("canary", host, base + 3) if canary_weight else None,
-            identity=gateway_id, canary_weight=canary_weight,
+            identity=identity("gateway", traffic.spiffe_id(policy.GATEWAY)), canary_weight=canary_weight,
         )
-        path = write_config(config, data / "gateway" / "envoy.json")
-        children.append(Child("gateway", f"{host}:{args.router_port}", envoy_argv(path, base_id=admin_port),
-                              logs / "gateway.log", ready_url=f"http://127.0.0.1:{admin_port}/ready"))
-    return children
+        result.gateway_config_path = data / "gateway" / "envoy.json"
+        children.append(Child("gateway", f"{host}:{spec.router_port}", envoy_argv(result.gateway_config_path, base_id=admin_port),
+                              logs / "gateway.log", env=dict(environ), ready_url=f"http://127.0.0.1:{admin_port}/ready"))
+    return result
 
 
-def _canary_weight(args: argparse.Namespace, traffic: policy.TrafficPolicy) -> int:
-    """Percent of traffic for the canary router: --canary-weight, else the values' router canary."""
-    explicit = getattr(args, "canary_weight", None)
-    if explicit is not None:
-        if not 0 <= explicit <= 100:
-            raise ValueError("--canary-weight must be between 0 and 100")
-        return explicit
+def prepare(plan_: Plan) -> None:
+    """Writes what the plan needs on disk: the local CA and its certificates, the gateway's config."""
+    if plan_.pki is not None:
+        ca = LocalCA(plan_.pki)
+        for name, spiffe in plan_.certificates.items():
+            ca.issue(name, spiffe)
+    if plan_.gateway_config is not None:
+        write_config(plan_.gateway_config, plan_.gateway_config_path)
+
+
+def _canary_weight(spec: MeshSpec, traffic: policy.TrafficPolicy) -> int:
+    """Percent of traffic for the canary router: the spec's, else the values' router canary."""
+    if spec.canary_weight is not None:
+        return spec.canary_weight
     route = traffic.route("router")
     return route.canary_weight if route.canary else 0
 
 
-def _start(child: Child) -> None:
+def start_child(child: Child) -> None:
     child.log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(child.log_path, "ab")
     # Own process group: Ctrl-C in the terminal reaches the launcher only, which then stops children in order.
     child.process = subprocess.Popen(child.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+                                     env=child.env or None, start_new_session=True)
     log.close()
 
 
@@ -171,7 +210,7 @@ async def _wait_http_ready(url: str, timeout_s: float) -> None:
     raise TimeoutError(f"{url} not ready after {timeout_s:.0f}s")
 
 
-async def _wait_ready(children: list[Child], timeout_s: float, quiet: bool = False) -> None:
+async def wait_ready(children: list[Child], timeout_s: float, quiet: bool = False) -> None:
     async def one(child: Child) -> None:
         if child.ready_url:
             task = asyncio.ensure_future(_wait_http_ready(child.ready_url, timeout_s))
@@ -189,90 +228,15 @@ async def _wait_ready(children: list[Child], timeout_s: float, quiet: bool = Fal
     await asyncio.gather(*(one(c) for c in children))
 
 
-def free_port_block(count: int, host: str = "127.0.0.1") -> int:
-    """First of `count` consecutive ports free on `host` (for tests and benchmarks)."""
-    for _ in range(200):
-        base = random.randint(20000, 60000 - count)
-        sockets = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind((host, port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError("no free block of ports")
-
-
-class LocalMesh:
-    """The mesh as child processes on free loopback ports: what tests and benchmarks start and stop."""
-
-    def __init__(self, data_dir: Path, shards: int = 2, replicas: int = 1, generator_backend: str = "llama_cpp",
-                 redis_url: str = "", gateway: bool = False, mtls: bool = False, canary_weight: int | None = None,
-                 metrics: bool = False, otlp_endpoint: str = ""):
-        base = free_port_block(shards * replicas + 6)
-        metrics_base = free_port_block(shards * replicas + 4) if metrics else 0
-        self.args = argparse.Namespace(
-            data_dir=Path(data_dir), shards=shards, replicas=replicas, host="127.0.0.1", router_port=base,
-            base_port=base + 1, generator_backend=generator_backend, openai_base_url="", openai_model="",
-            redis_url=redis_url, startup_timeout=300.0, gateway=gateway, mtls=mtls, canary_weight=canary_weight,
-            values=[], metrics_base_port=metrics_base, otlp_endpoint=otlp_endpoint,
-        )
-        self.children = plan(self.args)
-
-    @property
-    def router(self) -> str:
-        """The public endpoint: the gateway when there is one, else the router."""
-        return self.child("gateway" if self.args.gateway else "router").address
-
-    def child(self, name: str) -> Child:
-        return next(c for c in self.children if c.name == name)
-
-    def start(self) -> None:
-        for child in self.children:
-            _start(child)
-        try:
-            asyncio.run(_wait_ready(self.children, self.args.startup_timeout, quiet=True))
-        except BaseException:
-            self.stop()
-            raise
-
-    def restart(self, name: str, kill: bool = True) -> None:
-        """Stops one service (SIGKILL by default: no chance to flush anything) and starts it again."""
-        child = self.child(name)
-        if kill:
-            child.process.kill()
-            child.process.wait()
-        else:
-            stop_all([child])
-        _start(child)
-        asyncio.run(_wait_ready([child], 120, quiet=True))
-
-    def stop(self) -> None:
-        stop_all(self.children)
-
-    def __enter__(self) -> "LocalMesh":
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-def run_up(args: argparse.Namespace) -> int:
-    if args.shards < 1 or args.replicas < 1:
-        print("ragloom up: --shards and --replicas must be at least 1", file=sys.stderr)
+def run_up(spec: MeshSpec) -> int:
+    try:
+        spec.validate()
+        planned = plan(spec)
+    except ValueError as exc:
+        print(f"ragloom up: {exc}", file=sys.stderr)
         return 2
-    if args.mtls and not args.gateway:
-        print("ragloom up: --mtls needs the gateway (only it may call the router); add --no-mtls with --no-gateway",
-              file=sys.stderr)
-        return 2
-    children = plan(args)
-    data_dir = args.data_dir.expanduser().resolve()
+    prepare(planned)
+    children, data_dir = planned.children, spec.data_dir
     print(f"ragloom: starting the mesh (data in {data_dir}, logs in {data_dir / 'logs'})", file=sys.stderr)
     stop = {"signal": None}
 
@@ -282,19 +246,19 @@ def run_up(args: argparse.Namespace) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for child in children:
-            _start(child)
+            start_child(child)
         try:
-            asyncio.run(_wait_ready(children, args.startup_timeout))
+            asyncio.run(wait_ready(children, spec.startup_timeout_s))
         except (RuntimeError, TimeoutError) as exc:
             print(f"ragloom: the mesh did not start: {exc}", file=sys.stderr)
             return 1
-        public = next(c for c in children if c.name == ("gateway" if args.gateway else "router")).address
+        public = planned.public.address
         lines = ["", "ragloom is up.", f"  public API, gRPC: {public}"]
-        if args.gateway:
-            admin = next(c for c in children if c.name == "gateway").ready_url.rsplit("/", 1)[0]
+        if spec.gateway:
+            admin = planned.child("gateway").ready_url.rsplit("/", 1)[0]
             lines += [f"  public API, REST: http://{public}/v1/search  /v1/ask  /v1/documents",
                       f"  gateway admin:    {admin}/stats/prometheus"]
-        lines.append(f"  mutual TLS:       {'on, CA in ' + str(data_dir / 'pki') if args.mtls else 'off'}")
+        lines.append(f"  mutual TLS:       {'on, CA in ' + str(data_dir / 'pki') if spec.mtls else 'off'}")
         lines += ["  try: ragloom ingest --sample && ragloom ask \"How do honeybees tell each other where flowers are?\"",
                   f"  (clients find the API at {public}: the default, or --router / RAGLOOM_ROUTER)",
                   "Press Ctrl-C to stop."]

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator, Sequence
 
 import numpy as np
 
-from mesh.client import Deadline, channel
-from mesh.telemetry import outgoing_metadata
+from fabric.client import Deadline, channel
+from fabric.telemetry import outgoing_metadata
 from router.evidence import Scored, Span
 from ragloom.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from ragloom.generator.v1 import generator_pb2, generator_pb2_grpc

@@ -2,7 +2,7 @@
 
 from prometheus_client import Counter, Histogram
 
-from mesh.metrics import LATENCY_BUCKETS
+from fabric.metrics import LATENCY_BUCKETS
 
 DOWNSTREAM_CALLS = Counter(
     "ragloom_router_downstream_calls", "Calls the router made to other services, by service", ["service"]

@@ -8,7 +8,7 @@ import re
 from html.parser import HTMLParser
 from pathlib import PurePath
 
-from mesh.errors import InvalidArgument
+from fabric.errors import InvalidArgument
 
 FORMATS = ("txt", "md", "html", "pdf")
 _EXTENSIONS = {

@@ -14,8 +14,8 @@ import numpy as np
 
 import grpc
 
-from mesh.client import Deadline
-from mesh.errors import FailedPrecondition, InvalidArgument, Overloaded, Unavailable
+from fabric.client import Deadline
+from fabric.errors import FailedPrecondition, InvalidArgument, Overloaded, Unavailable
 from ragloom.generator.v1 import generator_pb2
 from ragloom.indexer.v1 import indexer_pb2
 from router.cache import Cache, SingleFlight, cache_key
@@ -30,7 +30,7 @@ from router.prompt import STOP_SEQUENCES, Passage, build_messages, cited_numbers
 from router.sharding import shard_for
 from router.topology import ShardGroup, VersionClock
 from router.verify import Verdict, Verifier, VerifierConfig, split_sentences
-from mesh.telemetry import span, tracer
+from fabric.telemetry import span, tracer
 
 _tracer = tracer("ragloom.router")
 log = logging.getLogger(__name__)

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import grpc
 
-from mesh.client import Deadline
-from mesh.errors import InvalidArgument
-from mesh.settings import ServiceSettings, option
+from fabric.client import Deadline
+from fabric.errors import InvalidArgument
+from fabric.settings import ServiceSettings, option
 from ragloom.router.v1 import router_pb2, router_pb2_grpc
 from router.cache import Cache, MemoryBackend, RedisBackend
 from router.chunking import Chunker
@@ -31,6 +31,8 @@ def _packaged_tokenizer() -> str:
 
 @dataclass
 class Settings(ServiceSettings):
+    service = "router"
+
     port: int = option(50051, "port to listen on")
     embedder: str = option("127.0.0.1:50052", "embedder address")
     generator: str = option("127.0.0.1:50053", "generator address")

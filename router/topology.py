@@ -19,8 +19,8 @@ from typing import TypeVar
 
 import grpc
 
-from mesh.client import Deadline
-from mesh.errors import Unavailable
+from fabric.client import Deadline
+from fabric.errors import Unavailable
 from router.clients import ShardClient
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mesh.text import content_words, numbers, options
+from fabric.text import content_words, numbers, options
 from router.evidence import Sentence
 
 _MARKER = re.compile(r"\s*\[\d+(?:\s*,\s*\d+)*\]")

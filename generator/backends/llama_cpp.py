@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from generator.backends.base import Backend, Delta, Finished, FinishReason, GenerationParams, register
-from mesh.errors import InvalidArgument, Overloaded, Unavailable
-from mesh.resources import usable_cpus
+from fabric.errors import InvalidArgument, Overloaded, Unavailable
+from fabric.resources import usable_cpus
 
 if TYPE_CHECKING:
     import llama_cpp

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from generator.backends.base import Backend, Delta, Finished, FinishReason, GenerationParams, register
-from mesh.errors import FailedPrecondition, InvalidArgument, Overloaded, RagloomError, Unavailable
+from fabric.errors import FailedPrecondition, InvalidArgument, Overloaded, RagloomError, Unavailable
 
 if TYPE_CHECKING:
     from generator.server import Settings

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from generator.backends.base import Backend, ChatMessage, Delta, Finished, FinishReason, GenerationParams, register
-from mesh.errors import InvalidArgument, Overloaded, Unavailable
+from fabric.errors import InvalidArgument, Overloaded, Unavailable
 
 if TYPE_CHECKING:
     from generator.server import Settings

@@ -11,7 +11,7 @@ import pytest
 from embedder.batcher import Batcher
 from embedder.model import Tokenized
 from embedder.planning import RunLimits, plan_runs
-from mesh.errors import InvalidArgument, Overloaded
+from fabric.errors import InvalidArgument, Overloaded
 
 
 class FakeModel:

@@ -5,7 +5,7 @@ import onnxruntime
 import pytest
 
 from embedder.model import OnnxEmbedder, choose_provider, model_from_dir, packaged_minilm, provider_chain
-from mesh.errors import InvalidArgument
+from fabric.errors import InvalidArgument
 
 TEXTS = [
     "The queen bee lays up to fifteen hundred eggs a day.",

@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from embedder.server import Settings, create_service
-from mesh.server import serve
+from fabric.server import serve
 from ragloom.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 
 # (question, title, a passage that answers it, one that shares its words but does not answer)

@@ -7,7 +7,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from embedder.server import Settings, create_service
-from mesh.server import serve
+from fabric.server import serve
 from ragloom.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 
 
@@ -142,7 +142,7 @@ async def test_a_stream_the_client_abandons_leaves_nothing_queued():
 
 
 def test_cpu_runs_side_by_side_on_one_thread_each_and_a_gpu_runs_one_at_a_time():
-    from mesh.resources import usable_cpus
+    from fabric.resources import usable_cpus
 
     cpus = usable_cpus()
     assert Settings().parallelism("CPUExecutionProvider") == (cpus, 1)

@@ -14,7 +14,7 @@ from google.protobuf.message import Message
 from google.rpc import status_pb2
 
 from generator.server import GeneratorService, Settings, create_service
-from mesh.server import serve
+from fabric.server import serve
 
 
 _M = TypeVar("_M", bound=Message)

@@ -9,7 +9,7 @@ import pytest_asyncio
 
 from generator.backends import ChatMessage, Delta, Finished, GenerationParams
 from generator.backends.llama_cpp import LlamaCppBackend
-from mesh.errors import Overloaded
+from fabric.errors import Overloaded
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -13,7 +13,7 @@ from google.rpc import error_details_pb2
 from generator.backends import ChatMessage, Delta, Finished, GenerationParams
 from generator.backends.openai import OpenAIBackend
 from generator.server import Settings
-from mesh.errors import FailedPrecondition, InvalidArgument, Overloaded, Unavailable
+from fabric.errors import FailedPrecondition, InvalidArgument, Overloaded, Unavailable
 from ragloom.generator.v1 import generator_pb2, generator_pb2_grpc
 
 from .support import FakeOpenAI, Reply, chunk, running_generator, status_details, usage

@@ -15,7 +15,7 @@ import pytest
 from generator.backends import ChatMessage, Delta, Finished, GenerationParams
 from generator.backends.tensorrt_llm import StopScanner, TensorRTLLMBackend
 from generator.server import Settings
-from mesh.errors import InvalidArgument, Overloaded, Unavailable
+from fabric.errors import InvalidArgument, Overloaded, Unavailable
 from ragloom.generator.v1 import generator_pb2, generator_pb2_grpc
 
 from . import fake_tensorrt_llm

@@ -134,7 +134,7 @@ def test_replace_documents_stays_inside_the_tenant(store):
 
 
 def test_one_request_holds_one_tenant(store):
-    from mesh.errors import InvalidArgument
+    from fabric.errors import InvalidArgument
 
     vectors = unit_vectors(2)
     with pytest.raises(InvalidArgument) as error:

@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from indexer.server import IndexerService, Settings, create_service
-from mesh.server import serve
+from fabric.server import serve
 from ragloom.indexer.v1 import indexer_pb2, indexer_pb2_grpc
 
 DIM = 8

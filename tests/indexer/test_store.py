@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from indexer.store import DB_FILE, ChunkRecord, ShardStore, WriteResult
-from mesh.errors import FailedPrecondition, InvalidArgument
+from fabric.errors import FailedPrecondition, InvalidArgument
 
 DIM = 16
 

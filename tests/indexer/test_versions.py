@@ -10,7 +10,7 @@ import pytest
 
 from indexer.filters import SearchFilter
 from indexer.store import DB_FILE, ChunkRecord, ShardStore
-from mesh.errors import InvalidArgument
+from fabric.errors import InvalidArgument
 
 DIM = 8
 

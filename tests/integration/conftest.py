@@ -2,7 +2,7 @@
 
 import pytest
 
-from mesh.launcher import LocalMesh
+from tests.support.mesh import LocalMesh
 
 
 @pytest.fixture(scope="session")

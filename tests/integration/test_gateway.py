@@ -13,8 +13,10 @@ import pytest
 
 from mesh import policy
 from mesh.gateway import Upstream, envoy_argv, envoy_config, write_config
-from mesh.launcher import Child, LocalMesh, _start, _wait_ready, free_port_block, stop_all
-from mesh.tls import LocalCA
+from tests.support.mesh import LocalMesh
+from tests.support.ports import free_port_block
+from mesh.launcher import Child, start_child, wait_ready, stop_all
+from fabric.tls import LocalCA
 from ragloom.indexer.v1 import indexer_pb2, indexer_pb2_grpc
 from ragloom.router.v1 import router_pb2, router_pb2_grpc
 
@@ -75,13 +77,13 @@ def test_plaintext_and_wrong_identity_are_refused(mesh):
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
     traffic = policy.load()
-    imposter = LocalCA(mesh.args.data_dir / "pki").issue("imposter", traffic.spiffe_id("generator"))
+    imposter = LocalCA(mesh.spec.data_dir / "pki").issue("imposter", traffic.spiffe_id("generator"))
     credentials = imposter.channel_credentials()
     with grpc.secure_channel(mesh.child("indexer-0").address, credentials) as channel:
         with pytest.raises(grpc.RpcError) as info:
             indexer_pb2_grpc.IndexerServiceStub(channel).Stats(indexer_pb2.StatsRequest(), timeout=5)
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    router_id = LocalCA(mesh.args.data_dir / "pki").issue("router-again", traffic.spiffe_id("router"))
+    router_id = LocalCA(mesh.spec.data_dir / "pki").issue("router-again", traffic.spiffe_id("router"))
     with grpc.secure_channel(mesh.child("indexer-0").address, router_id.channel_credentials()) as channel:
         assert indexer_pb2_grpc.IndexerServiceStub(channel).Stats(indexer_pb2.StatsRequest(), timeout=5).live_chunks > 0
 
@@ -128,11 +130,11 @@ def envoy_in_front(tmp_path):
         path = write_config(config, tmp_path / "envoy.json")
         child = Child("gateway", f"127.0.0.1:{ports + 2}", envoy_argv(path, base_id=ports + 3), tmp_path / "envoy.log",
                       ready_url=f"http://127.0.0.1:{ports + 3}/ready")
-        _start(child)
+        start_child(child)
         children.append(child)
         import asyncio
 
-        asyncio.run(_wait_ready([child], 30, quiet=True))
+        asyncio.run(wait_ready([child], 30, quiet=True))
         return child.address, traffic, {name: fake for name, (fake, _) in upstreams.items()}
 
     yield start

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from mesh.launcher import LocalMesh, free_port_block
-from mesh.telemetry import SpanSink
+from tests.support.mesh import LocalMesh
+from tests.support.ports import free_port_block
+from tests.support.spans import SpanSink
 from ragloom.router.v1 import router_pb2, router_pb2_grpc
 
 pytestmark = pytest.mark.integration

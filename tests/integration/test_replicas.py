@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from mesh.launcher import LocalMesh
+from tests.support.mesh import LocalMesh
 from ragloom.indexer.v1 import indexer_pb2, indexer_pb2_grpc
 from ragloom.router.v1 import router_pb2, router_pb2_grpc
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from mesh.launcher import LocalMesh, free_port_block
+from tests.support.mesh import LocalMesh
+from tests.support.ports import free_port_block
 from ragloom.router.v1 import router_pb2, router_pb2_grpc
 
 pytestmark = pytest.mark.integration

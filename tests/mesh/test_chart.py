@@ -271,12 +271,12 @@ def test_shards_are_statefulsets_with_their_own_volumes(rendered):
         (container,) = sts["spec"]["template"]["spec"]["containers"]
         assert {"name": claim["metadata"]["name"], "mountPath": "/data"} in container["volumeMounts"]
         env = env_of(container)
-        assert env["RAGLOOM_SHARD_ID"] == str(shard) and env["RAGLOOM_DATA_DIR"].startswith("/data/")
+        assert env["RAGLOOM_INDEXER_SHARD_ID"] == str(shard) and env["RAGLOOM_INDEXER_DATA_DIR"].startswith("/data/")
         script = container["args"][0]
         assert f"indexer-{shard}-0.{name}:50051 indexer-{shard}-1.{name}:50051" in script
         assert "--peers" in script
     router = by_name(objs, "Deployment", "router")["spec"]["template"]["spec"]["containers"][0]
-    assert env_of(router)["RAGLOOM_INDEXERS"] == ",".join(
+    assert env_of(router)["RAGLOOM_ROUTER_INDEXERS"] == ",".join(
         f"indexer-{s}-0.indexer-{s}:50051|indexer-{s}-1.indexer-{s}:50051" for s in range(3))
     single = by_name(rendered["default"], "StatefulSet", "indexer-0")["spec"]["template"]["spec"]["containers"][0]
     assert single["args"] == ["indexer"]  # one replica: no peers
@@ -296,10 +296,10 @@ def _edges(objs, tp) -> set[tuple[str, str]]:
         me = f"{tp.trust_domain}/ns/{NAMESPACE}/sa/{spec['serviceAccountName']}"
         container = spec["containers"][0]
         env = env_of(container)
-        for key in ("RAGLOOM_EMBEDDER", "RAGLOOM_GENERATOR"):
+        for key in ("RAGLOOM_ROUTER_EMBEDDER", "RAGLOOM_ROUTER_GENERATOR"):
             if key in env:
                 edges.add((me, app_of(env[key])))
-        for address in filter(None, re.split(r"[,|]", env.get("RAGLOOM_INDEXERS", ""))):
+        for address in filter(None, re.split(r"[,|]", env.get("RAGLOOM_ROUTER_INDEXERS", ""))):
             edges.add((me, app_of(address)))
         for address in re.findall(r"indexer-\d+-\d+\.indexer-\d+:\d+", " ".join(container.get("args", []))):
             edges.add((me, app_of(address)))  # peers
@@ -536,16 +536,16 @@ def test_generator_backends(helm_bin, rendered):
     def generator(objs):
         return by_name(objs, "Deployment", "generator")["spec"]["template"]["spec"]
 
-    assert env_of(generator(rendered["default"])["containers"][0])["RAGLOOM_BACKEND"] == "llama_cpp"
+    assert env_of(generator(rendered["default"])["containers"][0])["RAGLOOM_GENERATOR_BACKEND"] == "llama_cpp"
     spec = generator(rendered["options"])
     env = env_of(spec["containers"][0])
-    assert env["RAGLOOM_BACKEND"] == "tensorrt_llm" and env["RAGLOOM_MODEL_PATH"] == "/models/llama"
+    assert env["RAGLOOM_GENERATOR_BACKEND"] == "tensorrt_llm" and env["RAGLOOM_GENERATOR_MODEL_PATH"] == "/models/llama"
     assert {"name": "models", "mountPath": "/models", "readOnly": True} in spec["containers"][0]["volumeMounts"]
     objs = ct.render(helm_bin, "--set", "generator.backend=openai", "--set", "generator.openai.baseUrl=http://vllm:8000/v1",
                      "--set", "generator.openai.apiKeySecret.name=openai")
     env = generator(objs)["containers"][0]["env"]
-    assert {"name": "RAGLOOM_OPENAI_BASE_URL", "value": "http://vllm:8000/v1"} in env
-    assert {"name": "RAGLOOM_OPENAI_API_KEY", "valueFrom": {"secretKeyRef": {"name": "openai", "key": "api-key"}}} in env
+    assert {"name": "RAGLOOM_GENERATOR_OPENAI_BASE_URL", "value": "http://vllm:8000/v1"} in env
+    assert {"name": "RAGLOOM_GENERATOR_OPENAI_API_KEY", "valueFrom": {"secretKeyRef": {"name": "openai", "key": "api-key"}}} in env
     for args, message in [
         (("--set", "generator.backend=tensorrt_llm"), "modelPath"),
         (("--set", "generator.backend=openai"), "baseUrl"),
@@ -558,10 +558,10 @@ def test_generator_backends(helm_bin, rendered):
 
 def test_router_settings(rendered):
     env = env_of(by_name(rendered["default"], "Deployment", "router")["spec"]["template"]["spec"]["containers"][0])
-    assert env["RAGLOOM_EMBEDDER"] == "embedder:50051" and env["RAGLOOM_GENERATOR"] == "generator:50051"
-    assert "RAGLOOM_REDIS_URL" not in env
+    assert env["RAGLOOM_ROUTER_EMBEDDER"] == "embedder:50051" and env["RAGLOOM_ROUTER_GENERATOR"] == "generator:50051"
+    assert "RAGLOOM_ROUTER_REDIS_URL" not in env
     env = env_of(by_name(rendered["options"], "Deployment", "router")["spec"]["template"]["spec"]["containers"][0])
-    assert env["RAGLOOM_REDIS_URL"] == "redis://redis:6379/0"
+    assert env["RAGLOOM_ROUTER_REDIS_URL"] == "redis://redis:6379/0"
 
 
 def test_https_at_the_gateway(rendered):

@@ -408,7 +408,7 @@ def test_alert_promql_parses(rule):
 def test_alerts_follow_the_values(helm_bin, values):
     a = values["prometheusRule"]["alerts"]
     assert a["askLatency"]["methods"] == ["Ask"] and a["serverErrors"]["codes"] == ["INTERNAL", "UNAVAILABLE"]
-    from mesh.metrics import LATENCY_BUCKETS
+    from fabric.metrics import LATENCY_BUCKETS
 
     # A quantile past the largest finite bucket reads as that bucket: a threshold there never fires.
     assert a["askLatency"]["thresholdSeconds"] < LATENCY_BUCKETS[-1]
@@ -499,7 +499,7 @@ def test_operator_objects_match_their_crds(objs):
 # --------------------------------------------------------------------------- the code exports them
 
 FAMILY_MODULES = {
-    "grpc": ("mesh.metrics",),
+    "grpc": ("fabric.metrics",),
     "router": ("router.metrics",),
     "embedder": ("embedder.metrics", "embedder.server"),
     "indexer": ("indexer.metrics", "indexer.server"),

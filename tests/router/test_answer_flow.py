@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from mesh.client import Deadline
+from fabric.client import Deadline
 from router.cache import Cache, MemoryBackend
 from router.evidence import Scored, Span
 from router.rag import ABSTENTION, AskDone, AskSources, AskToken, Rag, RagConfig

@@ -2,7 +2,7 @@ import asyncio
 
 import pytest
 
-from mesh.metrics import sample
+from tests.support.metrics import sample
 from router.cache import Cache, MemoryBackend, RedisBackend, SingleFlight, cache_key
 
 

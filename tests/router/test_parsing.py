@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.errors import InvalidArgument
+from fabric.errors import InvalidArgument
 from router.parsing import format_for, parse
 from tests.pdfmaker import make_pdf
 

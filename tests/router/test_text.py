@@ -1,4 +1,4 @@
-from mesh.text import content_words, numbers, options, sentence_spans, stem
+from fabric.text import content_words, numbers, options, sentence_spans, stem
 
 
 def test_stems_match_the_forms_of_a_word():

@@ -3,8 +3,8 @@ import asyncio
 import grpc
 import pytest
 
-from mesh.client import Deadline
-from mesh.errors import Unavailable
+from fabric.client import Deadline
+from fabric.errors import Unavailable
 from router.topology import Breaker, Replica, ShardGroup, VersionClock, parse_topology
 
 

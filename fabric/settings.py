@@ -1,7 +1,13 @@
 """Typed settings, parsed once at the edge from flags, then RAGLOOM_* variables, then defaults.
 
-Each service declares a dataclass; every field becomes a `--flag-name` and a
-`RAGLOOM_FLAG_NAME` variable, documented by the field's `help` metadata.
+Each service declares a dataclass with its name in `service`; every field becomes a
+`--flag-name` and a `RAGLOOM_<SERVICE>_FLAG_NAME` variable, documented by the field's `help`
+metadata. The fields every service has (ServiceSettings': where it listens, logging, tracing,
+TLS) also read the unprefixed `RAGLOOM_FLAG_NAME`, so one variable can set them for all
+services, while a service's own options (`--threads` means different things to the embedder and
+the generator) are never set by another's variable. A group of options owned by one component
+(a generator backend's, say) is a dataclass field declared with `options(...)`: its fields
+become `--<prefix>-name` and `RAGLOOM_<SERVICE>_<PREFIX>_NAME`.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 ENV_PREFIX = "RAGLOOM_"
 
@@ -24,9 +31,60 @@ def option(default, help: str, **kwargs):
     return field(default=default, metadata={"help": help, **kwargs})
 
 
+def options(kind: type, prefix: str = ""):
+    """A group of settings owned by one component: a dataclass of `option` fields.
+
+    Its fields become `--<prefix>-<name>` flags (plain `--<name>` with no prefix); the group may
+    define `validate()`, which ServiceSettings.validate calls.
+    """
+    return field(default_factory=kind, metadata={"group": prefix})
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One leaf setting: where it lives (`path` of field names) and how it is spelled."""
+
+    path: tuple[str, ...]
+    dest: str
+    kind: type
+    help: str
+    env: tuple[str, ...]
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.dest.replace("_", "-")
+
+
+def flags(cls) -> list[Flag]:
+    """Every leaf setting of a settings class, groups flattened, with its variables in lookup order."""
+    service = getattr(cls, "service", "")
+    common = {f.name for f in dataclasses.fields(ServiceSettings)}
+    own = ENV_PREFIX + (service.upper() + "_" if service else "")
+
+    def walk(kind, path: tuple[str, ...], prefix: str) -> list[Flag]:
+        hints = typing.get_type_hints(kind)
+        found = []
+        for f in dataclasses.fields(kind):
+            if "group" in f.metadata:
+                group = f.metadata["group"]
+                found += walk(hints[f.name], (*path, f.name), f"{prefix}{group}_" if group else prefix)
+                continue
+            dest = prefix + f.name
+            env = [own + dest.upper()]
+            if not path and f.name in common and service:
+                env.append(ENV_PREFIX + dest.upper())
+            found.append(Flag((*path, f.name), dest, hints[f.name], f.metadata.get("help", ""), tuple(env)))
+        return found
+
+    return walk(cls, (), "")
+
+
 @dataclass
 class ServiceSettings:
     """What every service has: where it listens and how it stops."""
+
+    #: The service's name, the prefix of its own variables (RAGLOOM_<SERVICE>_...).
+    service: ClassVar[str] = ""
 
     host: str = option("127.0.0.1", "address to listen on")
     port: int = option(0, "port to listen on (0 picks a free one)")
@@ -45,7 +103,7 @@ class ServiceSettings:
     @property
     def identity(self):
         """This workload's mTLS identity, or None when TLS is off."""
-        from mesh.tls import Identity
+        from fabric.tls import Identity
 
         if not (self.tls_cert or self.tls_key or self.tls_ca):
             return None
@@ -53,30 +111,31 @@ class ServiceSettings:
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            flag = "--" + f.name.replace("_", "-")
-            kind = hints[f.name]
-            env = ENV_PREFIX + f.name.upper()
-            help_text = f"{f.metadata.get('help', '')} [env {env}]".replace("%", "%%")
-            if kind is bool:
-                parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        for leaf in flags(cls):
+            help_text = f"{leaf.help} [env {' or '.join(leaf.env)}]".replace("%", "%%")
+            if leaf.kind is bool:
+                parser.add_argument(leaf.flag, dest=leaf.dest, action=argparse.BooleanOptionalAction, default=None,
+                                    help=help_text)
             else:
-                parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
+                parser.add_argument(leaf.flag, dest=leaf.dest, default=None, metavar=leaf.dest.upper(), help=help_text)
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace, environ: Mapping[str, str] | None = None):
         """Settings from parsed flags, falling back to the environment, then the defaults."""
         environ = os.environ if environ is None else environ
-        hints = typing.get_type_hints(cls)
-        values = {}
-        for f in dataclasses.fields(cls):
-            raw = getattr(ns, f.name, None)
-            if raw is None:
-                raw = environ.get(ENV_PREFIX + f.name.upper())
+        values: dict = {}
+        for leaf in flags(cls):
+            raw = getattr(ns, leaf.dest, None)
+            for name in leaf.env:
+                if raw is not None:
+                    break
+                raw = environ.get(name)
             if raw is not None:
-                values[f.name] = _convert(f.name, hints[f.name], raw)
-        settings = cls(**values)
+                node = values
+                for part in leaf.path[:-1]:
+                    node = node.setdefault(part, {})
+                node[leaf.path[-1]] = _convert(leaf.dest, leaf.kind, raw)
+        settings = _build(cls, values)
         settings.validate()
         return settings
 
@@ -101,10 +160,24 @@ class ServiceSettings:
         for path in filter(None, tls):
             if not Path(path).is_file():
                 raise ValueError(f"TLS file not found: {path}")
+        for f in dataclasses.fields(self):
+            group = getattr(self, f.name)
+            if "group" in f.metadata and hasattr(group, "validate"):
+                group.validate()
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+def _build(kind, values: dict):
+    hints = typing.get_type_hints(kind)
+    args = {}
+    for f in dataclasses.fields(kind):
+        if f.name not in values:
+            continue
+        args[f.name] = _build(hints[f.name], values[f.name]) if "group" in f.metadata else values[f.name]
+    return kind(**args)
 
 
 def _convert(name: str, kind, raw):

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from mesh.errors import PermissionDenied
+from fabric.errors import PermissionDenied
 
 
 def spiffe_id(service_account: str, namespace: str = "ragloom", trust_domain: str = "cluster.local") -> str:
@@ -85,6 +85,12 @@ class LocalCA:
                                                          serialization.NoEncryption()))
         self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
+    @staticmethod
+    def identity_paths(folder: Path, name: str) -> Identity:
+        """Where `issue(name, …)` writes a workload's files in the CA folder `folder`."""
+        folder = Path(folder)
+        return Identity(folder / f"{name}.pem", folder / f"{name}-key.pem", folder / "ca.pem")
+
     def issue(self, name: str, spiffe: str, hosts: tuple[str, ...] = ("localhost", "127.0.0.1")) -> Identity:
         """A fresh workload certificate for `spiffe`, valid for `hosts`, written as `<name>.pem`/`<name>-key.pem`."""
         key = ec.generate_private_key(ec.SECP256R1())
@@ -107,7 +113,8 @@ class LocalCA:
                                                   x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
             .sign(self._key, hashes.SHA256())
         )
-        cert_path, key_path = self.folder / f"{name}.pem", self.folder / f"{name}-key.pem"
+        ident = self.identity_paths(self.folder, name)
+        cert_path, key_path = ident.cert, ident.key
         _write_private(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                    serialization.NoEncryption()))
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))

@@ -19,14 +19,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from mesh.errors import to_status
-from mesh.metrics import GRPC_HANDLED, GRPC_IN_FLIGHT, GRPC_LATENCY, serve_metrics
+from fabric.errors import to_status
+from fabric.metrics import GRPC_HANDLED, GRPC_IN_FLIGHT, GRPC_LATENCY, serve_metrics
 from opentelemetry.trace import Status, StatusCode
 
-from mesh import telemetry
-from mesh.telemetry import setup_tracing, shutdown_tracing
-from mesh.tls import IdentityInterceptor
-from mesh.settings import ServiceSettings
+from fabric import telemetry
+from fabric.telemetry import setup_tracing, shutdown_tracing
+from fabric.tls import IdentityInterceptor
+from fabric.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
 
 class CallInterceptor(grpc.aio.ServerInterceptor):
     """The one place calls are observed and errors become statuses, for unary and streaming handlers:
-    every exception maps to a status code (mesh.errors), every call is counted by method and code,
+    every exception maps to a status code (fabric.errors), every call is counted by method and code,
     timed and tracked while in flight, and, with tracing on, runs in a SERVER span continuing the
     caller's trace (W3C traceparent metadata)."""
 

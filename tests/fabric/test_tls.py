@@ -6,11 +6,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mesh.client import channel
-from mesh.server import serve
-from mesh.settings import ServiceSettings
-from mesh.tls import LocalCA, spiffe_id
-from tests.mesh.test_server import SERVICE, EchoService
+from fabric.client import channel
+from fabric.server import serve
+from fabric.settings import ServiceSettings
+from fabric.tls import LocalCA, spiffe_id
+from tests.support.echo import SERVICE, EchoService
 
 ROUTER = spiffe_id("ragloom-router")
 

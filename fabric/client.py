@@ -11,7 +11,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 if TYPE_CHECKING:
-    from mesh.tls import Identity
+    from fabric.tls import Identity
 
 # Transparent retries for UNAVAILABLE (the server never saw the call, or was stopping).
 # Every internal RPC is idempotent, so a retry cannot apply a write twice.

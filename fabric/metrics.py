@@ -1,10 +1,10 @@
-"""Prometheus metrics: the HTTP endpoint every service can expose, and helpers to read them in tests."""
+"""Prometheus metrics: the HTTP endpoint every service can expose and the series of the shared interceptor."""
 
 from __future__ import annotations
 
 import logging
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 log = logging.getLogger(__name__)
 
@@ -14,11 +14,6 @@ def serve_metrics(host: str, port: int) -> None:
     if port:
         start_http_server(port, addr=host)
         log.info("metrics on http://%s:%d/metrics", host, port)
-
-
-def sample(name: str, **labels: str) -> float:
-    """Current value of one series in this process (0 when it has not been touched)."""
-    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 # Every service's RPCs, recorded by the shared server interceptor.

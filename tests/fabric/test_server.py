@@ -8,56 +8,9 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from mesh.errors import InvalidArgument, Overloaded, Unavailable
-from mesh.server import serve
-from mesh.settings import ServiceSettings
-
-SERVICE = "test.Echo"
-
-
-def _raise(exc):
-    raise exc
-
-
-FAILURES = {
-    "invalid": lambda: _raise(InvalidArgument("texts[2]", "text is empty")),
-    "overloaded": lambda: _raise(Overloaded("busy", retry_after_s=2.5)),
-    "down": lambda: _raise(Unavailable("shard 1 unreachable")),
-    "bug": lambda: _raise(ZeroDivisionError("division by zero")),
-}
-
-
-class EchoService:
-    name = "echo"
-    service_names = [SERVICE]
-
-    def __init__(self):
-        self.warm = asyncio.Event()
-        self.closed = False
-
-    def register(self, server):
-        async def unary(request: bytes, context):
-            if request.decode() in FAILURES:
-                FAILURES[request.decode()]()
-            return request
-
-        async def stream(request: bytes, context):
-            yield b"first"
-            if request.decode() in FAILURES:
-                FAILURES[request.decode()]()
-            yield b"never"
-
-        handlers = {
-            "Unary": grpc.unary_unary_rpc_method_handler(unary),
-            "Stream": grpc.unary_stream_rpc_method_handler(stream),
-        }
-        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
-
-    async def start(self):
-        await self.warm.wait()
-
-    async def close(self):
-        self.closed = True
+from fabric.server import serve
+from fabric.settings import ServiceSettings
+from tests.support.echo import FAILURES, SERVICE, EchoService
 
 
 @pytest.fixture

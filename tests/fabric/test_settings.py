@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.settings import ServiceSettings, option
+from fabric.settings import ServiceSettings, option
 
 
 @dataclass
