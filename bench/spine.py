@@ -37,7 +37,6 @@ from bench.common import percentile  # noqa: E402
 from tests.support.mesh import LocalMesh  # noqa: E402
 from ragloom.embedder.v1 import embedder_pb2, embedder_pb2_grpc  # noqa: E402
 from ragloom.router.v1 import router_pb2, router_pb2_grpc  # noqa: E402
-from router.parsing import format_for  # noqa: E402
 
 
 
@@ -56,7 +55,7 @@ def main() -> None:
         embedder = embedder_pb2_grpc.EmbedderServiceStub(grpc.insecure_channel(mesh.child("embedder").address))
 
         docs = [
-            router_pb2.Document(id=f"copy{c}/{p.name}", source=str(p), content=p.read_bytes(), format=format_for(p.name))
+            router_pb2.Document(id=f"copy{c}/{p.name}", source=str(p), content=p.read_bytes())
             for c in range(args.copies) for p in samples
         ]
         started = time.perf_counter()

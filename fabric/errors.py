@@ -78,18 +78,49 @@ class PermissionDenied(RagloomError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
-# Status codes of a failed downstream call that pass through unchanged; any other
-# downstream failure (INTERNAL, UNKNOWN, ...) is the dependency's fault, not the caller's.
-_PASS_THROUGH = {
+# Who is at fault when a call fails: decided here, once, for every caller (failover, circuit
+# breakers, partial results, the status passed on).
+
+#: The request itself was refused: the dependency is healthy, and another replica would refuse it too.
+CALLER_FAULTS = frozenset({
     grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.CANCELLED,
+})
+
+# Codes of a failed downstream call that mean the same to our caller and pass through unchanged; any
+# other (INTERNAL, UNKNOWN, ...) is the dependency's fault, reported as UNAVAILABLE.
+_PASS_THROUGH = CALLER_FAULTS | {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.PERMISSION_DENIED,
-    grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.CANCELLED,
 }
+
+
+def code_of(exc: BaseException) -> grpc.StatusCode | None:
+    """The status code an error carries: a domain error's, or a failed call's; None for anything else (a bug)."""
+    if isinstance(exc, RagloomError):
+        return exc.code
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code()
+    return None
+
+
+def is_caller_fault(exc: BaseException) -> bool:
+    """The request was refused as it stands: retrying it, elsewhere or later, cannot help."""
+    return code_of(exc) in CALLER_FAULTS
+
+
+def is_dependency_failure(exc: BaseException) -> bool:
+    """A dependency could not answer (down, overloaded, too slow, broken): fail over to another replica,
+    count it against the dependency's health, leave it out of a partial result."""
+    code = code_of(exc)
+    if isinstance(exc, RagloomError):
+        return code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    return code is not None and code not in CALLER_FAULTS
 
 
 def to_status(exc: BaseException, service: str = "") -> grpc.Status:

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from fabric.errors import PermissionDenied
+from fabric.handlers import rewrap
 
 
 def spiffe_id(service_account: str, namespace: str = "ragloom", trust_domain: str = "cluster.local") -> str:
@@ -161,21 +162,19 @@ class IdentityInterceptor(grpc.aio.ServerInterceptor):
                 raise PermissionDenied(f"caller {ids[0] if ids else 'without identity'} may not call "
                                        f"{handler_call_details.method}")
 
-        if handler.unary_unary:
-            inner = handler.unary_unary
-
-            async def unary(request, context):
+        def unary(behavior):
+            async def checked(request, context):
                 check(context)
-                return await inner(request, context)
+                return await behavior(request, context)
 
-            return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
-        if handler.unary_stream:
-            inner_stream = handler.unary_stream
+            return checked
 
-            async def stream(request, context):
+        def stream(behavior):
+            async def checked(request, context):
                 check(context)
-                async for item in inner_stream(request, context):
-                    yield item
+                async for response in behavior(request, context):
+                    yield response
 
-            return grpc.unary_stream_rpc_method_handler(stream, handler.request_deserializer, handler.response_serializer)
-        return handler
+            return checked
+
+        return rewrap(handler, unary, stream)

@@ -6,15 +6,27 @@ import logging
 import math
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from prometheus_client import Histogram
 
-from generator.backends import Backend, ChatMessage, Delta, GenerationParams, create_backend
+from generator.backends import (
+    Backend,
+    ChatMessage,
+    CommonOptions,
+    Delta,
+    GenerationParams,
+    create_backend,
+    known_backends,
+)
 from generator.backends.base import ROLES
+from generator.backends.llama_cpp import LlamaCppOptions
+from generator.backends.openai import OpenAIOptions
+from generator.backends.tensorrt_llm import TensorRTLLMOptions
 from generator.stats import GenerationClock, GenerationStats
 from fabric.errors import InvalidArgument
-from fabric.settings import ServiceSettings, option
+from fabric.settings import ServiceSettings, option, options
 from ragloom.generator.v1 import generator_pb2, generator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -27,6 +39,13 @@ _FINISH_REASONS = {
 
 @dataclass
 class Settings(ServiceSettings):
+    """The generator's settings: what every backend shares, then one option group per backend.
+
+    A group is the field named after its backend (`known_backends()`), holding that backend's
+    `Options`; its prefix keeps the flags they have always had: `--threads` (llama_cpp),
+    `--openai-base-url`, `--trtllm-tensor-parallel-size`, with RAGLOOM_GENERATOR_THREADS and so on.
+    """
+
     service = "generator"
 
     backend: str = option(
@@ -39,48 +58,30 @@ class Settings(ServiceSettings):
         "tensorrt_llm: Hugging Face checkpoint folder or TensorRT engine folder (required)",
     )
     context_tokens: int = option(2048, "context window in tokens (prompt + reply); tensorrt_llm: its max_seq_len")
-    threads: int = option(
-        1, "llama_cpp: CPU threads; 0 = every CPU this process may use (faster only on a machine it has to itself)"
-    )
-    batch_threads: int = option(
-        0, "llama_cpp: CPU threads for reading the prompt (parallel work, most of the time to first token); "
-           "0 = every CPU this process may use")
-    repeat_penalty: float = option(1.15, "llama_cpp: penalty on repeating recent tokens (1 = none); small models loop without it")
     default_max_tokens: int = option(256, "reply length limit when a request sets no max_tokens")
     queue_timeout_s: float = option(30.0, "seconds a request may wait for the model before RESOURCE_EXHAUSTED")
-    openai_base_url: str = option("http://127.0.0.1:8000/v1", "openai: server URL up to and including /v1")
-    openai_model: str = option("", "openai: model name to request; empty = the server's default")
-    openai_api_key: str = option("", "openai: bearer token, if the server wants one")
-    request_timeout_s: float = option(120.0, "openai: longest wait for the upstream server's next bytes")
-    trtllm_tokenizer: str = option("", "tensorrt_llm: tokenizer folder, if the model folder has none (an engine)")
-    trtllm_tensor_parallel_size: int = option(1, "tensorrt_llm: GPUs the model is split across")
-    trtllm_max_batch_size: int = option(0, "tensorrt_llm: most requests batched per step; 0 = TensorRT-LLM's default")
-    trtllm_max_num_tokens: int = option(0, "tensorrt_llm: most tokens batched per step; 0 = TensorRT-LLM's default")
-    trtllm_kv_cache_fraction: float = option(
-        0.0, "tensorrt_llm: share of free GPU memory for the KV cache, in (0, 1]; 0 = TensorRT-LLM's default"
-    )
-    trtllm_max_in_flight: int = option(
-        0, "tensorrt_llm: most generations in flight, more wait queue_timeout_s then RESOURCE_EXHAUSTED; 0 = no bound"
-    )
+    llama_cpp: LlamaCppOptions = options(LlamaCppOptions)
+    openai: OpenAIOptions = options(OpenAIOptions, prefix="openai")
+    tensorrt_llm: TensorRTLLMOptions = options(TensorRTLLMOptions, prefix="trtllm")
 
     def validate(self) -> None:
-        super().validate()
+        super().validate()  # the backends' groups too
         if self.context_tokens < 1 or self.default_max_tokens < 1:
             raise ValueError("context_tokens and default_max_tokens must be positive")
-        if self.repeat_penalty <= 0:
-            raise ValueError("repeat_penalty must be positive")
-        if self.threads < 0 or self.batch_threads < 0:
-            raise ValueError("threads and batch_threads must not be negative")
-        if self.queue_timeout_s < 0 or self.request_timeout_s <= 0:
-            raise ValueError("queue_timeout_s must not be negative and request_timeout_s must be positive")
-        if self.trtllm_tensor_parallel_size < 1:
-            raise ValueError("trtllm_tensor_parallel_size must be positive")
-        if min(self.trtllm_max_batch_size, self.trtllm_max_num_tokens, self.trtllm_max_in_flight) < 0:
-            raise ValueError("trtllm_max_batch_size, trtllm_max_num_tokens and trtllm_max_in_flight must be 0 or more")
-        if not 0 <= self.trtllm_kv_cache_fraction <= 1:
-            raise ValueError("trtllm_kv_cache_fraction must be in [0, 1]")
+        if self.queue_timeout_s < 0:
+            raise ValueError("queue_timeout_s must not be negative")
         if self.backend == "tensorrt_llm" and not self.model_path:
             raise ValueError("the tensorrt_llm backend needs model_path: a checkpoint or engine folder")
+
+    @property
+    def common(self) -> CommonOptions:
+        """What every backend is told."""
+        return CommonOptions(self.model_path, self.context_tokens, self.queue_timeout_s)
+
+    def backend_options(self, name: str = "") -> Any:
+        """The option group of the backend `name` (default: the chosen one), None for an unknown name."""
+        name = name or self.backend
+        return getattr(self, name) if name in known_backends() else None
 
 
 def to_params(request: generator_pb2.GenerateRequest, default_max_tokens: int) -> GenerationParams:
@@ -182,4 +183,5 @@ class GeneratorService:
 
 
 def create_service(settings: Settings) -> GeneratorService:
-    return GeneratorService(settings, create_backend(settings.backend, settings))
+    backend = create_backend(settings.backend, settings.common, settings.backend_options())
+    return GeneratorService(settings, backend)

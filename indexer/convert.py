@@ -10,7 +10,7 @@ from ragloom.indexer.v1 import indexer_pb2
 
 from fabric.errors import InvalidArgument
 from indexer.filters import SearchFilter
-from indexer.store import ChangePage, ChunkRecord, ClearedDocument, HitRecord
+from indexer.records import ChangePage, ChunkRecord, ClearedDocument, HitRecord
 
 
 def chunk_record(chunk: indexer_pb2.Chunk) -> ChunkRecord:

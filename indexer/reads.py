@@ -2,7 +2,7 @@
 filter allows few chunks or hnswlib cannot fill k), BM25 lexical search, and the payloads of
 the chunks found.
 
-`nearest`, `lexical` and the counts read through the store's own connection, on its thread;
+`nearest`, `lexical_hits` and the counts read through the store's own connection, on its thread;
 payloads (`hits`) through a connection of the calling thread's own, so they may be read on
 any thread.
 """
@@ -66,7 +66,8 @@ def exact(db: sqlite3.Connection, queries: np.ndarray, k: int, labels: Set[int])
     best_labels = np.empty((len(queries), 0), dtype=np.uint64)
     ordered = sorted(labels)
     for start in range(0, len(ordered), READ_BATCH):
-        rows = list(select(db, "SELECT label, vector FROM vectors WHERE label IN ({})", ordered[start : start + READ_BATCH]))
+        batch = ordered[start : start + READ_BATCH]
+        rows = list(select(db, "SELECT label, vector FROM vectors WHERE label IN ({})", batch))
         found = np.array([label for label, _ in rows], dtype=np.uint64)
         vectors = np.frombuffer(b"".join(blob for _, blob in rows), dtype=np.float32).reshape(len(rows), -1)
         vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(1e-12)

@@ -13,7 +13,7 @@ import grpc
 from tqdm import tqdm
 
 from ragloom.router.v1 import router_pb2, router_pb2_grpc
-from router.parsing import format_for, supported
+from router.parsing import supported
 
 
 def _stub(args: argparse.Namespace) -> router_pb2_grpc.RouterServiceStub:
@@ -65,7 +65,7 @@ def ingest(args: argparse.Namespace) -> int:
 
     def send(path: Path) -> router_pb2.IngestResponse:
         source = str(path.resolve())
-        doc = router_pb2.Document(id=source, source=source, content=path.read_bytes(), format=format_for(path.name))
+        doc = router_pb2.Document(id=source, source=source, content=path.read_bytes())
         return stub.Ingest(router_pb2.IngestRequest(documents=[doc]), timeout=args.timeout)
 
     with ThreadPoolExecutor(max_workers=max(1, args.concurrency)) as pool, \

@@ -1,7 +1,7 @@
 """The local plane's gateway: a real Envoy in front of the router, configured from the same
 traffic policy as the Istio resources (mesh/policy.py reads mesh/chart/values.yaml).
 
-It serves gRPC and REST (gRPC-JSON transcoding from protos/ragloom.pb) on one port, retries
+It serves gRPC and REST (gRPC-JSON transcoding from the descriptor set, package data of `ragloom`) on one port, retries
 per the policy's retry conditions, splits traffic between the stable and canary routers by
 the policy's weight (the canary header always reaches the canary), talks mutual TLS to the
 routers with the gateway's SPIFFE identity (checking the router's), and exposes Envoy's
@@ -11,6 +11,7 @@ admin stats.
 from __future__ import annotations
 
 import json
+from importlib import resources
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,15 @@ from mesh.policy import TrafficPolicy
 from fabric.tls import Identity
 
 ROUTER_SERVICE = "ragloom.router.v1.RouterService"
-DESCRIPTOR_SET = Path(__file__).resolve().parents[1] / "protos" / "ragloom.pb"
+
+
+def packaged_descriptor_set() -> Path:
+    """The descriptor set of every ragloom proto (with imports) that Envoy's transcoder reads: package
+    data of `ragloom`, so an installed ragloom has it wherever it is installed."""
+    path = Path(str(resources.files("ragloom").joinpath("ragloom.pb")))
+    if not path.is_file():
+        raise FileNotFoundError(f"the descriptor set is missing from the installed package: {path}")
+    return path
 
 
 def envoy_binary() -> str:
@@ -84,7 +93,7 @@ def envoy_config(
     stable: Upstream,
     canary: Upstream | None = None,
     identity: Identity | None = None,
-    descriptor_set: Path = DESCRIPTOR_SET,
+    descriptor_set: Path | None = None,
     canary_weight: int | None = None,
 ) -> dict:
     """Envoy's bootstrap config for the gateway (a dict; write it as JSON or YAML).
@@ -120,7 +129,7 @@ def envoy_config(
             "name": "envoy.filters.http.grpc_json_transcoder",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
-                "proto_descriptor": str(descriptor_set),
+                "proto_descriptor": str(descriptor_set or packaged_descriptor_set()),
                 "services": [ROUTER_SERVICE],
                 "convert_grpc_status": True,
                 "print_options": {"add_whitespace": False, "always_print_primitive_fields": True,

@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parent
-DESCRIPTOR_SET = "ragloom.pb"
+# Inside the `ragloom` package, so an installed ragloom carries it (package data) for the gateway.
+DESCRIPTOR_SET = "ragloom/ragloom.pb"
 ERROR_DETAIL_PROTOS = ["google/rpc/status.proto", "google/rpc/error_details.proto"]
 # Helm can only read files inside the chart: the gateway's transcoder gets a copy.
-CHART_COPY = PROTO_ROOT.parent / "mesh" / "chart" / "files" / DESCRIPTOR_SET
+CHART_COPY = PROTO_ROOT.parent / "mesh" / "chart" / "files" / Path(DESCRIPTOR_SET).name
 
 
 def proto_files(root: Path = PROTO_ROOT) -> list[str]:

@@ -1,4 +1,5 @@
-"""Typed clients for the services the router calls; every call carries a deadline."""
+"""Typed clients for the services the router calls. Each speaks the router's domain types and owns
+the conversion to and from its service's protos; every call carries a deadline."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import numpy as np
 
 from fabric.client import Deadline, channel
 from fabric.telemetry import outgoing_metadata
+from router.domain import ChunkWrite, Generated, Hit, Scope
 from router.evidence import Scored, Span
 from ragloom.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from ragloom.generator.v1 import generator_pb2, generator_pb2_grpc
@@ -23,9 +25,6 @@ class EmbedderClient:
         self._channel = channel(target, identity=identity)
         self._stub = embedder_pb2_grpc.EmbedderServiceStub(self._channel)
         self._parallel = asyncio.Semaphore(parallel)
-
-    async def info(self, deadline: Deadline) -> embedder_pb2.InfoResponse:
-        return await self._stub.Info(embedder_pb2.InfoRequest(), timeout=deadline.timeout(self.timeout_s), metadata=outgoing_metadata())
 
     async def embed(self, texts: Sequence[str], deadline: Deadline) -> np.ndarray:
         """Vectors for `texts` (n, dim), sent in batches with a few calls in flight."""
@@ -62,42 +61,49 @@ class ShardClient:
         self._channel = channel(target, identity=identity)
         self._stub = indexer_pb2_grpc.IndexerServiceStub(self._channel)
 
-    async def upsert(
-        self, chunks: list[indexer_pb2.Chunk], version: int, deadline: Deadline
-    ) -> indexer_pb2.UpsertResponse:
+    async def upsert(self, chunks: Sequence[ChunkWrite], version: int, deadline: Deadline) -> dict[str, int]:
+        """Writes `chunks`, replacing their documents' earlier chunks; returns how many each document had."""
         request = indexer_pb2.UpsertRequest(
-            chunks=chunks, replace_documents=True, shard_id=self.shard_id, version=version
+            chunks=[_chunk(c) for c in chunks], replace_documents=True, shard_id=self.shard_id, version=version
         )
-        return await self._stub.Upsert(request, timeout=deadline.timeout(self.write_timeout_s), metadata=outgoing_metadata())
+        reply = await self._stub.Upsert(request, timeout=deadline.timeout(self.write_timeout_s), metadata=outgoing_metadata())
+        return dict(reply.previous_chunks)
 
-    async def delete(
-        self, document_ids: list[str], tenant: str, version: int, deadline: Deadline
-    ) -> indexer_pb2.DeleteResponse:
+    async def delete(self, document_ids: Sequence[str], tenant: str, version: int, deadline: Deadline) -> int:
+        """Removes the documents' chunks; returns how many were removed."""
         request = indexer_pb2.DeleteRequest(
             document_ids=document_ids, tenant=tenant, shard_id=self.shard_id, version=version
         )
-        return await self._stub.Delete(request, timeout=deadline.timeout(self.write_timeout_s), metadata=outgoing_metadata())
+        reply = await self._stub.Delete(request, timeout=deadline.timeout(self.write_timeout_s), metadata=outgoing_metadata())
+        return reply.removed
 
-    async def search(
-        self, vectors: np.ndarray, k: int, ef: int, tenant: str, tags: tuple[str, ...], deadline: Deadline
-    ) -> indexer_pb2.SearchResponse:
+    async def search(self, vector: np.ndarray, k: int, ef: int, scope: Scope, deadline: Deadline) -> list[Hit]:
+        """The shard's `k` nearest chunks to one query vector, best first."""
         request = indexer_pb2.SearchRequest(
-            queries=[indexer_pb2.Vector(values=v) for v in vectors], k=k, ef=ef, shard_id=self.shard_id,
-            tenant=tenant, tags=tags,
+            queries=[indexer_pb2.Vector(values=vector)], k=k, ef=ef, shard_id=self.shard_id,
+            tenant=scope.tenant, tags=scope.tags,
         )
-        return await self._stub.Search(request, timeout=deadline.timeout(self.timeout_s), metadata=outgoing_metadata())
+        reply = await self._stub.Search(request, timeout=deadline.timeout(self.timeout_s), metadata=outgoing_metadata())
+        return self._hits(reply)
 
-    async def lexical_search(self, queries: list[str], k: int, scope, deadline: Deadline) -> indexer_pb2.SearchResponse:
+    async def lexical_search(self, query: str, k: int, scope: Scope, deadline: Deadline) -> list[Hit]:
+        """The shard's `k` best chunks for `query` by BM25, best first."""
         request = indexer_pb2.LexicalSearchRequest(
-            queries=queries, k=k, shard_id=self.shard_id, tenant=scope.tenant, tags=scope.tags,
+            queries=[query], k=k, shard_id=self.shard_id, tenant=scope.tenant, tags=scope.tags,
         )
-        return await self._stub.LexicalSearch(request, timeout=deadline.timeout(self.timeout_s), metadata=outgoing_metadata())
+        reply = await self._stub.LexicalSearch(request, timeout=deadline.timeout(self.timeout_s), metadata=outgoing_metadata())
+        return self._hits(reply)
 
-    async def stats(self, deadline: Deadline) -> indexer_pb2.StatsResponse:
-        return await self._stub.Stats(indexer_pb2.StatsRequest(), timeout=deadline.timeout(self.timeout_s), metadata=outgoing_metadata())
+    def _hits(self, reply: indexer_pb2.SearchResponse) -> list[Hit]:
+        return [Hit(h.score, h.document_id, h.chunk_id, h.source, h.text, self.shard_id) for h in reply.results[0].hits]
 
     async def close(self) -> None:
         await self._channel.close()
+
+
+def _chunk(c: ChunkWrite) -> indexer_pb2.Chunk:
+    return indexer_pb2.Chunk(chunk_id=c.chunk_id, document_id=c.document_id, text=c.text, source=c.source,
+                             metadata=c.metadata, vector=c.vector, tenant=c.tenant, tags=c.tags)
 
 
 class GeneratorClient:
@@ -108,12 +114,18 @@ class GeneratorClient:
         self._stub = generator_pb2_grpc.GeneratorServiceStub(self._channel)
 
     async def generate(
-        self, request: generator_pb2.GenerateRequest, deadline: Deadline
-    ) -> AsyncIterator[generator_pb2.GenerateResponse]:
+        self, messages: Sequence[dict[str, str]], max_tokens: int, stop: Sequence[str], temperature: float,
+        deadline: Deadline,
+    ) -> AsyncIterator[Generated]:
+        """The reply to a chat (`messages`: role and content each), piece by piece as it is generated."""
+        request = generator_pb2.GenerateRequest(
+            messages=[generator_pb2.Message(**m) for m in messages], max_tokens=max_tokens, stop=stop,
+            temperature=temperature,
+        )
         call = self._stub.Generate(request, timeout=deadline.timeout(self.timeout_s), metadata=outgoing_metadata())
         try:
             async for reply in call:
-                yield reply
+                yield Generated(reply.text, reply.usage.completion_tokens if reply.HasField("usage") else None)
         finally:
             call.cancel()  # our caller went away: stop the generator spending compute
 

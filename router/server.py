@@ -1,8 +1,10 @@
-"""gRPC servicer for the public API: converts protos ⇄ the RAG flow in router.rag."""
+"""gRPC servicer for the public API: converts protos ⇄ the router's domain types; the work is the
+flow's (router.rag), behind the cache (router.cached) and admission control (router.admission)."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -11,13 +13,18 @@ from fabric.client import Deadline
 from fabric.errors import InvalidArgument
 from fabric.settings import ServiceSettings, option
 from ragloom.router.v1 import router_pb2, router_pb2_grpc
+from router.admission import Admission
 from router.cache import Cache, MemoryBackend, RedisBackend
+from router.cached import CachedQueryVectors, CachedRag
 from router.chunking import Chunker
 from router.clients import EmbedderClient, GeneratorClient, ShardClient
-from router.evidence import EvidenceConfig, Span
-from router.rag import (
-    AskDone, AskSources, AskToken, Coverage, DocumentInput, Hit, Rag, RagConfig, Scope, Support, Timings,
+from router.config import RagConfig
+from router.domain import (
+    AskDone, AskEvent, AskQuery, AskSources, AskToken, Coverage, DocumentInput, Hit, Scope, SearchQuery, Support,
+    Timings,
 )
+from router.evidence import EvidenceConfig, Span
+from router.rag import Rag
 from router.topology import Breaker, Replica, ShardGroup, parse_topology
 
 log = logging.getLogger(__name__)
@@ -103,6 +110,12 @@ def _source(number: int, hit: Hit) -> router_pb2.Source:
     )
 
 
+def _search_hit(hit: Hit) -> router_pb2.SearchHit:
+    return router_pb2.SearchHit(score=hit.score, document_id=hit.document_id, chunk_id=hit.chunk_id,
+                                source=hit.source, text=hit.text, shard_id=hit.shard_id,
+                                evidence=[_span(e) for e in hit.evidence])
+
+
 def _support(support: list[Support]) -> list[router_pb2.Support]:
     return [router_pb2.Support(source=s.source, span=_span(s.span), text=s.text) for s in support]
 
@@ -148,41 +161,33 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             )
             for d in request.documents
         ]
-        with self.service.rag.admit():
+        with self.service.admission.admit():
             results, timings = await self.service.rag.ingest(docs, self._deadline(context), request.tenant)
         return router_pb2.IngestResponse(
             documents=[router_pb2.IngestedDocument(**vars(r)) for r in results], timings=_timings(timings)
         )
 
     async def DeleteDocument(self, request, context):
-        with self.service.rag.admit():
+        with self.service.admission.admit():
             removed = await self.service.rag.delete(request.document_id, self._deadline(context), request.tenant)
         return router_pb2.DeleteDocumentResponse(removed_chunks=removed)
 
     async def Search(self, request, context):
-        with self.service.rag.admit():
-            hits, coverage, timings = await self.service.rag.search(
-                request.query, _optional(request, "top_k"), self._deadline(context), _scope(request),
-                request.require_complete, _mode(request), _optional(request, "rerank"),
-            )
-        return router_pb2.SearchResponse(
-            hits=[
-                router_pb2.SearchHit(score=h.score, document_id=h.document_id, chunk_id=h.chunk_id,
-                                     source=h.source, text=h.text, shard_id=h.shard_id,
-                                     evidence=[_span(e) for e in h.evidence])
-                for h in hits
-            ],
-            timings=_timings(timings),
-            coverage=_coverage(coverage),
-        )
+        query = SearchQuery(request.query, _optional(request, "top_k"), _scope(request), request.require_complete,
+                            _mode(request), _optional(request, "rerank"))
+        with self.service.admission.admit():
+            hits, coverage, timings = await self.service.rag.search(query, self._deadline(context))
+        return router_pb2.SearchResponse(hits=[_search_hit(h) for h in hits], timings=_timings(timings),
+                                         coverage=_coverage(coverage))
 
-    async def _ask(self, request, context):
-        with self.service.rag.admit():
-            async for event in self.service.rag.ask(
-                request.question, _optional(request, "top_k"), _optional(request, "max_tokens"),
-                _optional(request, "temperature"), self._deadline(context), _scope(request),
-                request.require_complete, use_cache=not request.no_cache, mode=_mode(request),
-            ):
+    async def _ask(self, request, context) -> AsyncIterator[AskEvent]:
+        query = AskQuery(
+            request.question, _optional(request, "top_k"), _optional(request, "max_tokens"),
+            _optional(request, "temperature"), _scope(request), request.require_complete,
+            use_cache=not request.no_cache, mode=_mode(request),
+        )
+        with self.service.admission.admit():
+            async for event in self.service.rag.ask(query, self._deadline(context)):
                 yield event
 
     async def AskStream(self, request, context):
@@ -197,13 +202,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             elif isinstance(event, AskToken):
                 yield router_pb2.AskStreamResponse(token=event.text)
             elif isinstance(event, AskDone):
-                yield router_pb2.AskStreamResponse(
-                    done=router_pb2.AskDone(
-                        citations=event.citations, timings=_timings(event.timings),
-                        completion_tokens=event.completion_tokens, abstained=event.abstained,
-                        support=_support(event.support), extractive=event.extractive,
-                    )
-                )
+                yield router_pb2.AskStreamResponse(done=_done(event))
 
     async def Ask(self, request, context):
         response = router_pb2.AskResponse()
@@ -216,14 +215,22 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             elif isinstance(event, AskToken):
                 answer.append(event.text)
             elif isinstance(event, AskDone):
-                response.citations.extend(event.citations)
-                response.timings.CopyFrom(_timings(event.timings))
-                response.completion_tokens = event.completion_tokens
-                response.abstained = event.abstained
-                response.support.extend(_support(event.support))
-                response.extractive = event.extractive
+                done = _done(event)
+                response.citations.extend(done.citations)
+                response.timings.CopyFrom(done.timings)
+                response.completion_tokens = done.completion_tokens
+                response.abstained = done.abstained
+                response.support.extend(done.support)
+                response.extractive = done.extractive
         response.answer = "".join(answer)
         return response
+
+
+def _done(event: AskDone) -> router_pb2.AskDone:
+    return router_pb2.AskDone(
+        citations=event.citations, timings=_timings(event.timings), completion_tokens=event.completion_tokens,
+        abstained=event.abstained, support=_support(event.support), extractive=event.extractive,
+    )
 
 
 class RouterService:
@@ -232,7 +239,8 @@ class RouterService:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.rag: Rag | None = None
+        self.rag: CachedRag | None = None
+        self.admission = Admission(settings.max_inflight)
 
     def register(self, server: grpc.aio.Server) -> None:
         router_pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(self), server)
@@ -242,7 +250,7 @@ class RouterService:
         chunker = Chunker.from_file(s.tokenizer or _packaged_tokenizer(), s.chunk_tokens, s.chunk_overlap)
         config = RagConfig(
             default_top_k=s.top_k, ask_top_k=s.ask_top_k, max_tokens=s.max_tokens,
-            temperature=s.temperature, context_tokens=s.context_tokens, max_inflight=s.max_inflight,
+            temperature=s.temperature, context_tokens=s.context_tokens,
             retrieval_mode=s.retrieval_mode, rerank_candidates=s.rerank_candidates, rerank_ask=s.rerank,
             rerank_search=s.search_rerank, prompt=s.prompt, verify=s.verify,
             abstain_below=s.abstain_below if s.abstain_below >= 0 else None, quote_min_score=s.quote_min_score,
@@ -257,15 +265,11 @@ class RouterService:
             )
             for shard_id, replicas in enumerate(parse_topology(s.indexers))
         ]
-        backend = RedisBackend(s.redis_url) if s.redis_url else MemoryBackend()
-        self.rag = Rag(
-            config,
-            chunker,
-            EmbedderClient(s.embedder, s.embed_timeout_s, identity=s.identity),
-            shards,
-            GeneratorClient(s.generator, s.generate_timeout_s, identity=s.identity),
-            Cache(backend, ttl_s=s.cache_ttl_s),
-        )
+        cache = Cache(RedisBackend(s.redis_url) if s.redis_url else MemoryBackend(), ttl_s=s.cache_ttl_s)
+        embedder = EmbedderClient(s.embedder, s.embed_timeout_s, identity=s.identity)
+        generator = GeneratorClient(s.generator, s.generate_timeout_s, identity=s.identity)
+        rag = Rag(config, chunker, embedder, shards, generator, CachedQueryVectors(embedder, cache))
+        self.rag = CachedRag(rag, cache)
         log.info("router over %d shards (%s), cache: %s", len(shards), ", ".join(s.indexers),
                  "redis" if s.redis_url else "in-process")
 

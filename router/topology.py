@@ -17,24 +17,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-import grpc
-
 from fabric.client import Deadline
-from fabric.errors import Unavailable
+from fabric.errors import Unavailable, code_of, is_caller_fault, is_dependency_failure
 from router.clients import ShardClient
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# Failures that say nothing about the replica's health: the request itself was bad.
-_CALLER_FAULTS = {
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.PERMISSION_DENIED,
-    grpc.StatusCode.CANCELLED,
-}
-
 
 class Breaker:
     def __init__(self, eject_after: int = 3, eject_for_s: float = 5.0):
@@ -71,8 +59,8 @@ class Replica:
     async def call(self, fn: Callable[[ShardClient], Awaitable[T]]) -> T:
         try:
             result = await fn(self.client)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() not in _CALLER_FAULTS:
+        except Exception as exc:
+            if is_dependency_failure(exc):
                 self.breaker.failure()
             raise
         self.breaker.success()
@@ -102,11 +90,12 @@ class ShardGroup:
                 break
             try:
                 return await replica.call(fn)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() in _CALLER_FAULTS:
+            except Exception as exc:
+                if not is_dependency_failure(exc):
                     raise
                 last = exc
-                log.info("shard %d replica %s failed (%s); failing over", self.shard_id, replica.client.target, exc.code().name)
+                log.info("shard %d replica %s failed (%s); failing over", self.shard_id, replica.client.target,
+                         code_of(exc).name)
         if last is not None:
             raise last
         raise Unavailable(f"shard {self.shard_id}: no replica answered in time")
@@ -139,7 +128,7 @@ class ShardGroup:
                 task.add_done_callback(self._settle)
         if len(acked) >= self.write_quorum:
             return acked[0]
-        caller_faults = [e for e in errors if isinstance(e, grpc.aio.AioRpcError) and e.code() in _CALLER_FAULTS]
+        caller_faults = [e for e in errors if is_caller_fault(e)]
         if caller_faults:
             raise caller_faults[0]
         detail = "; ".join(f"{type(e).__name__}: {getattr(e, 'details', lambda: e)()}" for e in errors)

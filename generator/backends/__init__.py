@@ -1,24 +1,27 @@
-"""Generator backends. Importing this package registers the built-in ones."""
+"""Generator backends: the interface and the lazy registry. Importing this package imports no backend."""
 
-from generator.backends import llama_cpp, openai, tensorrt_llm  # noqa: F401 - imported for their @register side effect
 from generator.backends.base import (
+    BACKENDS,
     Backend,
     ChatMessage,
+    CommonOptions,
     Delta,
     Finished,
     GenerationParams,
+    backend_class,
     create_backend,
     known_backends,
-    register,
 )
 
 __all__ = [
+    "BACKENDS",
     "Backend",
     "ChatMessage",
+    "CommonOptions",
     "Delta",
     "Finished",
     "GenerationParams",
+    "backend_class",
     "create_backend",
     "known_backends",
-    "register",
 ]

@@ -1,14 +1,16 @@
-"""Domain types of a generation, the Backend interface, and the registry that picks a backend by name."""
+"""Domain types of a generation, the Backend interface, and the registry that picks a backend by name.
+
+The registry is lazy, as vLLM's: it maps each name to ``"module:Class"`` and imports a backend's
+module only when that backend is created, so choosing one never loads another's code.
+"""
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, TypeVar
-
-if TYPE_CHECKING:
-    from generator.server import Settings
+from typing import Any, ClassVar, Literal
 
 ROLES = ("system", "user", "assistant")
 
@@ -50,16 +52,30 @@ class Finished:
     completion_tokens: int
 
 
+@dataclass(frozen=True)
+class CommonOptions:
+    """What the service tells every backend; the rest of a backend's configuration is its own `Options`."""
+
+    #: The model to load: a file or folder for in-process backends, unused by a remote one; "" = the backend's default.
+    model_path: str = ""
+    #: Context window in tokens (prompt + reply).
+    context_tokens: int = 2048
+    #: Seconds a request may wait for the model before RESOURCE_EXHAUSTED.
+    queue_timeout_s: float = 30.0
+
+
 class Backend(ABC):
     """Turns a conversation into a stream of text. Implementations must not block the event loop."""
 
-    #: Registry name, set by `register`.
-    name: str = ""
+    #: Registry name (its key in BACKENDS), reported by Info.
+    name: ClassVar[str] = ""
+    #: The backend's own options: a dataclass of `fabric.settings.option` fields, the service settings' group for it.
+    Options: ClassVar[type]
 
     @classmethod
     @abstractmethod
-    def from_settings(cls, settings: Settings) -> Backend:
-        """The backend configured by the service settings."""
+    def create(cls, common: CommonOptions, options: Any) -> Backend:
+        """The backend configured by the shared options and its own (an instance of `cls.Options`)."""
 
     @abstractmethod
     async def start(self) -> None:
@@ -81,31 +97,34 @@ class Backend(ABC):
         """
 
 
-_B = TypeVar("_B", bound=type[Backend])
-_REGISTRY: dict[str, type[Backend]] = {}
-
-
-def register(name: str) -> Callable[[_B], _B]:
-    """Class decorator that makes a backend available to `create_backend` under `name`."""
-
-    def decorate(cls: _B) -> _B:
-        if name in _REGISTRY:
-            raise ValueError(f"generator backend {name!r} is registered twice")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorate
+#: Every backend: name → "module:Class". Only the chosen one's module is imported.
+BACKENDS: dict[str, str] = {
+    "llama_cpp": "generator.backends.llama_cpp:LlamaCppBackend",
+    "openai": "generator.backends.openai:OpenAIBackend",
+    "tensorrt_llm": "generator.backends.tensorrt_llm:TensorRTLLMBackend",
+}
 
 
 def known_backends() -> list[str]:
-    return sorted(_REGISTRY)
+    """The backends' names, without importing any of them."""
+    return sorted(BACKENDS)
 
 
-def create_backend(name: str, settings: Settings) -> Backend:
-    """The registered backend called `name`, configured from `settings`."""
+def backend_class(name: str) -> type[Backend]:
+    """The class of the backend called `name`, its module imported now."""
     try:
-        cls = _REGISTRY[name]
+        target = BACKENDS[name]
     except KeyError:
         raise ValueError(f"unknown generator backend {name!r}; known: {', '.join(known_backends())}") from None
-    return cls.from_settings(settings)
+    module, _, qualname = target.partition(":")
+    return getattr(importlib.import_module(module), qualname)
+
+
+def create_backend(name: str, common: CommonOptions | None = None, options: Any = None) -> Backend:
+    """The backend called `name`, from the shared options and its own (None = the defaults of both)."""
+    cls = backend_class(name)
+    if options is None:
+        options = cls.Options()
+    elif not isinstance(options, cls.Options):
+        raise TypeError(f"the {name} backend takes {cls.Options.__name__}, got {type(options).__name__}")
+    return cls.create(common or CommonOptions(), options)

@@ -8,22 +8,21 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import math
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from generator.backends.base import Backend, Delta, Finished, FinishReason, GenerationParams, register
+from generator.backends.base import Backend, CommonOptions, Delta, Finished, FinishReason, GenerationParams
 from fabric.errors import InvalidArgument, Overloaded, Unavailable
 from fabric.resources import usable_cpus
+from fabric.settings import option
 
 if TYPE_CHECKING:
     import llama_cpp
-
-    from generator.server import Settings
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +60,34 @@ class _TokenMeter:
         self.sampled += 1
         self._on_token()
         if self._cancelled.is_set():
-            scores[:] = -np.inf
+            scores[:] = -math.inf
             scores[self._end_token] = 0.0
         return scores
 
 
-@register("llama_cpp")
+@dataclass
+class LlamaCppOptions:
+    """The llama_cpp backend's own settings."""
+
+    threads: int = option(
+        1, "llama_cpp: CPU threads; 0 = every CPU this process may use (faster only on a machine it has to itself)"
+    )
+    batch_threads: int = option(
+        0, "llama_cpp: CPU threads for reading the prompt (parallel work, most of the time to first token); "
+           "0 = every CPU this process may use")
+    repeat_penalty: float = option(1.15, "llama_cpp: penalty on repeating recent tokens (1 = none); small models loop without it")
+
+    def validate(self) -> None:
+        if self.repeat_penalty <= 0:
+            raise ValueError("llama_cpp: repeat_penalty must be positive")
+        if self.threads < 0 or self.batch_threads < 0:
+            raise ValueError("llama_cpp: threads and batch_threads must not be negative")
+
+
 class LlamaCppBackend(Backend):
+    name = "llama_cpp"
+    Options = LlamaCppOptions
+
     def __init__(
         self,
         model_path: str | Path = "",
@@ -92,14 +112,14 @@ class LlamaCppBackend(Backend):
         self._tokens_sampled = 0
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> LlamaCppBackend:
+    def create(cls, common: CommonOptions, options: LlamaCppOptions) -> LlamaCppBackend:
         return cls(
-            settings.model_path,
-            context_tokens=settings.context_tokens,
-            threads=settings.threads,
-            batch_threads=settings.batch_threads,
-            queue_timeout_s=settings.queue_timeout_s,
-            repeat_penalty=settings.repeat_penalty,
+            common.model_path,
+            context_tokens=common.context_tokens,
+            threads=options.threads,
+            batch_threads=options.batch_threads,
+            queue_timeout_s=common.queue_timeout_s,
+            repeat_penalty=options.repeat_penalty,
         )
 
     @property

@@ -1,19 +1,22 @@
-"""Any OpenAI-compatible chat server (vLLM, TGI, llama.cpp server, OpenAI itself), streamed over SSE."""
+"""Any OpenAI-compatible chat server (vLLM, TGI, llama.cpp server, OpenAI itself), streamed over SSE.
+
+httpx is imported when the backend starts, so that the service settings can read `OpenAIOptions` cheaply.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import httpx
-
-from generator.backends.base import Backend, Delta, Finished, FinishReason, GenerationParams, register
+from generator.backends.base import Backend, CommonOptions, Delta, Finished, FinishReason, GenerationParams
 from fabric.errors import FailedPrecondition, InvalidArgument, Overloaded, RagloomError, Unavailable
+from fabric.settings import option
 
 if TYPE_CHECKING:
-    from generator.server import Settings
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +24,24 @@ log = logging.getLogger(__name__)
 MAX_CONNECTIONS = 64
 
 
-@register("openai")
+@dataclass
+class OpenAIOptions:
+    """The openai backend's own settings."""
+
+    base_url: str = option("http://127.0.0.1:8000/v1", "openai: server URL up to and including /v1")
+    model: str = option("", "openai: model name to request; empty = the server's default")
+    api_key: str = option("", "openai: bearer token, if the server wants one")
+    request_timeout_s: float = option(120.0, "openai: longest wait for the upstream server's next bytes")
+
+    def validate(self) -> None:
+        if self.request_timeout_s <= 0:
+            raise ValueError("openai: request_timeout_s must be positive")
+
+
 class OpenAIBackend(Backend):
+    name = "openai"
+    Options = OpenAIOptions
+
     def __init__(
         self,
         base_url: str,
@@ -37,26 +56,32 @@ class OpenAIBackend(Backend):
         self.model = model
         self.context_tokens = context_tokens
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        # read: the longest silence between two chunks; pool: the longest wait for a free connection.
-        self._timeout = httpx.Timeout(request_timeout_s, connect=min(10.0, request_timeout_s), pool=queue_timeout_s)
+        self.request_timeout_s = request_timeout_s
+        self.queue_timeout_s = queue_timeout_s
         self._client: httpx.AsyncClient | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> OpenAIBackend:
+    def create(cls, common: CommonOptions, options: OpenAIOptions) -> OpenAIBackend:
         return cls(
-            settings.openai_base_url,
-            settings.openai_model,
-            api_key=settings.openai_api_key,
-            context_tokens=settings.context_tokens,
-            request_timeout_s=settings.request_timeout_s,
-            queue_timeout_s=settings.queue_timeout_s,
+            options.base_url,
+            options.model,
+            api_key=options.api_key,
+            context_tokens=common.context_tokens,
+            request_timeout_s=options.request_timeout_s,
+            queue_timeout_s=common.queue_timeout_s,
         )
 
     async def start(self) -> None:
+        import httpx
+
+        # read: the longest silence between two chunks; pool: the longest wait for a free connection.
+        timeout = httpx.Timeout(
+            self.request_timeout_s, connect=min(10.0, self.request_timeout_s), pool=self.queue_timeout_s
+        )
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
             headers=self._headers,
-            timeout=self._timeout,
+            timeout=timeout,
             limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS),
         )
 
@@ -86,6 +111,8 @@ class OpenAIBackend(Backend):
         return payload
 
     async def stream(self, params: GenerationParams) -> AsyncIterator[Delta | Finished]:
+        import httpx  # loaded by start: only its exceptions are needed here
+
         if self._client is None:
             raise Unavailable("the openai backend is not started")
         finish_reason: FinishReason | None = None

@@ -19,14 +19,21 @@ import contextlib
 import importlib
 import logging
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from generator.backends.base import Backend, ChatMessage, Delta, Finished, FinishReason, GenerationParams, register
+from generator.backends.base import (
+    Backend,
+    ChatMessage,
+    CommonOptions,
+    Delta,
+    Finished,
+    FinishReason,
+    GenerationParams,
+)
 from fabric.errors import InvalidArgument, Overloaded, Unavailable
-
-if TYPE_CHECKING:
-    from generator.server import Settings
+from fabric.settings import option
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +71,34 @@ class StopScanner:
         return len(text) - held
 
 
-@register("tensorrt_llm")
+@dataclass
+class TensorRTLLMOptions:
+    """The tensorrt_llm backend's own settings."""
+
+    tokenizer: str = option("", "tensorrt_llm: tokenizer folder, if the model folder has none (an engine)")
+    tensor_parallel_size: int = option(1, "tensorrt_llm: GPUs the model is split across")
+    max_batch_size: int = option(0, "tensorrt_llm: most requests batched per step; 0 = TensorRT-LLM's default")
+    max_num_tokens: int = option(0, "tensorrt_llm: most tokens batched per step; 0 = TensorRT-LLM's default")
+    kv_cache_fraction: float = option(
+        0.0, "tensorrt_llm: share of free GPU memory for the KV cache, in (0, 1]; 0 = TensorRT-LLM's default"
+    )
+    max_in_flight: int = option(
+        0, "tensorrt_llm: most generations in flight, more wait queue_timeout_s then RESOURCE_EXHAUSTED; 0 = no bound"
+    )
+
+    def validate(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError("tensorrt_llm: tensor_parallel_size must be positive")
+        if min(self.max_batch_size, self.max_num_tokens, self.max_in_flight) < 0:
+            raise ValueError("tensorrt_llm: max_batch_size, max_num_tokens and max_in_flight must be 0 or more")
+        if not 0 <= self.kv_cache_fraction <= 1:
+            raise ValueError("tensorrt_llm: kv_cache_fraction must be in [0, 1]")
+
+
 class TensorRTLLMBackend(Backend):
+    name = "tensorrt_llm"
+    Options = TensorRTLLMOptions
+
     def __init__(
         self,
         model_path: str | Path,
@@ -93,17 +126,19 @@ class TensorRTLLMBackend(Backend):
         self._llm: Any = None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> TensorRTLLMBackend:
+    def create(cls, common: CommonOptions, options: TensorRTLLMOptions) -> TensorRTLLMBackend:
+        if not common.model_path:
+            raise ValueError("the tensorrt_llm backend needs model_path: a checkpoint or engine folder")
         return cls(
-            settings.model_path,
-            tokenizer_path=settings.trtllm_tokenizer,
-            context_tokens=settings.context_tokens,
-            tensor_parallel_size=settings.trtllm_tensor_parallel_size,
-            max_batch_size=settings.trtllm_max_batch_size,
-            max_num_tokens=settings.trtllm_max_num_tokens,
-            kv_cache_fraction=settings.trtllm_kv_cache_fraction,
-            max_in_flight=settings.trtllm_max_in_flight,
-            queue_timeout_s=settings.queue_timeout_s,
+            common.model_path,
+            tokenizer_path=options.tokenizer,
+            context_tokens=common.context_tokens,
+            tensor_parallel_size=options.tensor_parallel_size,
+            max_batch_size=options.max_batch_size,
+            max_num_tokens=options.max_num_tokens,
+            kv_cache_fraction=options.kv_cache_fraction,
+            max_in_flight=options.max_in_flight,
+            queue_timeout_s=common.queue_timeout_s,
         )
 
     async def start(self) -> None:

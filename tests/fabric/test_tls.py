@@ -35,9 +35,19 @@ async def secure_echo(ca):
     await asyncio.wait_for(task, 10)
 
 
+async def _collect(call) -> list[bytes]:
+    return [reply async for reply in call]
+
+
 async def test_the_allowed_identity_gets_through(ca, secure_echo):
     async with channel(secure_echo, identity=ca.issue("router", ROUTER)) as ch:
         assert await ch.unary_unary(f"/{SERVICE}/Unary")(b"hello", timeout=5) == b"hello"
+        assert await _bidi(ch, b"a", b"b") == [b"a", b"b"]
+
+
+async def _bidi(ch, *requests: bytes) -> list[bytes]:
+    call = ch.stream_stream(f"/{SERVICE}/Bidi")(iter(requests), timeout=5)
+    return [reply async for reply in call]
 
 
 async def test_another_valid_identity_is_permission_denied(ca, secure_echo):
@@ -46,6 +56,12 @@ async def test_another_valid_identity_is_permission_denied(ca, secure_echo):
             await ch.unary_unary(f"/{SERVICE}/Unary")(b"hello", timeout=5)
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "ragloom-generator" in info.value.details()
+        # every kind of method is checked: server-streaming and bidirectional too (EmbedStream is one)
+        for call in (lambda: _collect(ch.unary_stream(f"/{SERVICE}/Stream")(b"hello", timeout=5)),
+                     lambda: _bidi(ch, b"a", b"b")):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call()
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
         # health stays open to any valid certificate (probes, the launcher)
         reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING

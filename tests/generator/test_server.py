@@ -8,6 +8,7 @@ import pytest_asyncio
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from generator.backends.llama_cpp import LlamaCppOptions
 from generator.server import Settings
 from ragloom.generator.v1 import generator_pb2, generator_pb2_grpc
 
@@ -20,7 +21,7 @@ Message = generator_pb2.Message
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def server():
-    settings = Settings(port=0, grace_s=0.5, context_tokens=1024, threads=1)
+    settings = Settings(port=0, grace_s=0.5, context_tokens=1024, llama_cpp=LlamaCppOptions(threads=1))
     async with running_generator(settings) as (target, service), grpc.aio.insecure_channel(target) as channel:
         yield channel, service
 

@@ -12,8 +12,8 @@ import time
 import grpc
 import pytest
 
-from generator.backends import ChatMessage, Delta, Finished, GenerationParams
-from generator.backends.tensorrt_llm import StopScanner, TensorRTLLMBackend
+from generator.backends import ChatMessage, Delta, Finished, GenerationParams, create_backend
+from generator.backends.tensorrt_llm import StopScanner, TensorRTLLMBackend, TensorRTLLMOptions
 from generator.server import Settings
 from fabric.errors import InvalidArgument, Overloaded, Unavailable
 from ragloom.generator.v1 import generator_pb2, generator_pb2_grpc
@@ -53,13 +53,15 @@ async def test_settings_reach_the_llm_constructor_and_close_shuts_it_down(fake, 
         backend="tensorrt_llm",
         model_path=str(tmp_path),
         context_tokens=4096,
-        trtllm_tokenizer="/models/tok",
-        trtllm_tensor_parallel_size=2,
-        trtllm_max_batch_size=64,
-        trtllm_max_num_tokens=8192,
-        trtllm_kv_cache_fraction=0.8,
+        tensorrt_llm=TensorRTLLMOptions(
+            tokenizer="/models/tok",
+            tensor_parallel_size=2,
+            max_batch_size=64,
+            max_num_tokens=8192,
+            kv_cache_fraction=0.8,
+        ),
     )
-    backend = TensorRTLLMBackend.from_settings(settings)
+    backend = create_backend(settings.backend, settings.common, settings.backend_options())
 
     await backend.start()
     llm = engine(fake)
@@ -99,6 +101,8 @@ async def test_a_missing_model_folder_or_tokenizer_fails_start(fake, tmp_path, m
     assert engine(fake).shut_down
     with pytest.raises(ValueError, match="needs model_path"):
         Settings(backend="tensorrt_llm").validate()
+    with pytest.raises(ValueError, match="needs model_path"):
+        create_backend("tensorrt_llm")
 
 
 async def test_text_streams_as_the_engine_produces_it(fake, backend):

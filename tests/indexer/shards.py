@@ -10,7 +10,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from mesh.launcher import Child, _start, _wait_ready, free_port_block
+from mesh.launcher import Child, start_child, wait_ready
+from tests.support.ports import free_port_block
 from ragloom.indexer.v1 import indexer_pb2, indexer_pb2_grpc
 
 class ShardProcess:
@@ -34,8 +35,8 @@ class ShardProcess:
 
     async def start(self, timeout_s: float = 30.0) -> indexer_pb2_grpc.IndexerServiceStub:
         """Starts the process (as `ragloom up` starts its children) and waits until it reports SERVING."""
-        _start(self._child)
-        await _wait_ready([self._child], timeout_s, quiet=True)
+        start_child(self._child)
+        await wait_ready([self._child], timeout_s, quiet=True)
         return self.stub()
 
     def stub(self) -> indexer_pb2_grpc.IndexerServiceStub:

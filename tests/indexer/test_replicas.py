@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from mesh.launcher import free_port_block
+from tests.support.ports import free_port_block
 from ragloom.indexer.v1 import indexer_pb2
 
 from tests.indexer.shards import ShardProcess, nearest, unit_vectors

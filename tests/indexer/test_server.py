@@ -170,7 +170,7 @@ async def test_data_survives_a_restart(tmp_path):
 
 
 def test_settings_read_paths_and_numbers_from_flags(tmp_path):
-    settings = Settings.from_args(["--data-dir", str(tmp_path), "--shard-id", "3"], environ={"RAGLOOM_MAX_K": "7"})
+    settings = Settings.from_args(["--data-dir", str(tmp_path), "--shard-id", "3"], environ={"RAGLOOM_INDEXER_MAX_K": "7", "RAGLOOM_MAX_K": "9"})
 
     assert (settings.data_dir, settings.shard_id, settings.max_k, settings.dimension) == (tmp_path, 3, 7, 384)
     with pytest.raises(ValueError, match="max_batch"):

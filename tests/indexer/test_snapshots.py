@@ -58,7 +58,7 @@ def test_reopen_loads_the_snapshot_and_replays_what_came_after(tmp_path, vectors
     expected = top1(store, np.stack(list(live.values())))
     store.close()
 
-    with caplog.at_level(logging.INFO, logger="indexer.store"):
+    with caplog.at_level(logging.INFO, logger="indexer.recovery"):
         reopened = ShardStore(tmp_path, DIM, initial_capacity=8)
     try:
         assert f"loaded snapshot at sequence {snapshot}" in caplog.text

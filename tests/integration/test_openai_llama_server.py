@@ -14,7 +14,7 @@ import pytest
 
 from generator.backends import ChatMessage, Delta, Finished, GenerationParams
 from generator.backends.llama_cpp import packaged_model_path
-from generator.backends.openai import OpenAIBackend
+from generator.backends.openai import OpenAIBackend, OpenAIOptions
 from generator.server import Settings
 from ragloom.generator.v1 import generator_pb2, generator_pb2_grpc
 from tests.generator.support import running_generator
@@ -97,7 +97,7 @@ async def test_after_a_cancelled_generation_the_server_answers_the_next(backend)
 
 
 async def test_through_the_generator_service_with_cancellation(server):
-    settings = Settings(port=0, backend="openai", openai_base_url=server, openai_model="smollm2")
+    settings = Settings(port=0, backend="openai", openai=OpenAIOptions(base_url=server, model="smollm2"))
     async with running_generator(settings) as (address, _):
         async with grpc.aio.insecure_channel(address) as channel:
             stub = generator_pb2_grpc.GeneratorServiceStub(channel)

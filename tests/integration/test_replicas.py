@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from tests.support.mesh import LocalMesh
+from tests.support.waiting import until
 from ragloom.indexer.v1 import indexer_pb2, indexer_pb2_grpc
 from ragloom.router.v1 import router_pb2, router_pb2_grpc
 
@@ -58,16 +59,17 @@ def test_killing_a_replica_under_load_fails_no_query(mesh):
     async def scenario():
         stop = asyncio.Event()
         task = asyncio.create_task(load(stop))
-        await asyncio.sleep(2)
+        await until(lambda: answered >= 20 or task.done(), 60, "searches answered before the kill")
         victim = mesh.child("indexer-0-r0").process
         victim.kill()
         await asyncio.to_thread(victim.wait)
-        await asyncio.sleep(4)
+        before = answered
+        await until(lambda: answered >= before + 40 or task.done(), 60, "searches answered after the kill")
         stop.set()
         await task
 
     asyncio.run(scenario())
-    assert answered > 20 and failures == [], failures[:5]
+    assert answered >= 60 and failures == [], failures[:5]
 
 
 @pytest.fixture(scope="module")

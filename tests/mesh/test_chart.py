@@ -100,7 +100,7 @@ def test_policy_rejects_bad_weight(tmp_path):
 
 
 def test_chart_descriptor_set_is_protos_copy():
-    copy, source = ct.CHART / "files" / "ragloom.pb", ct.ROOT / "protos" / "ragloom.pb"
+    copy, source = ct.CHART / "files" / "ragloom.pb", ct.ROOT / "protos" / "ragloom" / "ragloom.pb"
     assert copy.read_bytes() == source.read_bytes(), (
         "the chart's descriptor set is stale: run python protos/generate.py")
 
@@ -459,7 +459,7 @@ def test_gateway_transcodes_rest_to_the_router(rendered):
     config = value["typed_config"]
     assert config["services"] == ["ragloom.router.v1.RouterService"]
     descriptor = base64.b64decode(config["proto_descriptor_bin"])
-    assert descriptor == (ct.ROOT / "protos" / "ragloom.pb").read_bytes()
+    assert descriptor == (ct.ROOT / "protos" / "ragloom" / "ragloom.pb").read_bytes()
     files = descriptor_pb2.FileDescriptorSet.FromString(descriptor).file
     services = {f"{f.package}.{s.name}" for f in files for s in f.service}
     assert set(config["services"]) <= services

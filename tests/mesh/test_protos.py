@@ -21,7 +21,7 @@ def test_generated_code_matches_protos(tmp_path):
     assert fresh, "protoc produced nothing"
     committed = {
         p.relative_to(PROTOS) for p in PROTOS.rglob("*")
-        if p.is_file() and (p.name.endswith(("_pb2.py", "_pb2_grpc.py", "_pb2.pyi")) or p.name == generate.DESCRIPTOR_SET)
+        if p.is_file() and (p.name.endswith(("_pb2.py", "_pb2_grpc.py", "_pb2.pyi")) or p.relative_to(PROTOS).as_posix() == generate.DESCRIPTOR_SET)
     }
     assert committed == fresh, "generated files differ in name from the committed ones: run python protos/generate.py"
     stale = sorted(str(rel) for rel in fresh if (tmp_path / rel).read_bytes() != (PROTOS / rel).read_bytes())

@@ -1,14 +1,15 @@
 """The ask flow in process, over fake clients: reranked evidence, verified sentences, quote, abstention, cache."""
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 
 from fabric.client import Deadline
 from router.cache import Cache, MemoryBackend
+from router.cached import CachedRag
+from router.config import RagConfig
+from router.domain import ABSTENTION, AskDone, AskQuery, AskSources, AskToken, Generated, Hit
 from router.evidence import Scored, Span
-from router.rag import ABSTENTION, AskDone, AskSources, AskToken, Rag, RagConfig
+from router.rag import Rag
 
 SHRED = ("shred overwrites the specified files repeatedly. -n, --iterations=N overwrite N times instead of the "
          "default (3). -u deallocate and remove file after overwriting.")
@@ -55,9 +56,8 @@ class FakeShards:
         return self._reply()
 
     def _reply(self):
-        hits = [SimpleNamespace(score=0.9 - i / 10, document_id=f"d{i}", chunk_id=f"d{i}#0", source=f"{n}.1",
-                                text=t) for i, (n, t) in enumerate([("watch", OTHER), ("shred", SHRED)])]
-        return SimpleNamespace(results=[SimpleNamespace(hits=hits)])
+        return [Hit(0.9 - i / 10, f"d{i}", f"d{i}#0", f"{n}.1", t, 0)
+                for i, (n, t) in enumerate([("watch", OTHER), ("shred", SHRED)])]
 
     async def close(self):
         pass
@@ -68,10 +68,10 @@ class FakeGenerator:
         self.pieces = pieces
         self.requests = []
 
-    async def generate(self, request, deadline):
-        self.requests.append(request)
+    async def generate(self, messages, max_tokens, stop, temperature, deadline):
+        self.requests.append(messages)
         for piece in self.pieces:
-            yield SimpleNamespace(text=piece, HasField=lambda name: False)
+            yield Generated(piece)
 
     async def close(self):
         pass
@@ -79,12 +79,12 @@ class FakeGenerator:
 
 def make_rag(generator, best_score=0.9, **config):
     embedder = FakeEmbedder(best_score)
-    rag = Rag(RagConfig(**config), Words(), embedder, [FakeShards()], generator, Cache(MemoryBackend()))
-    return rag, embedder
+    rag = Rag(RagConfig(**config), Words(), embedder, [FakeShards()], generator)
+    return CachedRag(rag, Cache(MemoryBackend())), embedder
 
 
 async def ask(rag, question="How many passes does shred make unless told otherwise?"):
-    events = [e async for e in rag.ask(question, None, None, None, Deadline(10))]
+    events = [e async for e in rag.ask(AskQuery(question), Deadline(10))]
     sources = next(e for e in events if isinstance(e, AskSources))
     text = "".join(e.text for e in events if isinstance(e, AskToken))
     return sources, text, events[-1]
@@ -99,7 +99,7 @@ async def test_unsupported_sentences_are_dropped_and_kept_ones_cited_by_the_rout
     assert text == "By default it overwrites 3 times. [1]"
     assert isinstance(done, AskDone) and done.citations == [1] and not done.abstained and not done.extractive
     assert done.support[0].source == 1 and "default (3)" in done.support[0].text
-    prompt = generator.requests[0].messages[1].content
+    prompt = generator.requests[0][1]["content"]
     assert "[1] -n, --iterations=N overwrite N times" in prompt and "watch" not in prompt
 
 
@@ -125,7 +125,7 @@ async def test_the_pipeline_of_today_is_one_setting_away():
     rag, embedder = make_rag(generator, rerank_ask=False, verify=False, prompt="passages")
     _, text, done = await ask(rag)
     assert text == "Shred uses a SHA-1 hash 203856749 [1]." and done.citations == [1] and not embedder.reranked
-    assert "Sources:" in generator.requests[0].messages[1].content
+    assert "Sources:" in generator.requests[0][1]["content"]
 
 
 async def test_a_cached_answer_replays_abstention_and_support():

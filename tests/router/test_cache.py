@@ -3,6 +3,7 @@ import asyncio
 import pytest
 
 from tests.support.metrics import sample
+from tests.support.redis import RedisProcess
 from router.cache import Cache, MemoryBackend, RedisBackend, SingleFlight, cache_key
 
 
@@ -34,19 +35,19 @@ async def test_unreachable_redis_degrades_to_uncached_and_remembers_bumps(unused
     await cache.close()
 
 
+@pytest.fixture(scope="module")
+def redis_server():
+    redis = RedisProcess()
+    redis.start()
+    yield f"redis://127.0.0.1:{redis.port}/0"
+    redis.stop()
+
+
 @pytest.fixture
-async def redis_cache():
-    redis = pytest.importorskip("redis.asyncio")
-    client = redis.Redis.from_url("redis://127.0.0.1:6379/15", socket_timeout=0.5)
-    try:
-        await client.ping()
-    except Exception:
-        pytest.skip("no Redis on 127.0.0.1:6379")
-    await client.flushdb()
-    cache = Cache(RedisBackend("redis://127.0.0.1:6379/15"), ttl_s=30)
+async def redis_cache(redis_server):
+    cache = Cache(RedisBackend(redis_server), ttl_s=30)
+    await cache.backend._redis.flushdb()
     yield cache
-    await client.flushdb()
-    await client.aclose()
     await cache.close()
 
 

@@ -20,8 +20,10 @@ def test_chunks_respect_the_token_limit_and_overlap(chunker):
     assert len(chunks) > 3
     assert all(chunker.count(c) <= 80 for c in chunks)
     for a, b in zip(chunks, chunks[1:]):
-        tail = a.split()[-3:]
-        assert " ".join(tail) in b or b.split()[0] in a, "consecutive chunks should overlap"
+        # b starts inside a: the text they share is a's end and b's start, about 16 tokens of it
+        # (fewer when the cut steps forward to the start of a word).
+        shared = max((m for m in range(1, min(len(a), len(b)) + 1) if a.endswith(b[:m])), default=0)
+        assert 10 <= chunker.count(b[:shared]) <= 16, f"chunks share {b[:shared]!r}"
     # nothing is lost: every word of the document is in some chunk
     words = set(text.split())
     assert words <= set(" ".join(chunks).split())

@@ -1,4 +1,5 @@
-from router.rag import Coverage, Hit, fuse_reciprocal_rank
+from router.domain import Coverage, Hit
+from router.retrieval import fuse_reciprocal_rank
 
 
 def hit(chunk_id: str, score: float = 0.0) -> Hit:

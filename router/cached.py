@@ -1,0 +1,132 @@
+"""The cache in front of the flow: answers replayed, identical concurrent questions answered once,
+query embeddings kept, and a tenant's entries invalidated by every write to it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import numpy as np
+from opentelemetry import trace
+
+from fabric.client import Deadline
+from fabric.telemetry import span, tracer
+from router.cache import Cache, SingleFlight, cache_key
+from router.clients import EmbedderClient
+from router.domain import (
+    AskDone, AskEvent, AskQuery, AskSources, AskToken, Coverage, DocumentInput, Hit, Ingested, SearchQuery, Support,
+    Timings,
+)
+from router.evidence import Span
+from router.metrics import DOWNSTREAM_CALLS
+from router.rag import Rag
+
+_tracer = tracer("ragloom.router")
+
+
+class CachedQueryVectors:
+    """Query embeddings through the cache: a repeated query costs no embedder call."""
+
+    def __init__(self, embedder: EmbedderClient, cache: Cache):
+        self.embedder, self.cache = embedder, cache
+
+    async def query(self, text: str, deadline: Deadline) -> np.ndarray:
+        key = cache_key("embedding", query=text)
+        cached = await self.cache.get(key)
+        trace.get_current_span().set_attribute("ragloom.cache_hit", cached is not None)
+        if cached is not None and len(cached) % 4 == 0:
+            return np.frombuffer(cached, dtype=np.float32)[None, :]
+        DOWNSTREAM_CALLS.labels("embedder").inc()
+        vector = await self.embedder.embed([text], deadline)
+        await self.cache.set(key, vector[0].astype(np.float32).tobytes())
+        return vector
+
+
+class CachedRag:
+    """The flow's public operations with the answer cache and single-flight around them."""
+
+    def __init__(self, rag: Rag, cache: Cache):
+        self.rag, self.cache = rag, cache
+        self.flights = SingleFlight()
+
+    async def ingest(self, documents: list[DocumentInput], deadline: Deadline, tenant: str = "") -> tuple[list[Ingested], Timings]:
+        try:
+            return await self.rag.ingest(documents, deadline, tenant)
+        finally:
+            await self.cache.invalidate(tenant)  # also after a partial failure: some shards may have written
+
+    async def delete(self, document_id: str, deadline: Deadline, tenant: str = "") -> int:
+        try:
+            return await self.rag.delete(document_id, deadline, tenant)
+        finally:
+            await self.cache.invalidate(tenant)
+
+    async def search(self, query: SearchQuery, deadline: Deadline) -> tuple[list[Hit], Coverage, Timings]:
+        return await self.rag.search(query, deadline)
+
+    async def ask(self, query: AskQuery, deadline: Deadline) -> AsyncIterator[AskEvent]:
+        """The flow's events; a cached answer is replayed, and identical concurrent questions share one
+        generation. An answer from only some shards is not kept."""
+        query = self.rag.resolve(query)
+        generation = await self.cache.generation(query.scope.tenant)
+        key = cache_key("answer", question=query.question, k=query.top_k, max_tokens=query.max_tokens,
+                        temperature=query.temperature, tenant=query.scope.tenant, tags=sorted(query.scope.tags),
+                        mode=query.mode, generation=generation, pipeline=self.rag.config.pipeline_key())
+        if generation is not None and query.use_cache:
+            with span(_tracer, "cache lookup") as current:
+                cached = await self.cache.get(key)
+                current.set_attribute("ragloom.cache_hit", cached is not None)
+            if cached is not None:
+                for event in replay(cached):
+                    yield event
+                return
+        else:
+            self.cache.bypassed()
+        keep = generation is not None
+
+        async def produce() -> AsyncIterator[AskEvent]:
+            events = []
+            async for event in self.rag.ask(query, deadline):
+                events.append(event)
+                # Kept before the last event goes out: once every listener has it, the flight may end.
+                if isinstance(event, AskDone) and keep and not events[0].coverage.partial:
+                    await self.cache.set(key, serialise(events))
+                yield event
+
+        async for event in self.flights.join(f"{key}:{query.require_complete}", produce):
+            yield event
+
+    async def close(self) -> None:
+        await self.rag.close()
+        await self.cache.close()
+
+
+def serialise(events: list[AskEvent]) -> bytes:
+    """A finished answer's events as one cache entry."""
+    first, done = events[0], events[-1]
+    assert isinstance(first, AskSources) and isinstance(done, AskDone)
+    return json.dumps({
+        "answer": "".join(e.text for e in events if isinstance(e, AskToken)),
+        "shards": first.coverage.answered,
+        "sources": [[number, {**vars(hit), "evidence": [vars(e) for e in hit.evidence]}]
+                    for number, hit in first.sources],
+        "citations": done.citations,
+        "completion_tokens": done.completion_tokens,
+        "abstained": done.abstained,
+        "extractive": done.extractive,
+        "support": [[s.source, vars(s.span), s.text] for s in done.support],
+    }).encode()
+
+
+def replay(data: bytes) -> list[AskEvent]:
+    """A cached answer as the events a fresh one would stream (timings show it cost nothing)."""
+    record = json.loads(data)
+    sources = [(number, Hit(**{**hit, "evidence": tuple(Span(**e) for e in hit.get("evidence", []))}))
+               for number, hit in record["sources"]]
+    support = [Support(n, Span(**span_), text) for n, span_, text in record.get("support", [])]
+    return [
+        AskSources(sources, Coverage(answered=record["shards"]), cached=True),
+        AskToken(record["answer"]),
+        AskDone(record["citations"], Timings(), record["completion_tokens"], record.get("abstained", False),
+                support, record.get("extractive", False)),
+    ]

@@ -1,0 +1,46 @@
+"""How the router's flow behaves: limits, defaults and the answer pipeline's switches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from router.evidence import EvidenceConfig
+from router.verify import VerifierConfig
+
+
+@dataclass
+class RagConfig:
+    default_top_k: int = 5
+    max_top_k: int = 1000
+    ask_top_k: int = 4
+    max_ask_top_k: int = 50
+    ef: int = 64
+    max_tokens: int = 256
+    temperature: float = 0.0
+    context_tokens: int = 2048
+    max_document_bytes: int = 50 * 1024 * 1024
+    max_documents: int = 256
+    retrieval_mode: str = "hybrid"
+    # Citation fallback: when the model writes no [n] markers, sources this close to the answer are cited.
+    attribution_min_score: float = 0.45
+    # Reranking: candidates retrieved and reranked for Ask (and for Search with rerank), and whether Ask and
+    # Search rerank when the request does not say.
+    rerank_candidates: int = 12
+    rerank_ask: bool = True
+    rerank_search: bool = False
+    # "evidence": the best sentences, numbered (the default); "passages": whole passages as before reranking.
+    prompt: str = "evidence"
+    # Check every answer sentence against the evidence, dropping what is unsupported.
+    verify: bool = True
+    # Abstain when the best reranked score is below this (fitted on the labelled set); None: never abstain.
+    abstain_below: float | None = 0.55
+    # When no generated sentence is supported, the evidence is quoted if the best passage scores at least
+    # this; below it the ask abstains (weak evidence and an answer that cannot be verified).
+    quote_min_score: float = 0.0
+    evidence: EvidenceConfig = field(default_factory=EvidenceConfig)
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
+
+    def pipeline_key(self) -> str:
+        """What decides an answer beside the question: part of the answer cache's key."""
+        return (f"{self.rerank_ask}:{self.prompt}:{self.verify}:{self.abstain_below}:{self.quote_min_score}:"
+                f"{self.evidence}:{self.verifier}")

@@ -1,0 +1,145 @@
+"""Retrieval: a query's best chunks from every shard (dense, lexical or both fused), then optionally
+reranked by how well each answers it."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import numpy as np
+
+from fabric.client import Deadline
+from fabric.errors import InvalidArgument, Unavailable, is_dependency_failure
+from fabric.telemetry import span, tracer
+from router.clients import EmbedderClient
+from router.clock import Clock
+from router.config import RagConfig
+from router.domain import MODES, Coverage, Hit, Scope
+from router.evidence import combine
+from router.metrics import DOWNSTREAM_CALLS, PARTIAL_RESULTS, STAGE_SECONDS
+from router.parsing import title_for
+from router.topology import ShardGroup
+
+_tracer = tracer("ragloom.router")
+
+RRF_K = 60  # the constant of Cormack et al.'s reciprocal rank fusion
+
+
+def fuse_reciprocal_rank(rankings: list[list[Hit]]) -> list[Hit]:
+    """Reciprocal rank fusion: each list adds 1 / (RRF_K + rank) to a chunk's score; best first."""
+    fused: dict[str, Hit] = {}
+    scores: dict[str, float] = {}
+    for ranking in rankings:
+        for rank, hit in enumerate(ranking, 1):
+            fused.setdefault(hit.chunk_id, hit)
+            scores[hit.chunk_id] = scores.get(hit.chunk_id, 0.0) + 1.0 / (RRF_K + rank)
+    order = sorted(scores, key=lambda chunk_id: -scores[chunk_id])
+    return [replace(fused[c], score=scores[c]) for c in order]
+
+
+class QueryVectors(Protocol):
+    """Where a query's embedding comes from (the embedder, or a cache in front of it)."""
+
+    async def query(self, text: str, deadline: Deadline) -> np.ndarray:
+        """The (1, dim) embedding of one query."""
+
+
+class Uncached:
+    def __init__(self, embedder: EmbedderClient):
+        self.embedder = embedder
+
+    async def query(self, text: str, deadline: Deadline) -> np.ndarray:
+        DOWNSTREAM_CALLS.labels("embedder").inc()
+        return await self.embedder.embed([text], deadline)
+
+
+@dataclass
+class Retrieved:
+    hits: list[Hit]
+    coverage: Coverage
+    embed_ms: float = 0.0
+    index_ms: float = 0.0
+
+
+class Retriever:
+    def __init__(self, config: RagConfig, embedder: EmbedderClient, shards: list[ShardGroup],
+                 vectors: QueryVectors | None = None):
+        self.config = config
+        self.embedder = embedder
+        self.shards = shards
+        self.vectors = vectors or Uncached(embedder)
+
+    async def retrieve(self, query: str, k: int, scope: Scope, require_complete: bool, deadline: Deadline,
+                       mode: str = "") -> Retrieved:
+        """Top-k chunks for `query`: dense (embedding), lexical (BM25) or hybrid (both, fused by reciprocal rank)."""
+        mode = mode or self.config.retrieval_mode
+        if mode not in MODES:
+            raise InvalidArgument("mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
+        clock, embed_ms = Clock(), 0.0
+        # Hybrid fuses two longer lists: a chunk ranked just below k by one method can win on the other.
+        depth = k if mode != "hybrid" else min(max(2 * k, 20), self.config.max_top_k)
+        lexical = (asyncio.ensure_future(self._fan_out(
+            "lexical", lambda c: c.lexical_search(query, depth, scope, deadline), require_complete, deadline))
+            if mode != "dense" else None)
+        try:
+            dense = None
+            if mode != "lexical":
+                with span(_tracer, "embed query"):
+                    vector = await self.vectors.query(query, deadline)
+                embed_ms = clock.lap()
+                ef = max(self.config.ef, depth)
+                dense = await self._fan_out(
+                    "dense", lambda c: c.search(vector[0], depth, ef, scope, deadline), require_complete, deadline)
+            lexical_result = await lexical if lexical is not None else None
+        except BaseException:
+            if lexical is not None:
+                lexical.cancel()
+            raise
+        if mode == "hybrid":
+            hits, coverage = fuse_reciprocal_rank([dense[0], lexical_result[0]]), dense[1].merge(lexical_result[1])
+        else:
+            hits, coverage = dense if mode == "dense" else lexical_result
+        index_ms = clock.lap()
+        STAGE_SECONDS.labels("embedding").observe(embed_ms / 1000)
+        STAGE_SECONDS.labels("retrieval").observe(index_ms / 1000)
+        return Retrieved(hits[:k], coverage, embed_ms, index_ms)
+
+    async def _fan_out(self, kind: str, call, require_complete: bool, deadline: Deadline) -> tuple[list[Hit], Coverage]:
+        """`call` on every shard (one replica each, failing over), merged best first, with who answered."""
+        DOWNSTREAM_CALLS.labels("indexer").inc()
+
+        async def one(group: ShardGroup) -> list[Hit]:
+            with span(_tracer, "search shard", **{"ragloom.shard": group.shard_id, "ragloom.retrieval": kind}):
+                return await group.read(call, deadline)
+
+        replies = await asyncio.gather(*(one(g) for g in self.shards), return_exceptions=True)
+        coverage, hits = Coverage(), []
+        for group, reply in zip(self.shards, replies):
+            if isinstance(reply, BaseException):
+                if not is_dependency_failure(reply):
+                    raise reply
+                coverage.failed.append(group.shard_id)
+                PARTIAL_RESULTS.labels(str(group.shard_id)).inc()
+                continue
+            coverage.answered.append(group.shard_id)
+            hits.extend(reply)
+        if coverage.failed and (require_complete or not coverage.answered):
+            raise Unavailable(f"shards {coverage.failed} did not answer in time; "
+                              f"{len(coverage.answered)} of {len(self.shards)} did")
+        hits.sort(key=lambda h: h.score, reverse=True)
+        return hits, coverage
+
+    async def rerank(self, query: str, hits: list[Hit], deadline: Deadline) -> tuple[list[Hit], float]:
+        """Candidates best first by how well they answer `query` (the embedder's Rerank), each with its best
+        sentences, and the milliseconds it took; the retrieval rank adds a small prior. Scores become the
+        combined rerank score."""
+        clock = Clock()
+        with span(_tracer, "rerank", **{"ragloom.candidates": len(hits)}):
+            DOWNSTREAM_CALLS.labels("embedder").inc()
+            scored = await self.embedder.rerank(query, [h.text for h in hits], deadline,
+                                                titles=[title_for(h.source) for h in hits])
+        ranked = combine(scored, self.config.evidence.prior_weight)
+        elapsed = clock.lap()
+        STAGE_SECONDS.labels("rerank").observe(elapsed / 1000)
+        return [replace(hits[r.index], score=r.score, evidence=r.spans) for r in ranked], elapsed

