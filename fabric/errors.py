@@ -87,7 +87,6 @@ CALLER_FAULTS = frozenset({
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.PERMISSION_DENIED,
-    grpc.StatusCode.UNAUTHENTICATED,
     grpc.StatusCode.CANCELLED,
 })
 
@@ -112,6 +111,17 @@ def code_of(exc: BaseException) -> grpc.StatusCode | None:
 def is_caller_fault(exc: BaseException) -> bool:
     """The request was refused as it stands: retrying it, elsewhere or later, cannot help."""
     return code_of(exc) in CALLER_FAULTS
+
+
+def is_invalid_request(exc: BaseException) -> bool:
+    """The request's own content is refused: every replica of every shard would refuse it alike."""
+    return code_of(exc) is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def leaves_out(exc: BaseException) -> bool:
+    """One part of a scatter-gather failed on its own (down, slow, refused, cancelled): the result
+    goes on without it, marked partial. A bug, or a request that is itself invalid, fails it whole."""
+    return code_of(exc) is not None and not is_invalid_request(exc)
 
 
 def is_dependency_failure(exc: BaseException) -> bool:

@@ -42,8 +42,9 @@ class Settings(ServiceSettings):
     """The generator's settings: what every backend shares, then one option group per backend.
 
     A group is the field named after its backend (`known_backends()`), holding that backend's
-    `Options`; its prefix keeps the flags they have always had: `--threads` (llama_cpp),
-    `--openai-base-url`, `--trtllm-tensor-parallel-size`, with RAGLOOM_GENERATOR_THREADS and so on.
+    `Options`, its flags under the group's prefix: `--threads` (llama_cpp, no prefix),
+    `--openai-base-url`, `--openai-request-timeout-s` (was `--request-timeout-s`),
+    `--trtllm-tensor-parallel-size`, with RAGLOOM_GENERATOR_THREADS and so on.
     """
 
     service = "generator"

@@ -27,8 +27,9 @@ class Child:
     address: str
     argv: list[str]
     log_path: Path
-    #: The environment it starts with: the shell's, less the RAGLOOM_* settings meant for others.
-    env: dict[str, str] = field(default_factory=dict)
+    #: The environment it starts with (the shell's, less the RAGLOOM_* settings meant for others);
+    #: None = the launcher's own.
+    env: dict[str, str] | None = None
     process: subprocess.Popen | None = None
     #: Readiness: gRPC health on `address` (with this mTLS identity), or this HTTP URL (Envoy's /ready).
     identity: Identity | None = None
@@ -58,15 +59,17 @@ class Plan:
         return self.child("gateway" if self.gateway_config is not None else "router")
 
 
-# What a child must not inherit from the shell unprefixed: the launcher sets these per child.
-_PER_CHILD = ("HOST", "PORT", "METRICS_PORT", "TLS_CERT", "TLS_KEY", "TLS_CA", "ALLOWED_CALLERS")
+# What a child must not inherit from the shell: the launcher sets these per child, with flags.
+_PER_CHILD = ("HOST", "PORT", "METRICS_PORT", "TLS_CERT", "TLS_KEY", "TLS_CA", "ALLOWED_CALLERS", "PEERS",
+              "SHARD_ID", "DATA_DIR")
 
 
 def child_env(service: str, environ: Mapping[str, str]) -> dict[str, str]:
     """The shell's environment for one child: its own RAGLOOM_<SERVICE>_* settings and the shared
-    ones (log level, tracing…), never another service's, nor an address or identity meant for one child."""
+    ones (log level, tracing…), never another service's, nor an address, identity or shard layout
+    the launcher decides for each child."""
     others = tuple(f"{ENV_PREFIX}{s.upper()}_" for s in SERVICES if s != service)
-    per_child = {f"{ENV_PREFIX}{name}" for name in _PER_CHILD}
+    per_child = {f"{ENV_PREFIX}{prefix}{name}" for name in _PER_CHILD for prefix in ("", f"{service.upper()}_")}
     return {k: v for k, v in environ.items() if not k.startswith(others) and k not in per_child}
 
 
@@ -174,7 +177,7 @@ def start_child(child: Child) -> None:
     log = open(child.log_path, "ab")
     # Own process group: Ctrl-C in the terminal reaches the launcher only, which then stops children in order.
     child.process = subprocess.Popen(child.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=child.env or None, start_new_session=True)
+                                     env=child.env, start_new_session=True)
     log.close()
 
 

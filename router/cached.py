@@ -49,17 +49,13 @@ class CachedRag:
         self.rag, self.cache = rag, cache
         self.flights = SingleFlight()
 
+    # A write invalidates the tenant's cached answers once it has reached the shards, also when it
+    # failed there (some shards may have written); one refused before that leaves them be.
     async def ingest(self, documents: list[DocumentInput], deadline: Deadline, tenant: str = "") -> tuple[list[Ingested], Timings]:
-        try:
-            return await self.rag.ingest(documents, deadline, tenant)
-        finally:
-            await self.cache.invalidate(tenant)  # also after a partial failure: some shards may have written
+        return await self.rag.ingest(documents, deadline, tenant, on_write=self.cache.invalidate)
 
     async def delete(self, document_id: str, deadline: Deadline, tenant: str = "") -> int:
-        try:
-            return await self.rag.delete(document_id, deadline, tenant)
-        finally:
-            await self.cache.invalidate(tenant)
+        return await self.rag.delete(document_id, deadline, tenant, on_write=self.cache.invalidate)
 
     async def search(self, query: SearchQuery, deadline: Deadline) -> tuple[list[Hit], Coverage, Timings]:
         return await self.rag.search(query, deadline)
@@ -86,7 +82,7 @@ class CachedRag:
 
         async def produce() -> AsyncIterator[AskEvent]:
             events = []
-            async for event in self.rag.ask(query, deadline):
+            async for event in self.rag.answer(query, deadline):
                 events.append(event)
                 # Kept before the last event goes out: once every listener has it, the flight may end.
                 if isinstance(event, AskDone) and keep and not events[0].coverage.partial:

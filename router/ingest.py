@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,6 +22,11 @@ from router.topology import ShardGroup, VersionClock
 
 class Splitter(Protocol):
     def split(self, text: str) -> list[str]: ...
+
+
+#: Called with the tenant once a write to the shards has been attempted, whether or not it succeeded
+#: (some shards may have written): the cache invalidates the tenant's answers.
+OnWrite = Callable[[str], Awaitable[None]]
 
 
 @dataclass
@@ -51,7 +57,8 @@ class Ingestion:
         self.shards = shards
         self.versions = VersionClock()
 
-    async def ingest(self, documents: list[DocumentInput], deadline: Deadline, tenant: str = "") -> tuple[list[Ingested], Timings]:
+    async def ingest(self, documents: list[DocumentInput], deadline: Deadline, tenant: str = "",
+                     on_write: OnWrite | None = None) -> tuple[list[Ingested], Timings]:
         clock, timings = Clock(), Timings()
         if not documents:
             raise InvalidArgument("documents", "at least one document is required")
@@ -83,10 +90,14 @@ class Ingestion:
                 row += 1
             results.append(Ingested(id=p.id, chunks=len(p.chunks), shard_id=shard))
         version = self.versions.next()
-        replies = await asyncio.gather(*(
-            self.shards[shard].write(lambda client, c=chunks: client.upsert(c, version, deadline))
-            for shard, chunks in per_shard.items()
-        ))
+        try:
+            replies = await asyncio.gather(*(
+                self.shards[shard].write(lambda client, c=chunks: client.upsert(c, version, deadline))
+                for shard, chunks in per_shard.items()
+            ))
+        finally:
+            if on_write is not None:
+                await on_write(tenant)
         previous = {doc_id: n for counts in replies for doc_id, n in counts.items()}
         for result in results:
             result.replaced_chunks = previous.get(result.id, 0)
@@ -110,12 +121,16 @@ class Ingestion:
             out.append(Parsed(doc, doc_id, fmt, chunks))
         return out
 
-    async def delete(self, document_id: str, deadline: Deadline, tenant: str = "") -> int:
+    async def delete(self, document_id: str, deadline: Deadline, tenant: str = "", on_write: OnWrite | None = None) -> int:
         if not document_id:
             raise InvalidArgument("document_id", "must not be empty")
         shard = self.shards[shard_for(document_id, len(self.shards))]
         version = self.versions.next()
-        return await shard.write(lambda client: client.delete([document_id], tenant, version, deadline))
+        try:
+            return await shard.write(lambda client: client.delete([document_id], tenant, version, deadline))
+        finally:
+            if on_write is not None:
+                await on_write(tenant)
 
 
 def _titled(title: str, text: str) -> str:

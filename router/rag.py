@@ -27,7 +27,7 @@ from router.domain import (
 )
 from router.evidence import STOP_SEQUENCES as GROUNDED_STOP_SEQUENCES
 from router.evidence import Sentence, Span, grounded_messages, quote, quoted, select
-from router.ingest import Ingestion
+from router.ingest import Ingestion, OnWrite
 from router.metrics import ABSTENTIONS, DOWNSTREAM_CALLS, STAGE_SECONDS, TIME_TO_FIRST_TOKEN, VERIFIED_SENTENCES
 from router.prompt import STOP_SEQUENCES, Passage, build_messages, cited_numbers
 from router.retrieval import QueryVectors, Retriever
@@ -50,11 +50,12 @@ class Rag:
         self.retriever = Retriever(config, embedder, shards, vectors)
 
     # ---- writes -------------------------------------------------------------------------------
-    async def ingest(self, documents: list[DocumentInput], deadline: Deadline, tenant: str = "") -> tuple[list[Ingested], Timings]:
-        return await self.ingestion.ingest(documents, deadline, tenant)
+    async def ingest(self, documents: list[DocumentInput], deadline: Deadline, tenant: str = "",
+                     on_write: OnWrite | None = None) -> tuple[list[Ingested], Timings]:
+        return await self.ingestion.ingest(documents, deadline, tenant, on_write)
 
-    async def delete(self, document_id: str, deadline: Deadline, tenant: str = "") -> int:
-        return await self.ingestion.delete(document_id, deadline, tenant)
+    async def delete(self, document_id: str, deadline: Deadline, tenant: str = "", on_write: OnWrite | None = None) -> int:
+        return await self.ingestion.delete(document_id, deadline, tenant, on_write)
 
     # ---- search -------------------------------------------------------------------------------
     @staticmethod
@@ -96,9 +97,12 @@ class Rag:
             mode=query.mode or self.config.retrieval_mode,
         )
 
-    async def ask(self, query: AskQuery, deadline: Deadline) -> AsyncIterator[AskEvent]:
+    def ask(self, query: AskQuery, deadline: Deadline) -> AsyncIterator[AskEvent]:
         """Sources first, then answer tokens as they are generated, then citations and timings (AskDone)."""
-        query = self.resolve(query)
+        return self.answer(self.resolve(query), deadline)
+
+    async def answer(self, query: AskQuery, deadline: Deadline) -> AsyncIterator[AskEvent]:
+        """`ask` for a query `resolve` has already checked and completed."""
         config, clock, timings = self.config, Clock(), Timings()
         k = query.top_k
         depth = max(k, config.rerank_candidates) if config.rerank_ask else k

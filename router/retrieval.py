@@ -10,7 +10,7 @@ from typing import Protocol
 import numpy as np
 
 from fabric.client import Deadline
-from fabric.errors import InvalidArgument, Unavailable, is_dependency_failure
+from fabric.errors import InvalidArgument, Unavailable, leaves_out
 from fabric.telemetry import span, tracer
 from router.clients import EmbedderClient
 from router.clock import Clock
@@ -117,7 +117,7 @@ class Retriever:
         coverage, hits = Coverage(), []
         for group, reply in zip(self.shards, replies):
             if isinstance(reply, BaseException):
-                if not is_dependency_failure(reply):
+                if not leaves_out(reply):
                     raise reply
                 coverage.failed.append(group.shard_id)
                 PARTIAL_RESULTS.labels(str(group.shard_id)).inc()

@@ -46,8 +46,20 @@ async def test_the_allowed_identity_gets_through(ca, secure_echo):
 
 
 async def _bidi(ch, *requests: bytes) -> list[bytes]:
-    call = ch.stream_stream(f"/{SERVICE}/Bidi")(iter(requests), timeout=5)
-    return [reply async for reply in call]
+    """A bidirectional call: each request written and its echo read before the next."""
+    call = ch.stream_stream(f"/{SERVICE}/Bidi")(timeout=5)
+    replies = []
+    for request in requests:
+        await call.write(request)
+        replies.append(await call.read())
+    await call.done_writing()
+    return replies
+
+
+async def _bidi_refused(ch) -> None:
+    """A bidirectional call that sends nothing: a refusal arrives as its status on the first read."""
+    call = ch.stream_stream(f"/{SERVICE}/Bidi")(timeout=5)
+    await call.read()
 
 
 async def test_another_valid_identity_is_permission_denied(ca, secure_echo):
@@ -58,7 +70,7 @@ async def test_another_valid_identity_is_permission_denied(ca, secure_echo):
         assert "ragloom-generator" in info.value.details()
         # every kind of method is checked: server-streaming and bidirectional too (EmbedStream is one)
         for call in (lambda: _collect(ch.unary_stream(f"/{SERVICE}/Stream")(b"hello", timeout=5)),
-                     lambda: _bidi(ch, b"a", b"b")):
+                     lambda: _bidi_refused(ch)):
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await call()
             assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED

@@ -138,12 +138,60 @@ async def test_off_corpus_questions_abstain_and_an_empty_collection_is_a_failed_
     assert done.abstained and "do not answer" in text and not flow.generator.requests
 
 
-async def test_ask_checks_its_limits():
+async def test_ask_checks_the_request_against_its_limits_but_not_the_routers_own_defaults():
     flow = Flow()
     for query, field in [(AskQuery(" "), "question"), (AskQuery("q", top_k=51), "top_k"),
                          (AskQuery("q", max_tokens=5000), "max_tokens"), (AskQuery("q", temperature=3), "temperature")]:
         with pytest.raises(InvalidArgument, match=field):
             [e async for e in flow.rag.ask(query, Deadline(10))]
+    # a default above what a request may ask for is the operator's choice, not a bad request
+    flow = Flow(max_tokens=1500, ask_top_k=60)
+    await flow.ingest(("bees", BEES))
+    sources, _, _ = await flow.ask("How do honeybees tell each other where flowers are?")
+    assert flow.generator.requests[0]["max_tokens"] == 1500
+
+
+class RefusingShard(FakeShard):
+    def __init__(self, shard_id, error):
+        super().__init__(shard_id)
+        self.error = error
+
+    async def lexical_search(self, *args):
+        raise self.error
+
+
+@pytest.mark.parametrize("error, partial", [
+    (FailedPrecondition("shard 1 got a request for shard 0"), True),  # misrouted: that shard is left out
+    (Unavailable("shard down"), True),
+    (InvalidArgument("k", "too large"), False),  # the request itself: every shard would refuse it
+    (ZeroDivisionError("a bug"), False),
+])
+async def test_which_shard_failures_leave_the_shard_out_and_which_fail_the_request(error, partial):
+    flow = Flow()
+    await flow.ingest(("bees", BEES), ("bread", BREAD), ("lamps", LAMPS))
+    flow.rag.rag.retriever.shards = shard_groups(flow.shards[0], RefusingShard(1, error))
+    query = SearchQuery("wild yeast sourdough", mode="lexical")
+    if partial:
+        _, coverage, _ = await flow.rag.search(query, Deadline(10))
+        assert coverage.failed == [1] and coverage.answered == [0]
+    else:
+        with pytest.raises(type(error)):
+            await flow.rag.search(query, Deadline(10))
+
+
+async def test_a_write_refused_before_it_reaches_the_shards_keeps_the_cached_answers():
+    flow = Flow()
+    await flow.ingest(("bees", BEES))
+    generation = await flow.cache.generation("")
+    with pytest.raises(InvalidArgument):
+        await flow.rag.ingest([DocumentInput(id="empty", source="empty.txt", body=" ")], Deadline(10))
+    with pytest.raises(InvalidArgument):
+        await flow.rag.delete("", Deadline(10))
+    assert await flow.cache.generation("") == generation
+    flow.shards[shard_for("gone", 2)].down = True  # a write that reaches a shard and fails there does
+    with pytest.raises(Unavailable):
+        await flow.rag.delete("gone", Deadline(10))
+    assert await flow.cache.generation("") == generation + 1
 
 
 async def test_delete_removes_a_document_from_its_shard_and_invalidates_the_cache():

@@ -1,0 +1,50 @@
+"""`ragloom up`'s plan: decided without touching the disk, written by prepare; each child gets its own
+settings from the shell and nothing meant for another."""
+
+from pathlib import Path
+
+import pytest
+
+from mesh.launcher import child_env, plan, prepare
+from mesh.spec import MeshSpec
+
+
+def test_the_plan_decides_and_prepare_writes(tmp_path):
+    spec = MeshSpec(data_dir=tmp_path / "data", shards=2, replicas=2, router_port=41000, base_port=41001)
+    planned = plan(spec, environ={})
+    assert not (tmp_path / "data").exists()  # deciding writes nothing
+    names = [c.name for c in planned.children]
+    assert names == ["embedder", "generator", "indexer-0-r0", "indexer-0-r1", "indexer-1-r0", "indexer-1-r1",
+                     "router", "gateway"]
+    assert planned.public.address == "127.0.0.1:41000"
+    router = planned.child("router")
+    assert router.address == "127.0.0.1:41003"
+    assert "--indexers" in router.argv and "127.0.0.1:41006|127.0.0.1:41007,127.0.0.1:41008|127.0.0.1:41009" in router.argv
+    replica = planned.child("indexer-0-r0").argv
+    assert replica[replica.index("--peers") + 1] == "127.0.0.1:41007"
+    cert = Path(router.argv[router.argv.index("--tls-cert") + 1])
+    prepare(planned)
+    assert cert.is_file() and (tmp_path / "data" / "pki" / "ca.pem").is_file()
+    assert (tmp_path / "data" / "gateway" / "envoy.json").is_file()
+
+
+def test_a_spec_that_cannot_work_says_which_flag():
+    for fields, flag in [({"shards": 0}, "--shards"), ({"gateway": False}, "--mtls"),
+                         ({"canary_weight": 101}, "--canary-weight"), ({"base_port": 65534}, "ports")]:
+        with pytest.raises(ValueError, match=flag):
+            MeshSpec(data_dir=Path("/tmp/x"), **fields).validate()
+
+
+def test_each_child_gets_its_own_settings_and_the_shared_ones_only():
+    shell = {
+        "PATH": "/usr/bin", "RAGLOOM_LOG_LEVEL": "DEBUG", "RAGLOOM_EMBEDDER_THREADS": "2",
+        "RAGLOOM_GENERATOR_THREADS": "4", "RAGLOOM_PORT": "9999", "RAGLOOM_TLS_CERT": "/x.pem",
+        "RAGLOOM_INDEXER_PEERS": "10.0.0.1:1", "RAGLOOM_INDEXER_METRICS_PORT": "9100", "RAGLOOM_INDEXER_HNSW_M": "32",
+    }
+    embedder = child_env("embedder", shell)
+    assert embedder == {"PATH": "/usr/bin", "RAGLOOM_LOG_LEVEL": "DEBUG", "RAGLOOM_EMBEDDER_THREADS": "2"}
+    indexer = child_env("indexer", shell)
+    assert indexer == {"PATH": "/usr/bin", "RAGLOOM_LOG_LEVEL": "DEBUG", "RAGLOOM_INDEXER_HNSW_M": "32"}
+    spec = MeshSpec(data_dir=Path("/tmp/x"), gateway=False, mtls=False)
+    generator = plan(spec, environ=shell).child("generator")
+    assert generator.env["RAGLOOM_GENERATOR_THREADS"] == "4" and "RAGLOOM_EMBEDDER_THREADS" not in generator.env
