@@ -52,6 +52,9 @@ class Service(Protocol):
     async def close(self) -> None:
         """Releases resources after the server has stopped."""
 
+    # Optional: `bind_health(report)`, called before `start`, hands the service an async
+    # `report(serving: bool)` that sets its health while it runs.
+
 
 def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
     size = settings.max_message_mb * 1024 * 1024
@@ -216,6 +219,14 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
             pass
+    bind_health = getattr(service, "bind_health", None)
+    if bind_health is not None:  # a service whose health can change while it runs (a shard stuck applying)
+        async def report(serving: bool) -> None:
+            if not stop.is_set():
+                for name in ("", *service.service_names):
+                    await health.set(name, SERVING if serving else NOT_SERVING)
+
+        bind_health(report)
     try:
         warm = asyncio.ensure_future(service.start())
         stopped = asyncio.ensure_future(stop.wait())

@@ -10,7 +10,9 @@ from ragloom.indexer.v1 import indexer_pb2
 
 from fabric.errors import InvalidArgument
 from indexer.filters import SearchFilter
-from indexer.records import ChangePage, ChunkRecord, ClearedDocument, HitRecord
+from fabric.shardlog import is_part
+from indexer.logapply import LogDelete, LogPart, LogPut, LogRecord
+from indexer.records import ChunkRecord, HitRecord
 
 
 def chunk_record(chunk: indexer_pb2.Chunk) -> ChunkRecord:
@@ -71,23 +73,20 @@ def search_response(results: list[list[HitRecord]], shard_id: int) -> indexer_pb
     return response
 
 
-def change_batch(page: ChangePage) -> indexer_pb2.ChangeBatch:
-    return indexer_pb2.ChangeBatch(
-        chunks=[indexer_pb2.VersionedChunk(chunk=chunk_message(c), version=v) for c, v in page.chunks],
-        cleared=[
-            indexer_pb2.ClearedDocument(tenant=c.tenant, document_id=c.document_id, version=c.version)
-            for c in page.cleared
-        ],
-        sequence=page.sequence,
-        store_id=page.store_id,
-    )
-
-
-def change_page(batch: indexer_pb2.ChangeBatch) -> ChangePage:
-    return ChangePage(
-        chunks=[(chunk_record(c.chunk), c.version) for c in batch.chunks],
-        cleared=[ClearedDocument(c.tenant, c.document_id, c.version) for c in batch.cleared],
-        sequence=batch.sequence,
-        store_id=batch.store_id,
-        done=False,
-    )
+def log_record(subject: str, sequence: int, data: bytes) -> LogRecord:
+    """One message of the shard's log as what the store applies; InvalidArgument when it is not a LogEntry."""
+    entry = indexer_pb2.LogEntry()
+    try:
+        entry.ParseFromString(data)
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
+        raise InvalidArgument("log", f"entry {sequence} on {subject} is not a LogEntry: {exc}") from None
+    change = entry.WhichOneof("change")
+    if change == "delete":
+        return LogDelete(sequence, entry.tenant, entry.document_id)
+    if change != "put":
+        raise InvalidArgument("log", f"entry {sequence} on {subject} neither writes nor deletes a document")
+    chunks = [chunk_record(c) for c in entry.put.chunks]
+    if is_part(subject):
+        return LogPart(sequence, entry.tenant, entry.document_id, entry.put.content_hash,
+                       int(subject.rsplit(".", 1)[1]), chunks)
+    return LogPut(sequence, entry.tenant, entry.document_id, entry.put.content_hash, chunks, entry.put.parts)

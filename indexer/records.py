@@ -69,19 +69,6 @@ class ClearedDocument:
 
 
 @dataclass
-class ChangePage:
-    """Rows and document marks of a shard written after a point; see `ShardStore.changes`."""
-
-    chunks: list[tuple[ChunkRecord, int]]
-    cleared: list[ClearedDocument]
-    #: Every change up to this sequence number of the sending store is in this page or an earlier one.
-    sequence: int
-    store_id: int
-    #: True when the page reaches the store's sequence number at the time it was read.
-    done: bool
-
-
-@dataclass
 class ShardStats:
     live_chunks: int
     documents: int
@@ -98,6 +85,8 @@ class ShardStats:
     snapshot_sequence: int | None
     snapshot_age_s: float | None
     index_bytes: int
+    #: The shard log's sequence applied here.
+    log_sequence: int
     rss_bytes: int
 
 

@@ -62,12 +62,22 @@ _SCHEMA = (
         seq   INTEGER NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS tombstones_by_seq ON tombstones (seq)",
-    # How far this shard has applied each peer replica's changes (its store and sequence).
-    """CREATE TABLE IF NOT EXISTS peer_cursors (
-        peer     TEXT PRIMARY KEY,
-        store_id INTEGER NOT NULL,
-        sequence INTEGER NOT NULL
+    # Parts of a document too big for one log message, kept until the document's own entry
+    # arrives and applies them whole (indexer/logapply.py).
+    """CREATE TABLE IF NOT EXISTS staged_parts (
+        tenant       TEXT NOT NULL,
+        document_id  TEXT NOT NULL,
+        content_hash TEXT NOT NULL,
+        part         INTEGER NOT NULL,
+        chunk_id     TEXT NOT NULL,
+        text         TEXT NOT NULL,
+        source       TEXT NOT NULL,
+        metadata     TEXT NOT NULL,
+        tags         TEXT NOT NULL,
+        vector       BLOB NOT NULL,
+        PRIMARY KEY (tenant, document_id, content_hash, chunk_id)
     )""",
+    "DROP TABLE IF EXISTS peer_cursors",
 )
 
 
@@ -77,6 +87,8 @@ class Meta:
     max_version: int
     #: Tells this store from any other, including one recreated in the same folder.
     store_id: int
+    #: The shard log's sequence applied here (0: none, or no log).
+    log_sequence: int = 0
 
 
 def create(db: sqlite3.Connection, path: Path) -> bool:
@@ -117,11 +129,12 @@ def create(db: sqlite3.Connection, path: Path) -> bool:
 def load_meta(db: sqlite3.Connection, dimension: int, data_dir: Path) -> Meta:
     """The shard's meta row, written first for a new store; refuses a store of another dimension."""
     defaults = {"dimension": dimension, "sequence": 0, "max_version": FIRST_VERSION,
-                "store_id": secrets.randbits(63) or 1}
+                "store_id": secrets.randbits(63) or 1, "log_sequence": 0}
     db.executemany("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", defaults.items())
     meta = dict(db.execute("SELECT key, value FROM meta"))
     if meta["dimension"] != dimension:
         raise FailedPrecondition(
             f"shard at {data_dir} holds vectors of dimension {meta['dimension']}, not {dimension}"
         )
-    return Meta(sequence=meta["sequence"], max_version=meta["max_version"], store_id=meta["store_id"])
+    return Meta(sequence=meta["sequence"], max_version=meta["max_version"], store_id=meta["store_id"],
+                log_sequence=meta["log_sequence"])

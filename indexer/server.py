@@ -1,5 +1,5 @@
-"""gRPC face of one indexer shard: the servicer converts proto ⇄ store types; the service owns
-the store's thread and the background work (snapshots, catch-up from peer replicas)."""
+"""gRPC face of one indexer shard replica: the servicer converts proto ⇄ store types; the service owns
+the store's thread and the background work (following the shard's log, snapshots)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import grpc
 from prometheus_client import Gauge
 
 from indexer import convert
-from indexer.replication import CatchUp
+from fabric.shardlog import LogSettings
+from indexer.follower import Follower
 from indexer.snapshots import Manifest
 from indexer.store import ShardStore
 from fabric.errors import FailedPrecondition, InvalidArgument, Unavailable
@@ -44,17 +45,19 @@ class Settings(ServiceSettings):
     snapshot_every: int = option(10_000, "chunks written or removed after which the index is snapshotted")
     snapshot_interval_s: float = option(300.0, "longest a change waits for a snapshot (0: only by count and at shutdown)")
     snapshots_kept: int = option(2, "index snapshots kept; a corrupt newest one falls back to the one before")
-    peers: list[str] = option([], "other replicas of this shard (host:port, comma-separated) to catch up from")
-    catchup_interval_s: float = option(10.0, "seconds between pulls from the peers")
-    catchup_timeout_s: float = option(60.0, "longest one pull from a peer may take; an unfinished pull resumes later")
-    changes_batch: int = option(512, "rows per Changes batch when the caller leaves batch_size at 0")
+    nats_url: str = option("", "NATS server(s) holding the shard's log (JetStream), e.g. nats://127.0.0.1:4222; "
+                                "this replica follows it and takes no direct writes. Empty: a standalone shard "
+                                "written through Upsert/Delete (tests, benchmarks)")
+    log_replicas: int = option(1, "replicas of the shard's stream when this replica creates it (3 in a cluster)")
+    catchup_timeout_s: float = option(120.0, "longest a starting replica waits to catch up with its log before serving")
+    apply_batch: int = option(256, "log entries applied in one transaction, at most")
 
     def validate(self) -> None:
         super().validate()
         if self.shard_id < 0:
             raise ValueError(f"shard_id must not be negative, got {self.shard_id}")
         positive = ("dimension", "default_ef", "max_k", "max_batch", "hnsw_m", "ef_construction", "snapshot_every",
-                    "snapshots_kept", "catchup_interval_s", "catchup_timeout_s", "changes_batch")
+                    "snapshots_kept", "catchup_timeout_s", "apply_batch", "log_replicas")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -82,10 +85,10 @@ class IndexerService:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"indexer-{settings.shard_id}")
         # Threads that read search payloads from SQLite while the store's thread goes on.
         self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"indexer-{settings.shard_id}-read")
-        self.catch_up = CatchUp(
-            self.run, settings.peers, settings.shard_id, settings.catchup_timeout_s, settings.changes_batch,
-            identity=settings.identity,
-        )
+        self.follower = Follower(
+            LogSettings(settings.nats_url, settings.log_replicas, settings.tls_cert, settings.tls_key, settings.tls_ca),
+            settings.shard_id, self.write, batch=settings.apply_batch,
+        ) if settings.nats_url else None
         self._snapshot_due = asyncio.Event()
         self._stopping = asyncio.Event()
         self._snapshot_lock = asyncio.Lock()
@@ -94,19 +97,27 @@ class IndexerService:
     def register(self, server: grpc.aio.Server) -> None:
         indexer_pb2_grpc.add_IndexerServiceServicer_to_server(IndexerServicer(self), server)
 
+    def bind_health(self, report) -> None:
+        if self.follower is not None:
+            self.follower.report = report
+
     async def start(self) -> None:
         await self._on_worker(self._open)
-        if self.catch_up.peers:
-            await self.catch_up.pull_all(until_complete=True)  # a replica that was down serves once caught up
+        if self.follower is not None:  # a replica serves once caught up with its log (bounded wait)
+            await self.follower.start(self._store.log_sequence, self.settings.catchup_timeout_s)
         self._loops = [asyncio.create_task(self._snapshot_loop())]
-        if self.catch_up.peers:
-            self._loops.append(asyncio.create_task(self._catch_up_loop()))
+
+    async def caught_up(self, min_sequence: int | None, deadline_s: float | None) -> None:
+        """Returns once this replica has applied its log through `min_sequence` (read your writes)."""
+        if min_sequence and self.follower is not None:
+            await self.follower.wait_applied(min_sequence, deadline_s)
 
     async def close(self) -> None:
         self._stopping.set()
         # Loops finish what they are doing (a snapshot half-published would race the last one).
         await asyncio.gather(*self._loops, return_exceptions=True)
-        await self.catch_up.close()
+        if self.follower is not None:
+            await self.follower.close()
         if self._store is not None:
             try:
                 await self.snapshot()  # the next start then replays nothing
@@ -183,16 +194,6 @@ class IndexerService:
             except Exception:  # noqa: BLE001 - a failed snapshot costs replay time at the next start, not data
                 log.exception("snapshot failed")
 
-    async def _catch_up_loop(self) -> None:
-        while not self._stopping.is_set():
-            await _first_of(self._stopping, timeout=self.settings.catchup_interval_s)
-            if self._stopping.is_set():
-                return
-            try:
-                await self.catch_up.pull_all()
-            except Unavailable:  # the store closed under a pull: shutting down
-                return
-
 
 async def _first_of(*events: asyncio.Event, timeout: float | None) -> None:
     """Returns once any of `events` is set, or after `timeout` seconds."""
@@ -209,7 +210,13 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
         self._service = service
         self._settings = service.settings
 
+    def _check_direct_writes(self) -> None:
+        if self._service.follower is not None:
+            raise FailedPrecondition(f"shard {self._settings.shard_id} follows its log: write through the router "
+                                     "(which publishes to the log), not to a replica")
+
     async def Upsert(self, request: indexer_pb2.UpsertRequest, context) -> indexer_pb2.UpsertResponse:
+        self._check_direct_writes()
         self._check_shard(request)
         self._check_batch("chunks", request.chunks)
         chunks = [convert.chunk_record(c) for c in request.chunks]
@@ -223,6 +230,7 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
         )
 
     async def Delete(self, request: indexer_pb2.DeleteRequest, context) -> indexer_pb2.DeleteResponse:
+        self._check_direct_writes()
         self._check_shard(request)
         self._check_batch("document_ids", request.document_ids)
         version = request.version if request.HasField("version") else None
@@ -235,6 +243,7 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
         if not 0 < request.k <= self._settings.max_k:
             raise InvalidArgument("k", f"must be between 1 and {self._settings.max_k}, got {request.k}")
         queries = convert.query_matrix(request.queries, self._settings.dimension)
+        await self._service.caught_up(_min_sequence(request), context.time_remaining())
         ef = request.ef or self._settings.default_ef
         where = convert.search_filter(request)
         neighbours = await self._service.run(ShardStore.nearest, queries, request.k, ef, where)
@@ -251,12 +260,13 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
             if not query.strip():
                 raise InvalidArgument(f"queries[{i}]", "must not be empty")
         where = convert.search_filter(request)
+        await self._service.caught_up(_min_sequence(request), context.time_remaining())
         results = await self._service.run(ShardStore.lexical_search, list(request.queries), request.k, where)
         return convert.search_response(results, self._settings.shard_id)
 
     async def Stats(self, request: indexer_pb2.StatsRequest, context) -> indexer_pb2.StatsResponse:
         stats = await self._service.run(ShardStore.stats)
-        now = time.monotonic()
+        follower = self._service.follower
         return indexer_pb2.StatsResponse(
             shard_id=self._settings.shard_id,
             live_chunks=stats.live_chunks,
@@ -273,25 +283,10 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
             tenants=stats.tenants,
             store_id=stats.store_id,
             tombstones=stats.tombstones,
-            peers=[
-                indexer_pb2.PeerStatus(
-                    address=peer.address, store_id=peer.store_id, sequence=peer.sequence, error=peer.error,
-                    caught_up_age_s=None if peer.caught_up_at is None else now - peer.caught_up_at,
-                )
-                for peer in self._service.catch_up.peers.values()
-            ],
+            log_sequence=stats.log_sequence,
+            log_last_sequence=follower.last_seen if follower else 0,
+            apply_error=follower.error if follower else "",
         )
-
-    async def Changes(self, request: indexer_pb2.ChangesRequest, context):
-        self._check_shard(request)
-        limit = min(request.batch_size or self._settings.changes_batch, self._settings.max_batch)
-        page = await self._service.run(
-            ShardStore.changes_from_cursor, request.store_id, request.since_sequence, request.since_version, limit
-        )
-        yield convert.change_batch(page)
-        while not page.done:
-            page = await self._service.run(ShardStore.changes, page.sequence, request.since_version, limit)
-            yield convert.change_batch(page)
 
     def _check_shard(self, request) -> None:
         if request.HasField("shard_id") and request.shard_id != self._settings.shard_id:
@@ -304,6 +299,10 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
             raise InvalidArgument(field, "must not be empty")
         if len(items) > self._settings.max_batch:
             raise InvalidArgument(field, f"at most {self._settings.max_batch} per request, got {len(items)}")
+
+
+def _min_sequence(request) -> int | None:
+    return request.min_sequence if request.HasField("min_sequence") else None
 
 
 def create_service(settings: Settings) -> IndexerService:

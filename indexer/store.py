@@ -7,10 +7,10 @@ work to the modules beside it:
   indexer/sql.py         connections (WAL, synchronous=FULL: durability), transactions
   indexer/schema.py      the SQLite layout, its upgrades and the meta row
   indexer/records.py     the value types taken and returned here, and chunk validation
-  indexer/writes.py      what a write does (last writer wins between replicas), and its
-                         mirroring into the index
+  indexer/writes.py      what a write does (the newer version wins: a log replay is harmless),
+                         and its mirroring into the index
   indexer/reads.py       nearest-neighbour, exact and lexical search, payloads, counts
-  indexer/changefeed.py  the pages peer replicas pull, and the cursors of what was pulled
+  indexer/logapply.py    the shard log's entries applied (documents written whole, deleted)
   indexer/recovery.py    the index from a snapshot plus a replay, or from every row
   indexer/snapshots.py   the snapshot files themselves
 
@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 
 from fabric.errors import InvalidArgument
-from indexer import changefeed, lexical, reads, schema, writes
+from indexer import lexical, logapply, reads, schema, writes
+from indexer.logapply import LogRecord
 from indexer.filters import SearchFilter
 from indexer.procfs import rss_bytes
 from indexer.records import (
-    ChangePage,
     ChunkRecord,
     ClearedDocument,
     HitRecord,
@@ -54,7 +54,7 @@ from indexer.sql import Readers, connect, transaction
 from indexer.vectors import Neighbours
 
 __all__ = [
-    "DB_FILE", "ChangePage", "ChunkRecord", "ClearedDocument", "HitRecord", "ShardStats", "ShardStore", "WriteResult",
+    "DB_FILE", "ChunkRecord", "ClearedDocument", "HitRecord", "ShardStats", "ShardStore", "WriteResult",
 ]
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,8 @@ class ShardStore:
             self.max_version: int = meta.max_version
             #: Tells this store from any other, including one recreated in the same folder.
             self.store_id: int = meta.store_id
+            #: The shard log's sequence applied here.
+            self.log_sequence: int = meta.log_sequence
             self._snapshots = SnapshotDir(self.data_dir / SNAPSHOT_FOLDER, keep=snapshots_kept)
             self._snapshots.sweep()
             if upgraded:  # snapshots of an earlier layout are not trusted: one rebuild, then new ones
@@ -165,21 +167,25 @@ class ShardStore:
         self._apply(removed, writes.Written())
         return WriteResult(0, len(removed), 0, sequence, version)
 
-    def apply_changes(self, page: ChangePage, peer: str) -> int:
-        """Applies a page of another replica's changes (last writer wins) and remembers how far
-        this shard has come with `peer`. Returns the chunks written or removed."""
-        vectors = validate_chunks([chunk for chunk, _ in page.chunks], self.dimension, one_tenant=False)
+    def apply_log(self, records: Sequence[LogRecord], through: int) -> int:
+        """Applies the shard log's entries, in stream order, and records `through` (the last stream
+        sequence they cover) as applied, in one transaction: a crash keeps all of it or none, and the
+        next start resumes after the last batch that committed. Returns the chunks written or removed."""
+        if through <= self.log_sequence:
+            return 0
+        applied: list[logapply.Applied] = []
         with transaction(self._db):
             sequence = self.sequence + 1
-            keep = {(c.tenant, c.chunk_id) for c, _ in page.chunks}
-            removed, raised = writes.clear(self._db, page.cleared, sequence, keep=keep)
-            written = writes.put(self._db, [(c, vectors[i], v) for i, (c, v) in enumerate(page.chunks)], sequence)
-            changed = len(removed) + len(written.added) + len(written.updated)
-            if changed or raised:
-                versions = [v for _, v in page.chunks] + [c.version for c in page.cleared]
-                self._advance(sequence, max(versions))
-            changefeed.save_peer_cursor(self._db, peer, page.store_id, page.sequence)
-        self._apply(removed, written)
+            for record in records:
+                if record.sequence > self.log_sequence:
+                    applied.append(logapply.apply(self._db, record, sequence, self.dimension))
+            changed = sum(a.changed for a in applied)
+            self._db.execute("UPDATE meta SET value = ? WHERE key = 'log_sequence'", (through,))
+            if changed:
+                self._advance(sequence, through)
+        self.log_sequence = through
+        for a in applied:  # in order: a chunk written then removed in one batch ends removed
+            self._apply(a.removed, a.written)
         return changed
 
     # ------------------------------------------------------------------ reads
@@ -227,27 +233,6 @@ class ShardStore:
         """Chunks held for each of `document_ids` in `tenant` (0 for documents not here)."""
         return reads.chunk_counts(self._db, document_ids, tenant)
 
-    def changes(self, since_sequence: int = 0, since_version: int = 0, limit: int = 512) -> ChangePage:
-        """Rows (with vectors) and document marks written after `since_sequence` of this store
-        and with a version above `since_version`, in sequence order, about `limit` of each.
-
-        Page on with the returned `sequence` until `done`. A row rewritten meanwhile moves to a
-        later sequence, so it still comes, in its newest form.
-        """
-        return changefeed.page(self._db, since_sequence, since_version, limit, self.sequence, self.store_id)
-
-    def changes_from_cursor(
-        self, store_id: int, since_sequence: int, since_version: int = 0, limit: int = 512
-    ) -> ChangePage:
-        """The first page of `changes` for a peer's cursor (`store_id`, `since_sequence`): from
-        the start when the cursor is another store's or beyond this store's sequence."""
-        since = changefeed.start(store_id, since_sequence, self.store_id, self.sequence)
-        return self.changes(since, since_version, limit)
-
-    def peer_cursor(self, peer: str) -> tuple[int, int]:
-        """(store id, sequence) up to which this shard has applied `peer`'s changes; (0, 0) if never."""
-        return changefeed.peer_cursor(self._db, peer)
-
     def stats(self) -> ShardStats:
         documents, tombstones = reads.stored_counts(self._db)
         return ShardStats(
@@ -264,6 +249,7 @@ class ShardStore:
             snapshot_sequence=self.snapshot.sequence if self.snapshot else None,
             snapshot_age_s=max(0.0, time.time() - self.snapshot.created) if self.snapshot else None,
             index_bytes=self._index.memory_bytes(),
+            log_sequence=self.log_sequence,
             rss_bytes=rss_bytes(),
         )
 

@@ -1,15 +1,12 @@
-"""What a write does to SQLite (last writer wins), and how a committed write is mirrored into
-the in-memory index.
+"""What a write does to SQLite (the newer version wins), and how a committed write is mirrored
+into the in-memory index.
 
-Convergence of replicas. Every write carries a version (the router's, or one stamped
-here: max(highest version seen + 1, wall-clock microseconds)). Rows keep the version
-that wrote them, and a document deleted or replaced at version V keeps a mark "cleared
-at V". A write applies only where it is newer: a chunk is written when its version is
-above the row's and not below its document's mark; clearing a document at V removes its
-chunks older than V. So applying the same change twice, or two changes in either order,
-ends in the same state (last writer wins per chunk and per document), which is what lets
-replicas repair each other by exchanging changes (indexer/changefeed.py and
-`ShardStore.apply_changes`).
+Every write carries a version: its sequence in the shard's log (or, on a standalone shard, one
+stamped here: max(highest version seen + 1, wall-clock microseconds)). Rows keep the version
+that wrote them, and a document deleted or replaced at version V keeps a mark "cleared at V". A
+write applies only where it is newer: a chunk is written when its version is above the row's
+and not below its document's mark; clearing a document at V removes its chunks older than V. So
+applying the same entry twice changes nothing, which makes replaying the log harmless.
 
 `advance`, `clear` and `put` run inside the caller's transaction (ShardStore decides where
 transactions begin and end); `mirror` runs once it has committed.

@@ -39,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where shards keep their data and services their logs (default: %(default)s) [env RAGLOOM_DATA_DIR]")
     up.add_argument("--shards", type=int, default=2, help="indexer shards (default: %(default)s)")
     up.add_argument("--replicas", type=int, default=1,
-                    help="replicas per shard; writes are acknowledged by a majority (default: %(default)s)")
+                    help="replicas per shard, each following the shard's log (default: %(default)s)")
+    up.add_argument("--nats-url", default=os.environ.get("RAGLOOM_NATS_URL", ""),
+                    help="an existing NATS (JetStream) for the shards' logs, e.g. nats://10.0.0.5:4222 (default: run "
+                    "one under DATA_DIR/nats) [env RAGLOOM_NATS_URL]")
     up.add_argument("--redis-url", default=os.environ.get("RAGLOOM_REDIS_URL", ""),
                     help="Redis for the router's cache, e.g. redis://127.0.0.1:6379/0 (default: in-process cache) [env RAGLOOM_REDIS_URL]")
     up.add_argument("--gateway", action=argparse.BooleanOptionalAction, default=True,

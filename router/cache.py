@@ -18,7 +18,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from router.metrics import CACHE_LOOKUPS, SINGLE_FLIGHT_SHARED
 
@@ -106,11 +106,21 @@ class RedisBackend(CacheBackend):
         await self._redis.aclose()
 
 
+class Generations(Protocol):
+    async def generation(self, tenant: str) -> int: ...
+
+    async def bump(self, tenant: str) -> int: ...
+
+
 class Cache:
     """Failure-tolerant cache over a backend, with a breaker so an outage costs one timeout, not one per request."""
 
-    def __init__(self, backend: CacheBackend, ttl_s: float = 600.0, jitter: float = 0.1, retry_after_s: float = 2.0):
+    def __init__(self, backend: CacheBackend, ttl_s: float = 600.0, jitter: float = 0.1, retry_after_s: float = 2.0,
+                 generations: "Generations | None" = None):
         self.backend = backend
+        #: Where the tenants' collection generations live: the backend's, or the shards' log's KV
+        #: bucket (then a restart or another router sees every write's bump).
+        self.generations: Generations = generations or backend
         self.ttl_s = ttl_s
         self.jitter = jitter
         self.retry_after_s = retry_after_s
@@ -138,16 +148,16 @@ class Cache:
     async def generation(self, tenant: str) -> int | None:
         """The tenant's collection generation, or None when the cache must not be used for it now."""
         if tenant in self._pending_bumps:
-            ok, _ = await self._call("bump", lambda: self.backend.bump(tenant))
+            ok, _ = await self._call("bump", lambda: self.generations.bump(tenant))
             if not ok:
                 return None
             self._pending_bumps.discard(tenant)
-        ok, value = await self._call("generation", lambda: self.backend.generation(tenant))
+        ok, value = await self._call("generation", lambda: self.generations.generation(tenant))
         return value if ok else None
 
     async def invalidate(self, tenant: str) -> None:
         """Called after every change to a tenant's documents."""
-        ok, _ = await self._call("bump", lambda: self.backend.bump(tenant))
+        ok, _ = await self._call("bump", lambda: self.generations.bump(tenant))
         if not ok:
             self._pending_bumps.add(tenant)
 

@@ -51,10 +51,11 @@ class CachedRag:
 
     # A write invalidates the tenant's cached answers once it has reached the shards, also when it
     # failed there (some shards may have written); one refused before that leaves them be.
-    async def ingest(self, documents: list[DocumentInput], deadline: Deadline, tenant: str = "") -> tuple[list[Ingested], Timings]:
+    async def ingest(self, documents: list[DocumentInput], deadline: Deadline, tenant: str = "",
+                     ) -> tuple[list[Ingested], Timings, dict[int, int]]:
         return await self.rag.ingest(documents, deadline, tenant, on_write=self.cache.invalidate)
 
-    async def delete(self, document_id: str, deadline: Deadline, tenant: str = "") -> int:
+    async def delete(self, document_id: str, deadline: Deadline, tenant: str = "") -> tuple[int, dict[int, int]]:
         return await self.rag.delete(document_id, deadline, tenant, on_write=self.cache.invalidate)
 
     async def search(self, query: SearchQuery, deadline: Deadline) -> tuple[list[Hit], Coverage, Timings]:

@@ -61,35 +61,38 @@ class ShardClient:
         self._channel = channel(target, identity=identity)
         self._stub = indexer_pb2_grpc.IndexerServiceStub(self._channel)
 
-    async def upsert(self, chunks: Sequence[ChunkWrite], version: int, deadline: Deadline) -> dict[str, int]:
-        """Writes `chunks`, replacing their documents' earlier chunks; returns how many each document had."""
+    async def upsert(self, chunks: Sequence[ChunkWrite], deadline: Deadline) -> dict[str, int]:
+        """Writes `chunks` to a standalone shard, replacing their documents' earlier chunks; returns how
+        many each document had."""
         request = indexer_pb2.UpsertRequest(
-            chunks=[_chunk(c) for c in chunks], replace_documents=True, shard_id=self.shard_id, version=version
+            chunks=[_chunk(c) for c in chunks], replace_documents=True, shard_id=self.shard_id,
         )
         reply = await self._stub.Upsert(request, timeout=deadline.timeout(self.write_timeout_s), metadata=outgoing_metadata())
         return dict(reply.previous_chunks)
 
-    async def delete(self, document_ids: Sequence[str], tenant: str, version: int, deadline: Deadline) -> int:
-        """Removes the documents' chunks; returns how many were removed."""
-        request = indexer_pb2.DeleteRequest(
-            document_ids=document_ids, tenant=tenant, shard_id=self.shard_id, version=version
-        )
+    async def delete(self, document_ids: Sequence[str], tenant: str, deadline: Deadline) -> int:
+        """Removes the documents' chunks from a standalone shard; returns how many were removed."""
+        request = indexer_pb2.DeleteRequest(document_ids=document_ids, tenant=tenant, shard_id=self.shard_id)
         reply = await self._stub.Delete(request, timeout=deadline.timeout(self.write_timeout_s), metadata=outgoing_metadata())
         return reply.removed
 
-    async def search(self, vector: np.ndarray, k: int, ef: int, scope: Scope, deadline: Deadline) -> list[Hit]:
-        """The shard's `k` nearest chunks to one query vector, best first."""
+    async def search(self, vector: np.ndarray, k: int, ef: int, scope: Scope, deadline: Deadline,
+                     min_sequence: int | None = None) -> list[Hit]:
+        """The shard's `k` nearest chunks to one query vector, best first, once it has applied its log
+        through `min_sequence`."""
         request = indexer_pb2.SearchRequest(
             queries=[indexer_pb2.Vector(values=vector)], k=k, ef=ef, shard_id=self.shard_id,
-            tenant=scope.tenant, tags=scope.tags,
+            tenant=scope.tenant, tags=scope.tags, min_sequence=min_sequence,
         )
         reply = await self._stub.Search(request, timeout=deadline.timeout(self.timeout_s), metadata=outgoing_metadata())
         return self._hits(reply)
 
-    async def lexical_search(self, query: str, k: int, scope: Scope, deadline: Deadline) -> list[Hit]:
-        """The shard's `k` best chunks for `query` by BM25, best first."""
+    async def lexical_search(self, query: str, k: int, scope: Scope, deadline: Deadline,
+                             min_sequence: int | None = None) -> list[Hit]:
+        """The shard's `k` best chunks for `query` by BM25, best first (as `search`: after `min_sequence`)."""
         request = indexer_pb2.LexicalSearchRequest(
             queries=[query], k=k, shard_id=self.shard_id, tenant=scope.tenant, tags=scope.tags,
+            min_sequence=min_sequence,
         )
         reply = await self._stub.LexicalSearch(request, timeout=deadline.timeout(self.timeout_s), metadata=outgoing_metadata())
         return self._hits(reply)

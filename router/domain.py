@@ -112,6 +112,8 @@ class SearchQuery:
     mode: str = ""
     #: None = the router's default.
     rerank: bool | None = None
+    #: Per shard, the log sequence to read at least (tokens of earlier writes).
+    min_sequences: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,8 @@ class AskQuery:
     require_complete: bool = False
     use_cache: bool = True
     mode: str = ""
+    #: Per shard, the log sequence to read at least (tokens of earlier writes).
+    min_sequences: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass

@@ -27,7 +27,7 @@ from router.domain import (
 )
 from router.evidence import STOP_SEQUENCES as GROUNDED_STOP_SEQUENCES
 from router.evidence import Sentence, Span, grounded_messages, quote, quoted, select
-from router.ingest import Ingestion, OnWrite
+from router.ingest import Ingestion, OnWrite, Writes
 from router.metrics import ABSTENTIONS, DOWNSTREAM_CALLS, STAGE_SECONDS, TIME_TO_FIRST_TOKEN, VERIFIED_SENTENCES
 from router.prompt import STOP_SEQUENCES, Passage, build_messages, cited_numbers
 from router.retrieval import QueryVectors, Retriever
@@ -40,22 +40,29 @@ log = logging.getLogger(__name__)
 
 class Rag:
     def __init__(self, config: RagConfig, chunker: Chunker, embedder: EmbedderClient, shards: list[ShardGroup],
-                 generator: GeneratorClient, vectors: QueryVectors | None = None):
+                 generator: GeneratorClient, vectors: QueryVectors | None = None, writes: Writes | None = None):
         self.config = config
         self.chunker = chunker
         self.embedder = embedder
         self.shards = shards
         self.generator = generator
-        self.ingestion = Ingestion(config, chunker, embedder, shards)
+        self.ingestion = Ingestion(config, chunker, embedder, shards, writes)
         self.retriever = Retriever(config, embedder, shards, vectors)
 
     # ---- writes -------------------------------------------------------------------------------
     async def ingest(self, documents: list[DocumentInput], deadline: Deadline, tenant: str = "",
-                     on_write: OnWrite | None = None) -> tuple[list[Ingested], Timings]:
+                     on_write: OnWrite | None = None) -> tuple[list[Ingested], Timings, dict[int, int]]:
+        """The documents written; per shard written, the log sequence of the write (none without a log)."""
         return await self.ingestion.ingest(documents, deadline, tenant, on_write)
 
-    async def delete(self, document_id: str, deadline: Deadline, tenant: str = "", on_write: OnWrite | None = None) -> int:
+    async def delete(self, document_id: str, deadline: Deadline, tenant: str = "",
+                     on_write: OnWrite | None = None) -> tuple[int, dict[int, int]]:
         return await self.ingestion.delete(document_id, deadline, tenant, on_write)
+
+    def floors(self, requested: dict[int, int]) -> dict[int, int]:
+        """Per shard, the log sequence a read must see: the caller's tokens, and what this router wrote."""
+        written = self.ingestion.written
+        return {shard: max(requested.get(shard, 0), written.get(shard, 0)) for shard in {*requested, *written}}
 
     # ---- search -------------------------------------------------------------------------------
     @staticmethod
@@ -73,7 +80,8 @@ class Rag:
         rerank = self.config.rerank_search if query.rerank is None else query.rerank
         clock = Clock()
         depth = max(k, self.config.rerank_candidates) if rerank else k
-        found = await self.retriever.retrieve(query.query, depth, query.scope, query.require_complete, deadline, query.mode)
+        found = await self.retriever.retrieve(query.query, depth, query.scope, query.require_complete, deadline, query.mode,
+                                              self.floors(query.min_sequences))
         timings, hits = Timings(embed_ms=found.embed_ms, index_ms=found.index_ms), found.hits
         if rerank and hits:
             hits, timings.rerank_ms = await self.retriever.rerank(query.query, hits, deadline)
@@ -107,7 +115,7 @@ class Rag:
         k = query.top_k
         depth = max(k, config.rerank_candidates) if config.rerank_ask else k
         found = await self.retriever.retrieve(query.question, depth, query.scope, query.require_complete, deadline,
-                                              query.mode)
+                                              query.mode, self.floors(query.min_sequences))
         timings.embed_ms, timings.index_ms = found.embed_ms, found.index_ms
         hits, coverage = found.hits, found.coverage
         if not hits:

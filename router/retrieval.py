@@ -71,8 +71,10 @@ class Retriever:
         self.vectors = vectors or Uncached(embedder)
 
     async def retrieve(self, query: str, k: int, scope: Scope, require_complete: bool, deadline: Deadline,
-                       mode: str = "") -> Retrieved:
-        """Top-k chunks for `query`: dense (embedding), lexical (BM25) or hybrid (both, fused by reciprocal rank)."""
+                       mode: str = "", floors: dict[int, int] | None = None) -> Retrieved:
+        """Top-k chunks for `query`: dense (embedding), lexical (BM25) or hybrid (both, fused by reciprocal
+        rank), from replicas that have applied their shard's log through `floors[shard]`."""
+        floors = floors or {}
         mode = mode or self.config.retrieval_mode
         if mode not in MODES:
             raise InvalidArgument("mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
@@ -80,7 +82,8 @@ class Retriever:
         # Hybrid fuses two longer lists: a chunk ranked just below k by one method can win on the other.
         depth = k if mode != "hybrid" else min(max(2 * k, 20), self.config.max_top_k)
         lexical = (asyncio.ensure_future(self._fan_out(
-            "lexical", lambda c: c.lexical_search(query, depth, scope, deadline), require_complete, deadline))
+            "lexical", lambda c: c.lexical_search(query, depth, scope, deadline, floors.get(c.shard_id)),
+            require_complete, deadline))
             if mode != "dense" else None)
         try:
             dense = None
@@ -90,7 +93,8 @@ class Retriever:
                 embed_ms = clock.lap()
                 ef = max(self.config.ef, depth)
                 dense = await self._fan_out(
-                    "dense", lambda c: c.search(vector[0], depth, ef, scope, deadline), require_complete, deadline)
+                    "dense", lambda c: c.search(vector[0], depth, ef, scope, deadline, floors.get(c.shard_id)),
+                    require_complete, deadline)
             lexical_result = await lexical if lexical is not None else None
         except BaseException:
             if lexical is not None:

@@ -12,6 +12,7 @@ import grpc
 from fabric.client import Deadline
 from fabric.errors import InvalidArgument
 from fabric.settings import ServiceSettings, option
+from fabric.shardlog import LogSettings
 from ragloom.router.v1 import router_pb2, router_pb2_grpc
 from router.admission import Admission
 from router.cache import Cache, MemoryBackend, RedisBackend
@@ -24,7 +25,9 @@ from router.domain import (
     Timings,
 )
 from router.evidence import EvidenceConfig, Span
+from router.ingest import LogWrites
 from router.rag import Rag
+from router.shardlog import ShardLog
 from router.topology import Breaker, Replica, ShardGroup, parse_topology
 
 log = logging.getLogger(__name__)
@@ -47,7 +50,11 @@ class Settings(ServiceSettings):
         ["127.0.0.1:50054", "127.0.0.1:50055"],
         "indexer shards, comma-separated in shard order; a shard's replicas joined by '|', e.g. a:1|a:2,b:1|b:2",
     )
-    write_quorum: int = option(0, "replicas that must acknowledge a write; 0 = a majority of the shard's replicas")
+    nats_url: str = option("", "NATS server(s) holding the shards' logs (JetStream), e.g. nats://127.0.0.1:4222: "
+                                "writes are acknowledged by the log and every replica follows it. Empty: write "
+                                "straight to standalone shards (one replica each, no log)")
+    log_replicas: int = option(1, "replicas of each shard's stream and of the generations bucket, when created (3 in a cluster)")
+    log_timeout_s: float = option(10.0, "longest wait for the log to acknowledge one write")
     eject_after: int = option(3, "consecutive failures after which a shard replica is skipped")
     eject_for_s: float = option(5.0, "seconds an ejected replica is skipped before one request probes it")
     redis_url: str = option("", "Redis URL for the answer/embedding cache (e.g. redis://127.0.0.1:6379/0); empty = in-process cache")
@@ -84,7 +91,9 @@ class Settings(ServiceSettings):
 
     def validate(self) -> None:
         super().validate()
-        parse_topology(self.indexers)
+        topology = parse_topology(self.indexers)
+        if not self.nats_url and any(len(replicas) > 1 for replicas in topology):
+            raise ValueError("shard replicas follow the shard's log: set --nats-url (or give each shard one replica)")
         if self.retrieval_mode not in ("dense", "lexical", "hybrid"):
             raise ValueError("retrieval_mode must be dense, lexical or hybrid")
         if self.max_inflight < 1:
@@ -162,19 +171,21 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             for d in request.documents
         ]
         with self.service.admission.admit():
-            results, timings = await self.service.rag.ingest(docs, self._deadline(context), request.tenant)
+            results, timings, sequences = await self.service.rag.ingest(docs, self._deadline(context), request.tenant)
         return router_pb2.IngestResponse(
-            documents=[router_pb2.IngestedDocument(**vars(r)) for r in results], timings=_timings(timings)
+            documents=[router_pb2.IngestedDocument(**vars(r)) for r in results], timings=_timings(timings),
+            sequences=sequences,
         )
 
     async def DeleteDocument(self, request, context):
         with self.service.admission.admit():
-            removed = await self.service.rag.delete(request.document_id, self._deadline(context), request.tenant)
-        return router_pb2.DeleteDocumentResponse(removed_chunks=removed)
+            removed, sequences = await self.service.rag.delete(request.document_id, self._deadline(context),
+                                                               request.tenant)
+        return router_pb2.DeleteDocumentResponse(removed_chunks=removed, sequences=sequences)
 
     async def Search(self, request, context):
         query = SearchQuery(request.query, _optional(request, "top_k"), _scope(request), request.require_complete,
-                            _mode(request), _optional(request, "rerank"))
+                            _mode(request), _optional(request, "rerank"), dict(request.min_sequences))
         with self.service.admission.admit():
             hits, coverage, timings = await self.service.rag.search(query, self._deadline(context))
         return router_pb2.SearchResponse(hits=[_search_hit(h) for h in hits], timings=_timings(timings),
@@ -184,7 +195,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         query = AskQuery(
             request.question, _optional(request, "top_k"), _optional(request, "max_tokens"),
             _optional(request, "temperature"), _scope(request), request.require_complete,
-            use_cache=not request.no_cache, mode=_mode(request),
+            use_cache=not request.no_cache, mode=_mode(request), min_sequences=dict(request.min_sequences),
         )
         with self.service.admission.admit():
             async for event in self.service.rag.ask(query, self._deadline(context)):
@@ -240,6 +251,7 @@ class RouterService:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.rag: CachedRag | None = None
+        self.shard_log: ShardLog | None = None
         self.admission = Admission(settings.max_inflight)
 
     def register(self, server: grpc.aio.Server) -> None:
@@ -261,21 +273,30 @@ class RouterService:
                 shard_id,
                 [Replica(ShardClient(shard_id, target, s.search_timeout_s, s.write_timeout_s, s.identity),
                          Breaker(s.eject_after, s.eject_for_s)) for target in replicas],
-                s.write_quorum or None,
             )
             for shard_id, replicas in enumerate(parse_topology(s.indexers))
         ]
-        cache = Cache(RedisBackend(s.redis_url) if s.redis_url else MemoryBackend(), ttl_s=s.cache_ttl_s)
+        writes = None
+        if s.nats_url:
+            self.shard_log = ShardLog(LogSettings(s.nats_url, s.log_replicas, s.tls_cert, s.tls_key, s.tls_ca), len(shards),
+                                timeout_s=s.log_timeout_s)
+            await self.shard_log.start()
+            writes = LogWrites(self.shard_log)
+        backend = RedisBackend(s.redis_url) if s.redis_url else MemoryBackend()
+        cache = Cache(backend, ttl_s=s.cache_ttl_s, generations=self.shard_log)
         embedder = EmbedderClient(s.embedder, s.embed_timeout_s, identity=s.identity)
         generator = GeneratorClient(s.generator, s.generate_timeout_s, identity=s.identity)
-        rag = Rag(config, chunker, embedder, shards, generator, CachedQueryVectors(embedder, cache))
+        rag = Rag(config, chunker, embedder, shards, generator, CachedQueryVectors(embedder, cache), writes)
         self.rag = CachedRag(rag, cache)
-        log.info("router over %d shards (%s), cache: %s", len(shards), ", ".join(s.indexers),
+        log.info("router over %d shards (%s), writes: %s, cache: %s", len(shards), ", ".join(s.indexers),
+                 f"the shards' log at {s.nats_url}" if s.nats_url else "straight to standalone shards",
                  "redis" if s.redis_url else "in-process")
 
     async def close(self) -> None:
         if self.rag is not None:
             await self.rag.close()
+        if self.shard_log is not None:
+            await self.shard_log.close()
 
 
 def create_service(settings: Settings) -> RouterService:

@@ -1,11 +1,10 @@
-"""Shards and their replicas as the router sees them: quorum writes, failover reads, ejection.
+"""Shards and their replicas as the router sees them: failover reads, ejection.
 
 A replica that fails `eject_after` calls in a row is ejected for `eject_for_s`: requests skip
 it, so a dead replica costs nothing; after that one request probes it and a success brings it
 back. Reads go to one replica (rotating) and fail over to the next within the request's
-deadline. Writes go to every replica that is not ejected and succeed at the write quorum;
-the calls still running after the quorum are left to finish, and a replica that misses writes
-pulls them from its peers when it returns (the shard's `--peers`).
+deadline. Replicas follow their shard's log, so the router never writes to them; only a
+standalone shard (one replica, no log) is written directly.
 """
 
 from __future__ import annotations
@@ -70,14 +69,10 @@ class Replica:
 class ShardGroup:
     """One shard: its replicas."""
 
-    def __init__(self, shard_id: int, replicas: list[Replica], write_quorum: int | None = None):
+    def __init__(self, shard_id: int, replicas: list[Replica]):
         self.shard_id = shard_id
         self.replicas = replicas
-        self.write_quorum = write_quorum or len(replicas) // 2 + 1
-        if not 1 <= self.write_quorum <= len(replicas):
-            raise ValueError(f"shard {shard_id}: write quorum {self.write_quorum} with {len(replicas)} replicas")
         self._next = itertools.count()
-        self._background: set[asyncio.Task] = set()
 
     async def read(self, fn: Callable[[ShardClient], Awaitable[T]], deadline: Deadline) -> T:
         """`fn` on one replica, failing over to the others until one answers or the deadline passes."""
@@ -101,63 +96,11 @@ class ShardGroup:
         raise Unavailable(f"shard {self.shard_id}: no replica answered in time")
 
     async def write(self, fn: Callable[[ShardClient], Awaitable[T]]) -> T:
-        """`fn` on every available replica; returns once `write_quorum` of them acknowledged."""
-        targets = [r for r in self.replicas if r.breaker.available()]
-        if len(targets) < self.write_quorum:
-            raise Unavailable(
-                f"shard {self.shard_id}: only {len(targets)} of {len(self.replicas)} replicas reachable, "
-                f"write quorum is {self.write_quorum}"
-            )
-        tasks = [asyncio.ensure_future(r.call(fn)) for r in targets]
-        acked: list[T] = []
-        errors: list[BaseException] = []
-        pending = set(tasks)
-        try:
-            while pending and len(acked) < self.write_quorum:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    if task.exception() is None:
-                        acked.append(task.result())
-                    else:
-                        errors.append(task.exception())
-                if len(acked) + len(pending) < self.write_quorum:
-                    break
-        finally:
-            for task in pending:  # let stragglers finish: their replicas converge sooner
-                self._background.add(task)
-                task.add_done_callback(self._settle)
-        if len(acked) >= self.write_quorum:
-            return acked[0]
-        caller_faults = [e for e in errors if is_caller_fault(e)]
-        if caller_faults:
-            raise caller_faults[0]
-        detail = "; ".join(f"{type(e).__name__}: {getattr(e, 'details', lambda: e)()}" for e in errors)
-        raise Unavailable(f"shard {self.shard_id}: {len(acked)} of {self.write_quorum} replicas needed acknowledged ({detail})")
-
-    def _settle(self, task: asyncio.Task) -> None:
-        self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.info("shard %d: a replica missed a write (%s); it catches up from its peers", self.shard_id, task.exception())
+        """`fn` on the shard's one replica (a standalone shard: replicas follow the log and take no writes)."""
+        return await self.replicas[0].call(fn)
 
     async def close(self) -> None:
-        if self._background:
-            await asyncio.wait(self._background, timeout=2)
         await asyncio.gather(*(r.client.close() for r in self.replicas))
-
-
-class VersionClock:
-    """Write versions: microseconds since the epoch (the shards' unit), strictly increasing within this router.
-
-    Replicas keep, per chunk and document, the newest version they have seen (last writer wins),
-    so any replica can apply any write, late or twice, and all converge on the same content.
-    """
-
-    def __init__(self):
-        self._last = 0
-
-    def next(self) -> int:
-        self._last = max(self._last + 1, time.time_ns() // 1000)
-        return self._last
 
 
 def parse_topology(spec: list[str]) -> list[list[str]]:

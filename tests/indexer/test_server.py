@@ -227,28 +227,6 @@ async def test_versions_through_grpc(stub):
     assert (stats.live_chunks, stats.max_version) == (2, stamped.version)
 
 
-async def test_changes_stream_in_batches_from_a_cursor(stub):
-    vectors = unit_vectors(30)
-    for start in range(0, 30, 10):
-        await stub.Upsert(indexer_pb2.UpsertRequest(chunks=[chunk(i, vectors[i], f"doc{start}") for i in range(start, start + 10)]))
-    await stub.Delete(indexer_pb2.DeleteRequest(document_ids=["doc0"]))
-    stats = await stub.Stats(indexer_pb2.StatsRequest())
-
-    batches = [b async for b in stub.Changes(indexer_pb2.ChangesRequest(batch_size=10, shard_id=SHARD))]
-
-    assert len(batches) >= 2 and batches[-1].sequence == stats.sequence
-    assert {b.store_id for b in batches} == {stats.store_id}
-    chunks = {c.chunk.chunk_id: c for b in batches for c in b.chunks}
-    assert len(chunks) == 20
-    np.testing.assert_allclose(chunks["doc10-15"].chunk.vector, vectors[15], rtol=1e-6)
-    assert [c.document_id for b in batches for c in b.cleared] == ["doc0"]
-
-    resumed = [b async for b in stub.Changes(indexer_pb2.ChangesRequest(
-        since_sequence=batches[0].sequence, store_id=stats.store_id))]
-    restarted = [b async for b in stub.Changes(indexer_pb2.ChangesRequest(since_sequence=batches[0].sequence, store_id=1))]
-    assert sum(len(b.chunks) for b in resumed) < 20 == sum(len(b.chunks) for b in restarted)
-
-
 async def test_stats_report_snapshots_memory_and_deletions(tmp_path):
     async with running(settings_for(tmp_path, snapshot_every=1)) as channel:
         stub = indexer_pb2_grpc.IndexerServiceStub(channel)
@@ -265,12 +243,3 @@ async def test_stats_report_snapshots_memory_and_deletions(tmp_path):
     assert (stats.live_chunks, stats.deleted_chunks, stats.tenants) == (0, 5, 0)
     assert stats.index_bytes > 0 and stats.rss_bytes > stats.index_bytes
     assert stats.max_version > 0 and stats.store_id > 0
-
-
-def test_settings_read_the_peer_list(tmp_path):
-    settings = Settings.from_args(["--peers", "10.0.0.1:7000, 10.0.0.2:7000", "--snapshot-every", "5"], environ={})
-
-    assert settings.peers == ["10.0.0.1:7000", "10.0.0.2:7000"]
-    assert settings.snapshot_every == 5
-    with pytest.raises(ValueError, match="snapshots_kept"):
-        Settings.from_args(["--snapshots-kept", "0"], environ={})

@@ -14,18 +14,24 @@ def test_the_plan_decides_and_prepare_writes(tmp_path):
     planned = plan(spec, environ={})
     assert not (tmp_path / "data").exists()  # deciding writes nothing
     names = [c.name for c in planned.children]
-    assert names == ["embedder", "generator", "indexer-0-r0", "indexer-0-r1", "indexer-1-r0", "indexer-1-r1",
+    assert names == ["nats", "embedder", "generator", "indexer-0-r0", "indexer-0-r1", "indexer-1-r0", "indexer-1-r1",
                      "router", "gateway"]
     assert planned.public.address == "127.0.0.1:41000"
     router = planned.child("router")
     assert router.address == "127.0.0.1:41003"
-    assert "--indexers" in router.argv and "127.0.0.1:41006|127.0.0.1:41007,127.0.0.1:41008|127.0.0.1:41009" in router.argv
-    replica = planned.child("indexer-0-r0").argv
-    assert replica[replica.index("--peers") + 1] == "127.0.0.1:41007"
+    assert "127.0.0.1:41008|127.0.0.1:41009,127.0.0.1:41010|127.0.0.1:41011" in router.argv
+    # the shards' log: an embedded nats-server with mutual TLS; router and replicas point at it
+    nats_url = "tls://localhost:41006"
+    for name in ("router", "indexer-0-r0", "indexer-1-r1"):
+        argv = planned.child(name).argv
+        assert argv[argv.index("--nats-url") + 1] == nats_url
+    config_path, config = planned.nats_config
+    assert "sync_interval: always" in config and "verify: true" in config and "listen: 127.0.0.1:41006" in config
     cert = Path(router.argv[router.argv.index("--tls-cert") + 1])
     prepare(planned)
     assert cert.is_file() and (tmp_path / "data" / "pki" / "ca.pem").is_file()
-    assert (tmp_path / "data" / "gateway" / "envoy.json").is_file()
+    assert (tmp_path / "data" / "gateway" / "envoy.json").is_file() and config_path.read_text() == config
+    assert (tmp_path / "data" / "pki" / "nats.pem").is_file()
 
 
 def test_a_spec_that_cannot_work_says_which_flag():
@@ -48,3 +54,38 @@ def test_each_child_gets_its_own_settings_and_the_shared_ones_only():
     spec = MeshSpec(data_dir=Path("/tmp/x"), gateway=False, mtls=False)
     generator = plan(spec, environ=shell).child("generator")
     assert generator.env["RAGLOOM_GENERATOR_THREADS"] == "4" and "RAGLOOM_EMBEDDER_THREADS" not in generator.env
+
+
+class Exited:
+    """A stand-in for a child process that has exited."""
+
+    returncode = 1
+
+    def poll(self):
+        return 1
+
+
+def test_the_supervisor_restarts_a_dead_child_with_backoff_and_reports_a_crash_loop(tmp_path, monkeypatch):
+    import io
+
+    from mesh import launcher
+    from mesh.launcher import Child, Supervisor
+
+    started = []
+    monkeypatch.setattr(launcher, "start_child", lambda child: (started.append(child.name),
+                                                                setattr(child, "process", Exited())))
+    child = Child("indexer-0-r1", "127.0.0.1:1", ["x"], tmp_path / "indexer.log")
+    (tmp_path / "indexer.log").write_text("disk I/O error\n")
+    child.process = Exited()
+    out = io.StringIO()
+    supervisor = Supervisor([child], out=out)
+    supervisor.tick(now=100.0)
+    assert started == [] and "restarting it in 0.5 s" in out.getvalue()
+    supervisor.tick(now=100.6)
+    assert started == ["indexer-0-r1"]
+    supervisor.tick(now=101.0)  # died again: twice the wait
+    assert "restarting it in 1.0 s" in out.getvalue()
+    supervisor.tick(now=102.1)
+    supervisor.tick(now=102.2)
+    assert "crash-looping: 3 exits" in out.getvalue() and "disk I/O error" in out.getvalue()
+    assert supervisor.restarts == 3

@@ -45,6 +45,7 @@ class FakeShards:
     """One shard whose dense and lexical searches both return OTHER first, SHRED second."""
 
     shard_id = 0
+    replicas = (None,)  # one, as a standalone shard
 
     async def read(self, call, deadline):
         return await call(self)

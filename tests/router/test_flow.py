@@ -44,7 +44,7 @@ class Flow:
 
 async def test_ingest_routes_each_document_to_its_shard_and_reports_replacements():
     flow = Flow()
-    results, timings = await flow.ingest(("bees", BEES), ("bread", BREAD), ("lamps", LAMPS))
+    results, timings, sequences = await flow.ingest(("bees", BEES), ("bread", BREAD), ("lamps", LAMPS))
     assert [r.id for r in results] == ["bees", "bread", "lamps"] and all(r.chunks == 2 for r in results)
     for r in results:
         assert r.shard_id == shard_for(r.id, 2)
@@ -53,8 +53,9 @@ async def test_ingest_routes_each_document_to_its_shard_and_reports_replacements
     assert any(text.startswith("bees: Honeybees") for text in flow.embedder.embedded[0])
     stored = flow.shards[shard_for("bees", 2)].writes[0]
     assert stored[0].metadata["format"] == "txt" and stored[0].text.startswith("Honeybees")
-    again, _ = await flow.ingest(("bees", BEES))
+    again, _, _ = await flow.ingest(("bees", BEES))
     assert again[0].replaced_chunks == 2 and timings.total_ms > 0
+    assert sequences == {}  # standalone shards: no log, no sequences
 
 
 async def test_a_bad_document_refuses_the_whole_batch_before_anything_is_written():
@@ -198,7 +199,7 @@ async def test_delete_removes_a_document_from_its_shard_and_invalidates_the_cach
     flow = Flow()
     await flow.ingest(("bees", BEES), ("bread", BREAD))
     await flow.ask("How do honeybees tell each other where flowers are?")
-    assert await flow.rag.delete("bees", Deadline(10)) == 2
+    assert await flow.rag.delete("bees", Deadline(10)) == (2, {})
     assert not any(cid.startswith("bees#") for s in flow.shards for cid in s.chunks)
     hits, _, _ = await flow.rag.search(SearchQuery("waggle dance", mode="lexical"), Deadline(10))
     assert all(h.document_id != "bees" for h in hits)

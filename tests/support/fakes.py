@@ -91,16 +91,16 @@ class FakeShard:
                 for chunk_id, (source, text) in self.chunks.items()]
         return sorted(hits, key=lambda h: -h.score)[:k]
 
-    async def search(self, vector, k, ef, scope, deadline) -> list[Hit]:
+    async def search(self, vector, k, ef, scope, deadline, min_sequence=None) -> list[Hit]:
         self._check()
         return self._ranked(lambda text: words_vector(text) @ vector, k)
 
-    async def lexical_search(self, query, k, scope, deadline) -> list[Hit]:
+    async def lexical_search(self, query, k, scope, deadline, min_sequence=None) -> list[Hit]:
         self._check()
         words = set(query.lower().split())
         return self._ranked(lambda text: len(words & set(text.lower().split())) / max(1, len(words)), k)
 
-    async def upsert(self, chunks, version, deadline) -> dict[str, int]:
+    async def upsert(self, chunks, deadline) -> dict[str, int]:
         self._check()
         self.writes.append(list(chunks))
         previous = {}
@@ -113,7 +113,7 @@ class FakeShard:
             self.chunks[c.chunk_id] = (c.source, c.text)
         return previous
 
-    async def delete(self, document_ids, tenant, version, deadline) -> int:
+    async def delete(self, document_ids, tenant, deadline) -> int:
         self._check()
         old = [cid for cid in self.chunks if cid.split("#")[0] in document_ids]
         for cid in old:

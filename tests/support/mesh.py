@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from mesh.launcher import Child, Plan, plan, prepare, start_child, stop_all, wait_ready
-from mesh.spec import MeshSpec
+from mesh.launcher import Child, Plan, plan, prepare, start_all, start_child, stop_all, wait_ready
+from mesh.spec import FIXED_PORTS, MeshSpec
 from tests.support.ports import free_port_block
 
 
@@ -22,7 +22,7 @@ class LocalMesh:
         fields.setdefault("gateway", False)
         fields.setdefault("mtls", False)
         shards, replicas = fields.get("shards", 2), fields.get("replicas", 1)
-        base = free_port_block(shards * replicas + 6)
+        base = free_port_block(shards * replicas + FIXED_PORTS + 1)
         fields.setdefault("router_port", base)
         fields.setdefault("base_port", base + 1)
         if metrics:
@@ -42,10 +42,8 @@ class LocalMesh:
 
     def start(self) -> None:
         prepare(self.plan)
-        for child in self.children:
-            start_child(child)
         try:
-            asyncio.run(wait_ready(self.children, self.spec.startup_timeout_s, quiet=True))
+            start_all(self.children, self.spec.startup_timeout_s, quiet=True)
         except BaseException:
             self.stop()
             raise

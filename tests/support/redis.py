@@ -21,13 +21,18 @@ def redis_server_binary() -> str:
 
 
 class RedisProcess:
-    def __init__(self):
+    """redis-server on a free port; with `folder`, its data survives a stop and start (append-only file)."""
+
+    def __init__(self, folder=None):
         self.port = free_port_block(1)
+        self.folder = folder
         self.process = None
 
     def start(self):
+        keep = ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.folder)] if self.folder else \
+            ["--appendonly", "no"]
         self.process = subprocess.Popen(
-            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *keep],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10

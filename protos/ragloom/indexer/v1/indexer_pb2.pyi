@@ -91,7 +91,7 @@ class DeleteResponse(_message.Message):
     def __init__(self, removed: _Optional[int] = ..., sequence: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("queries", "k", "ef", "shard_id", "tenant", "tags", "source", "source_prefix")
+    __slots__ = ("queries", "k", "ef", "shard_id", "tenant", "tags", "source", "source_prefix", "min_sequence")
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     EF_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +100,7 @@ class SearchRequest(_message.Message):
     TAGS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    MIN_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     queries: _containers.RepeatedCompositeFieldContainer[Vector]
     k: int
     ef: int
@@ -108,10 +109,11 @@ class SearchRequest(_message.Message):
     tags: _containers.RepeatedScalarFieldContainer[str]
     source: str
     source_prefix: str
-    def __init__(self, queries: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., k: _Optional[int] = ..., ef: _Optional[int] = ..., shard_id: _Optional[int] = ..., tenant: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., source_prefix: _Optional[str] = ...) -> None: ...
+    min_sequence: int
+    def __init__(self, queries: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., k: _Optional[int] = ..., ef: _Optional[int] = ..., shard_id: _Optional[int] = ..., tenant: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., source_prefix: _Optional[str] = ..., min_sequence: _Optional[int] = ...) -> None: ...
 
 class LexicalSearchRequest(_message.Message):
-    __slots__ = ("queries", "k", "shard_id", "tenant", "tags", "source", "source_prefix")
+    __slots__ = ("queries", "k", "shard_id", "tenant", "tags", "source", "source_prefix", "min_sequence")
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +121,7 @@ class LexicalSearchRequest(_message.Message):
     TAGS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    MIN_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     queries: _containers.RepeatedScalarFieldContainer[str]
     k: int
     shard_id: int
@@ -126,7 +129,8 @@ class LexicalSearchRequest(_message.Message):
     tags: _containers.RepeatedScalarFieldContainer[str]
     source: str
     source_prefix: str
-    def __init__(self, queries: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., shard_id: _Optional[int] = ..., tenant: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., source_prefix: _Optional[str] = ...) -> None: ...
+    min_sequence: int
+    def __init__(self, queries: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., shard_id: _Optional[int] = ..., tenant: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., source_prefix: _Optional[str] = ..., min_sequence: _Optional[int] = ...) -> None: ...
 
 class Vector(_message.Message):
     __slots__ = ("values",)
@@ -180,7 +184,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("shard_id", "live_chunks", "documents", "dimension", "sequence", "capacity", "deleted_chunks", "max_version", "snapshot_sequence", "snapshot_age_s", "index_bytes", "rss_bytes", "tenants", "store_id", "tombstones", "peers")
+    __slots__ = ("shard_id", "live_chunks", "documents", "dimension", "sequence", "capacity", "deleted_chunks", "max_version", "snapshot_sequence", "snapshot_age_s", "index_bytes", "rss_bytes", "tenants", "store_id", "tombstones", "log_sequence", "log_last_sequence", "apply_error")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     LIVE_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
@@ -196,7 +200,9 @@ class StatsResponse(_message.Message):
     TENANTS_FIELD_NUMBER: _ClassVar[int]
     STORE_ID_FIELD_NUMBER: _ClassVar[int]
     TOMBSTONES_FIELD_NUMBER: _ClassVar[int]
-    PEERS_FIELD_NUMBER: _ClassVar[int]
+    LOG_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    LOG_LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    APPLY_ERROR_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     live_chunks: int
     documents: int
@@ -212,63 +218,33 @@ class StatsResponse(_message.Message):
     tenants: int
     store_id: int
     tombstones: int
-    peers: _containers.RepeatedCompositeFieldContainer[PeerStatus]
-    def __init__(self, shard_id: _Optional[int] = ..., live_chunks: _Optional[int] = ..., documents: _Optional[int] = ..., dimension: _Optional[int] = ..., sequence: _Optional[int] = ..., capacity: _Optional[int] = ..., deleted_chunks: _Optional[int] = ..., max_version: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., snapshot_age_s: _Optional[float] = ..., index_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., tenants: _Optional[int] = ..., store_id: _Optional[int] = ..., tombstones: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[PeerStatus, _Mapping]]] = ...) -> None: ...
+    log_sequence: int
+    log_last_sequence: int
+    apply_error: str
+    def __init__(self, shard_id: _Optional[int] = ..., live_chunks: _Optional[int] = ..., documents: _Optional[int] = ..., dimension: _Optional[int] = ..., sequence: _Optional[int] = ..., capacity: _Optional[int] = ..., deleted_chunks: _Optional[int] = ..., max_version: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., snapshot_age_s: _Optional[float] = ..., index_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., tenants: _Optional[int] = ..., store_id: _Optional[int] = ..., tombstones: _Optional[int] = ..., log_sequence: _Optional[int] = ..., log_last_sequence: _Optional[int] = ..., apply_error: _Optional[str] = ...) -> None: ...
 
-class PeerStatus(_message.Message):
-    __slots__ = ("address", "store_id", "sequence", "caught_up_age_s", "error")
-    ADDRESS_FIELD_NUMBER: _ClassVar[int]
-    STORE_ID_FIELD_NUMBER: _ClassVar[int]
-    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
-    CAUGHT_UP_AGE_S_FIELD_NUMBER: _ClassVar[int]
-    ERROR_FIELD_NUMBER: _ClassVar[int]
-    address: str
-    store_id: int
-    sequence: int
-    caught_up_age_s: float
-    error: str
-    def __init__(self, address: _Optional[str] = ..., store_id: _Optional[int] = ..., sequence: _Optional[int] = ..., caught_up_age_s: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
-
-class ChangesRequest(_message.Message):
-    __slots__ = ("since_version", "since_sequence", "store_id", "shard_id", "batch_size")
-    SINCE_VERSION_FIELD_NUMBER: _ClassVar[int]
-    SINCE_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
-    STORE_ID_FIELD_NUMBER: _ClassVar[int]
-    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
-    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
-    since_version: int
-    since_sequence: int
-    store_id: int
-    shard_id: int
-    batch_size: int
-    def __init__(self, since_version: _Optional[int] = ..., since_sequence: _Optional[int] = ..., store_id: _Optional[int] = ..., shard_id: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
-
-class VersionedChunk(_message.Message):
-    __slots__ = ("chunk", "version")
-    CHUNK_FIELD_NUMBER: _ClassVar[int]
-    VERSION_FIELD_NUMBER: _ClassVar[int]
-    chunk: Chunk
-    version: int
-    def __init__(self, chunk: _Optional[_Union[Chunk, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
-
-class ClearedDocument(_message.Message):
-    __slots__ = ("tenant", "document_id", "version")
+class LogEntry(_message.Message):
+    __slots__ = ("tenant", "document_id", "put", "delete")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
-    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PUT_FIELD_NUMBER: _ClassVar[int]
+    DELETE_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     document_id: str
-    version: int
-    def __init__(self, tenant: _Optional[str] = ..., document_id: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+    put: DocumentChunks
+    delete: DocumentDeleted
+    def __init__(self, tenant: _Optional[str] = ..., document_id: _Optional[str] = ..., put: _Optional[_Union[DocumentChunks, _Mapping]] = ..., delete: _Optional[_Union[DocumentDeleted, _Mapping]] = ...) -> None: ...
 
-class ChangeBatch(_message.Message):
-    __slots__ = ("chunks", "cleared", "sequence", "store_id")
+class DocumentChunks(_message.Message):
+    __slots__ = ("chunks", "content_hash", "parts")
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
-    CLEARED_FIELD_NUMBER: _ClassVar[int]
-    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
-    STORE_ID_FIELD_NUMBER: _ClassVar[int]
-    chunks: _containers.RepeatedCompositeFieldContainer[VersionedChunk]
-    cleared: _containers.RepeatedCompositeFieldContainer[ClearedDocument]
-    sequence: int
-    store_id: int
-    def __init__(self, chunks: _Optional[_Iterable[_Union[VersionedChunk, _Mapping]]] = ..., cleared: _Optional[_Iterable[_Union[ClearedDocument, _Mapping]]] = ..., sequence: _Optional[int] = ..., store_id: _Optional[int] = ...) -> None: ...
+    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    chunks: _containers.RepeatedCompositeFieldContainer[Chunk]
+    content_hash: str
+    parts: int
+    def __init__(self, chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., content_hash: _Optional[str] = ..., parts: _Optional[int] = ...) -> None: ...
+
+class DocumentDeleted(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

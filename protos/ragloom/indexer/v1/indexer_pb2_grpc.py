@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class IndexerServiceStub:
-    """One shard of the collection: an HNSW index over a durable chunk store.
+    """One shard replica of the collection: an HNSW index over a durable chunk store. With a log (the shard's
+    JetStream stream) the replica is a view of it and takes no direct writes; without one (a standalone shard,
+    for tests and benchmarks) Upsert and Delete write to it directly.
     """
 
     def __init__(self, channel):
@@ -60,26 +62,23 @@ class IndexerServiceStub:
                 request_serializer=ragloom_dot_indexer_dot_v1_dot_indexer__pb2.StatsRequest.SerializeToString,
                 response_deserializer=ragloom_dot_indexer_dot_v1_dot_indexer__pb2.StatsResponse.FromString,
                 _registered_method=True)
-        self.Changes = channel.unary_stream(
-                '/ragloom.indexer.v1.IndexerService/Changes',
-                request_serializer=ragloom_dot_indexer_dot_v1_dot_indexer__pb2.ChangesRequest.SerializeToString,
-                response_deserializer=ragloom_dot_indexer_dot_v1_dot_indexer__pb2.ChangeBatch.FromString,
-                _registered_method=True)
 
 
 class IndexerServiceServicer:
-    """One shard of the collection: an HNSW index over a durable chunk store.
+    """One shard replica of the collection: an HNSW index over a durable chunk store. With a log (the shard's
+    JetStream stream) the replica is a view of it and takes no direct writes; without one (a standalone shard,
+    for tests and benchmarks) Upsert and Delete write to it directly.
     """
 
     def Upsert(self, request, context):
-        """Inserts or replaces chunks; acknowledged once durable.
+        """Inserts or replaces chunks; acknowledged once durable. Standalone shards only (FAILED_PRECONDITION with a log).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Delete(self, request, context):
-        """Removes every chunk of the given documents.
+        """Removes every chunk of the given documents. Standalone shards only (FAILED_PRECONDITION with a log).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -101,13 +100,6 @@ class IndexerServiceServicer:
 
     def Stats(self, request, context):
         """Reports the shard's size and state.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Changes(self, request, context):
-        """Streams the rows and document deletions written after a point; internal, between replicas of a shard (every tenant).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -141,11 +133,6 @@ def add_IndexerServiceServicer_to_server(servicer, server):
                     request_deserializer=ragloom_dot_indexer_dot_v1_dot_indexer__pb2.StatsRequest.FromString,
                     response_serializer=ragloom_dot_indexer_dot_v1_dot_indexer__pb2.StatsResponse.SerializeToString,
             ),
-            'Changes': grpc.unary_stream_rpc_method_handler(
-                    servicer.Changes,
-                    request_deserializer=ragloom_dot_indexer_dot_v1_dot_indexer__pb2.ChangesRequest.FromString,
-                    response_serializer=ragloom_dot_indexer_dot_v1_dot_indexer__pb2.ChangeBatch.SerializeToString,
-            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'ragloom.indexer.v1.IndexerService', rpc_method_handlers)
@@ -155,7 +142,9 @@ def add_IndexerServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class IndexerService:
-    """One shard of the collection: an HNSW index over a durable chunk store.
+    """One shard replica of the collection: an HNSW index over a durable chunk store. With a log (the shard's
+    JetStream stream) the replica is a view of it and takes no direct writes; without one (a standalone shard,
+    for tests and benchmarks) Upsert and Delete write to it directly.
     """
 
     @staticmethod
@@ -283,33 +272,6 @@ class IndexerService:
             '/ragloom.indexer.v1.IndexerService/Stats',
             ragloom_dot_indexer_dot_v1_dot_indexer__pb2.StatsRequest.SerializeToString,
             ragloom_dot_indexer_dot_v1_dot_indexer__pb2.StatsResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Changes(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/ragloom.indexer.v1.IndexerService/Changes',
-            ragloom_dot_indexer_dot_v1_dot_indexer__pb2.ChangesRequest.SerializeToString,
-            ragloom_dot_indexer_dot_v1_dot_indexer__pb2.ChangeBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,7 +28,14 @@ class Scope(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AskRequest(_message.Message):
-    __slots__ = ("question", "top_k", "max_tokens", "temperature", "scope", "mode", "require_complete", "no_cache")
+    __slots__ = ("question", "top_k", "max_tokens", "temperature", "scope", "mode", "require_complete", "no_cache", "min_sequences")
+    class MinSequencesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
     QUESTION_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +44,7 @@ class AskRequest(_message.Message):
     MODE_FIELD_NUMBER: _ClassVar[int]
     REQUIRE_COMPLETE_FIELD_NUMBER: _ClassVar[int]
     NO_CACHE_FIELD_NUMBER: _ClassVar[int]
+    MIN_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     question: str
     top_k: int
     max_tokens: int
@@ -45,7 +53,8 @@ class AskRequest(_message.Message):
     mode: RetrievalMode
     require_complete: bool
     no_cache: bool
-    def __init__(self, question: _Optional[str] = ..., top_k: _Optional[int] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., scope: _Optional[_Union[Scope, _Mapping]] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ..., require_complete: _Optional[bool] = ..., no_cache: _Optional[bool] = ...) -> None: ...
+    min_sequences: _containers.ScalarMap[int, int]
+    def __init__(self, question: _Optional[str] = ..., top_k: _Optional[int] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., scope: _Optional[_Union[Scope, _Mapping]] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ..., require_complete: _Optional[bool] = ..., no_cache: _Optional[bool] = ..., min_sequences: _Optional[_Mapping[int, int]] = ...) -> None: ...
 
 class Span(_message.Message):
     __slots__ = ("start", "end", "score")
@@ -178,20 +187,29 @@ class AskStreamResponse(_message.Message):
     def __init__(self, sources: _Optional[_Union[AskSources, _Mapping]] = ..., token: _Optional[str] = ..., done: _Optional[_Union[AskDone, _Mapping]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("query", "top_k", "scope", "mode", "require_complete", "rerank")
+    __slots__ = ("query", "top_k", "scope", "mode", "require_complete", "rerank", "min_sequences")
+    class MinSequencesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
     QUERY_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     REQUIRE_COMPLETE_FIELD_NUMBER: _ClassVar[int]
     RERANK_FIELD_NUMBER: _ClassVar[int]
+    MIN_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     query: str
     top_k: int
     scope: Scope
     mode: RetrievalMode
     require_complete: bool
     rerank: bool
-    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., scope: _Optional[_Union[Scope, _Mapping]] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ..., require_complete: _Optional[bool] = ..., rerank: _Optional[bool] = ...) -> None: ...
+    min_sequences: _containers.ScalarMap[int, int]
+    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., scope: _Optional[_Union[Scope, _Mapping]] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ..., require_complete: _Optional[bool] = ..., rerank: _Optional[bool] = ..., min_sequences: _Optional[_Mapping[int, int]] = ...) -> None: ...
 
 class SearchHit(_message.Message):
     __slots__ = ("score", "document_id", "chunk_id", "source", "text", "shard_id", "evidence")
@@ -267,12 +285,21 @@ class IngestedDocument(_message.Message):
     def __init__(self, id: _Optional[str] = ..., chunks: _Optional[int] = ..., shard_id: _Optional[int] = ..., replaced_chunks: _Optional[int] = ...) -> None: ...
 
 class IngestResponse(_message.Message):
-    __slots__ = ("documents", "timings")
+    __slots__ = ("documents", "timings", "sequences")
+    class SequencesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     documents: _containers.RepeatedCompositeFieldContainer[IngestedDocument]
     timings: Timings
-    def __init__(self, documents: _Optional[_Iterable[_Union[IngestedDocument, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+    sequences: _containers.ScalarMap[int, int]
+    def __init__(self, documents: _Optional[_Iterable[_Union[IngestedDocument, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., sequences: _Optional[_Mapping[int, int]] = ...) -> None: ...
 
 class DeleteDocumentRequest(_message.Message):
     __slots__ = ("document_id", "tenant")
@@ -283,7 +310,16 @@ class DeleteDocumentRequest(_message.Message):
     def __init__(self, document_id: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class DeleteDocumentResponse(_message.Message):
-    __slots__ = ("removed_chunks",)
+    __slots__ = ("removed_chunks", "sequences")
+    class SequencesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
     REMOVED_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     removed_chunks: int
-    def __init__(self, removed_chunks: _Optional[int] = ...) -> None: ...
+    sequences: _containers.ScalarMap[int, int]
+    def __init__(self, removed_chunks: _Optional[int] = ..., sequences: _Optional[_Mapping[int, int]] = ...) -> None: ...

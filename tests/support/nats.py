@@ -1,0 +1,50 @@
+"""A real nats-server with JetStream on free loopback ports, its store in the test's folder."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+from mesh.launcher import nats_server_binary, nats_server_config
+from tests.support.ports import free_port_block
+
+
+class NatsProcess:
+    def __init__(self, folder: Path, max_payload: str = "8MB"):
+        self.folder = Path(folder)
+        self.port = free_port_block(2)
+        self.monitor_port = self.port + 1
+        self.url = f"nats://127.0.0.1:{self.port}"
+        path, text = nats_server_config(self.folder, "127.0.0.1", self.port, self.monitor_port, None)
+        self.config = path
+        self.text = text.replace("max_payload: 8MB", f"max_payload: {max_payload}")
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 15.0) -> "NatsProcess":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(self.text)
+        log = open(self.folder / "nats.log", "ab")
+        self.process = subprocess.Popen([nats_server_binary(), "-c", str(self.config)], stdout=log,
+                                        stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        url = f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true"
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(url, timeout=1).read()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"nats-server did not start: {(self.folder / 'nats.log').read_text()[-2000:]}")
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
