@@ -50,8 +50,7 @@ def test_policy_reads_the_chart_values():
     assert tp.mtls_mode == "STRICT"
     assert tp.allowed_spiffe_ids("embedder") == ("spiffe://cluster.local/ns/ragloom/sa/router",)
     assert tp.allowed_principals("router") == ("cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account",)
-    assert set(tp.allowed_principals("indexer")) == {
-        "cluster.local/ns/ragloom/sa/router", "cluster.local/ns/ragloom/sa/indexer"}
+    assert set(tp.allowed_principals("indexer")) == {"cluster.local/ns/ragloom/sa/router"}  # replicas follow the log
 
 
 def test_policy_overlay_merges_like_helm(tmp_path):
@@ -131,7 +130,7 @@ def helm_bin() -> Path:
 VARIANTS = {
     "default": (),
     "canary": ("-f", str(CANARY)),
-    "replicas2": ("--set", "indexer.replicasPerShard=2", "--set", "indexer.shards=3"),
+    "replicas2": ("--set", "indexer.replicasPerShard=2", "--set", "indexer.shards=3", "--set", "nats.url=nats://nats:4222"),
     # every optional branch at once: GPUs, TensorRT-LLM from a volume, custom-metric HPA, Redis, HTTPS
     "options": ("--set", "embedder.gpu.enabled=true", "--set", "generator.gpu.enabled=true",
                 "--set", "generator.backend=tensorrt_llm", "--set", "generator.modelPath=/models/llama",
@@ -259,7 +258,7 @@ def test_every_workload_has_a_disruption_budget(variant):
         assert len(matching) == 1, (workload["metadata"]["name"], matching)  # one each: overlaps block evictions
 
 
-def test_shards_are_statefulsets_with_their_own_volumes(rendered):
+def test_shards_are_statefulsets_with_their_own_volumes(rendered, helm_bin):
     objs = rendered["replicas2"]
     sets = {s["metadata"]["name"]: s for s in of_kind(objs, "StatefulSet")}
     assert sorted(sets) == ["indexer-0", "indexer-1", "indexer-2"]
@@ -272,14 +271,15 @@ def test_shards_are_statefulsets_with_their_own_volumes(rendered):
         assert {"name": claim["metadata"]["name"], "mountPath": "/data"} in container["volumeMounts"]
         env = env_of(container)
         assert env["RAGLOOM_INDEXER_SHARD_ID"] == str(shard) and env["RAGLOOM_INDEXER_DATA_DIR"].startswith("/data/")
-        script = container["args"][0]
-        assert f"indexer-{shard}-0.{name}:50051 indexer-{shard}-1.{name}:50051" in script
-        assert "--peers" in script
+        assert container["args"] == ["indexer"] and env["RAGLOOM_INDEXER_NATS_URL"] == "nats://nats:4222"
     router = by_name(objs, "Deployment", "router")["spec"]["template"]["spec"]["containers"][0]
     assert env_of(router)["RAGLOOM_ROUTER_INDEXERS"] == ",".join(
         f"indexer-{s}-0.indexer-{s}:50051|indexer-{s}-1.indexer-{s}:50051" for s in range(3))
+    assert env_of(router)["RAGLOOM_ROUTER_NATS_URL"] == "nats://nats:4222"
     single = by_name(rendered["default"], "StatefulSet", "indexer-0")["spec"]["template"]["spec"]["containers"][0]
-    assert single["args"] == ["indexer"]  # one replica: no peers
+    assert single["args"] == ["indexer"] and "RAGLOOM_INDEXER_NATS_URL" not in env_of(single)
+    with pytest.raises(ct.RenderError, match="nats.url"):  # replicas without a log to follow
+        ct.render(helm_bin, "--set", "indexer.replicasPerShard=2")
 
 
 def _edges(objs, tp) -> set[tuple[str, str]]:
@@ -301,8 +301,6 @@ def _edges(objs, tp) -> set[tuple[str, str]]:
                 edges.add((me, app_of(env[key])))
         for address in filter(None, re.split(r"[,|]", env.get("RAGLOOM_ROUTER_INDEXERS", ""))):
             edges.add((me, app_of(address)))
-        for address in re.findall(r"indexer-\d+-\d+\.indexer-\d+:\d+", " ".join(container.get("args", []))):
-            edges.add((me, app_of(address)))  # peers
     for vs in of_kind(objs, "VirtualService"):
         if vs["spec"].get("gateways"):
             for route in vs["spec"]["http"]:
@@ -328,9 +326,7 @@ def test_only_the_callers_are_authorized(variant):
     assert {(router_sa, "embedder"), (router_sa, "indexer"), (router_sa, "generator")} <= edges
     assert ("cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account", "router") in edges
     indexer_sa = f"cluster.local/ns/{NAMESPACE}/sa/indexer"
-    if any(s["spec"]["replicas"] > 1 for s in of_kind(objs, "StatefulSet")):
-        assert (indexer_sa, "indexer") in edges  # replicas of a shard call their peers to catch up
-    expected["indexer"].add(indexer_sa)  # allowed with one replica too, so scaling needs no new policy
+    assert (indexer_sa, "indexer") not in edges  # replicas follow the log; they never call each other
     workloads = {t["metadata"]["labels"]["app"] for _, t in pod_specs(objs)}
     for app in workloads:
         assert allowed[app] == expected[app], app  # every caller named, nobody else
