@@ -128,9 +128,9 @@ class ShardLog:
         last = await self._call("read a document's entry", self._last(js, shard, subject))
         if last is None:
             return Acked(0, 0, unchanged=True)
-        entry = indexer_pb2.LogEntry(tenant=tenant, document_id=document_id, delete=indexer_pb2.DocumentDeleted())
         if (last.headers or {}).get(CONTENT_HASH) == "deleted":
             return Acked(last.seq, 0, unchanged=True)
+        entry = indexer_pb2.LogEntry(tenant=tenant, document_id=document_id, delete=indexer_pb2.DocumentDeleted())
         previous = int((last.headers or {}).get(CHUNKS, 0))
         ack = await self._call("take the delete", js.publish(
             subject, entry.SerializeToString(), stream=stream_name(shard),
@@ -163,15 +163,14 @@ class ShardLog:
         from nats.js.errors import KeyNotFoundError
 
         kv = await self._call("open the generations bucket", self._bucket())
-        try:
-            entry = await self._call("read a generation", kv.get(generation_key(tenant)))
-        except Unavailable as exc:
-            if "KeyNotFound" in str(exc) or "NotFound" in str(exc):
+
+        async def read() -> int:
+            try:
+                return (await kv.get(generation_key(tenant))).revision
+            except KeyNotFoundError:  # no write to this tenant yet
                 return 0
-            raise
-        except KeyNotFoundError:
-            return 0
-        return entry.revision
+
+        return await self._call("read a generation", read())
 
     async def bump(self, tenant: str) -> int:
         kv = await self._call("open the generations bucket", self._bucket())
