@@ -27,6 +27,7 @@ from router.domain import (
 from router.evidence import EvidenceConfig, Span
 from router.ingest import LogWrites
 from router.rag import Rag
+from router.verify import VerifierConfig
 from router.shardlog import ShardLog
 from router.topology import Breaker, Replica, ShardGroup, parse_topology
 
@@ -80,6 +81,9 @@ class Settings(ServiceSettings):
         0.55, "abstain when the best reranked passage scores below this (fitted on two labelled sets, man pages "
               "and the bundled prose samples: at most ~8 % of their answerable questions fall below it); a "
               "negative value never abstains")
+    max_paraphrase_new_words: int = option(
+        2, "an answer sentence kept as a paraphrase of the evidence may bring at most this many content words of "
+           "its own (negative: any number)")
     quote_min_score: float = option(
         0.0, "when no answer sentence can be verified: quote the evidence if the best passage scores at least "
              "this, else abstain")
@@ -267,6 +271,7 @@ class RouterService:
             rerank_search=s.search_rerank, prompt=s.prompt, verify=s.verify,
             abstain_below=s.abstain_below if s.abstain_below >= 0 else None, quote_min_score=s.quote_min_score,
             evidence=EvidenceConfig(sentences=s.evidence_sentences, tokens=s.evidence_tokens),
+            verifier=VerifierConfig(max_paraphrase_new_words=s.max_paraphrase_new_words),
         )
         shards = [
             ShardGroup(

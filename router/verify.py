@@ -46,6 +46,8 @@ class VerifierConfig:
     # Even a sentence made of the evidence's words must mean something close to it: "the colony tells where the
     # flowers are by laying a few hundred bees on branches" is all evidence words and no evidence claim.
     min_support_similarity: float = 0.7
+    # A paraphrase may bring at most this many content words of its own (negative: any number).
+    max_paraphrase_new_words: int = 2
 
 
 @dataclass(frozen=True)
@@ -134,5 +136,17 @@ class Verifier:
         if overlap >= self.config.min_overlap and (similarity is None or sim >= self.config.min_support_similarity):
             return Verdict(clean, True, "words in the evidence", evidence.number, evidence, overlap)
         if overlap >= self.config.min_paraphrase_overlap and sim >= self.config.min_similarity:
+            known = evidence_words | self._question
+            own = {w for w in distinct - known - FILLER if not any(_same_root(w, k) for k in known)}
+            limit = self.config.max_paraphrase_new_words
+            if 0 <= limit < len(own):
+                return Verdict(clean, False, f"a paraphrase adding words of its own: {', '.join(sorted(own))}",
+                               overlap=overlap)
             return Verdict(clean, True, f"paraphrase (cosine {sim:.2f})", evidence.number, evidence, overlap)
         return Verdict(clean, False, f"only {overlap:.0%} of its words are in the evidence", overlap=overlap)
+
+
+def _same_root(a: str, b: str) -> bool:
+    """Two forms of one word, as far as the stemmer missed it ("overwritten" and "overwrit")."""
+    n = min(len(a), len(b), 5)
+    return n >= 4 and a[:n] == b[:n]

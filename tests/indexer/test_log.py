@@ -5,7 +5,9 @@ writes with min_sequence, take no direct writes, and see a document split into p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
+import subprocess
 
 import grpc
 import numpy as np
@@ -146,3 +148,57 @@ async def test_a_document_bigger_than_one_message_is_applied_whole(tmp_path):
         await log.close()
     finally:
         nats.stop()
+
+
+@contextlib.contextmanager
+def small_disk(path, size: str):
+    """A tmpfs of `size` mounted at `path` (needs root; the test skips without it)."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield lambda new_size: subprocess.run(["mount", "-o", f"remount,size={new_size}", str(path)], check=True)
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+async def serving(stub_channel_address: str) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(stub_channel_address) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        return reply.status
+
+
+async def test_a_full_disk_stops_a_replica_clearly_and_it_catches_up_when_space_is_freed(tmp_path, nats):
+    from grpc_health.v1 import health_pb2
+
+    log = ShardLog(LogSettings(nats.url), shards=1)
+    with small_disk(tmp_path / "small", "1m") as resize:
+        a = ShardProcess(tmp_path / "small" / "a", DIM, "--shard-id", "0", "--nats-url", nats.url)
+        b = replica(tmp_path, "b", nats)
+        stub_a, stub_b = await a.start(), await b.start()
+        last = 0
+        for i in range(80):  # ~20 KB of text each: far more than the replica's 1 MB disk
+            ack = await log.write_document(0, "", f"doc-{i}", chunks(f"doc-{i}", 4, i * 4, text=f"{i} " + "w" * 5000),
+                                           f"h{i}")
+            last = ack.sequence  # every write acknowledged by the log, whatever one replica's disk says
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while not (await stub_a.Stats(indexer_pb2.StatsRequest(), timeout=10)).apply_error:
+            assert loop.time() < deadline, "the full disk was never reported"
+            await asyncio.sleep(0.2)
+        stats = await stub_a.Stats(indexer_pb2.StatsRequest(), timeout=10)
+        assert stats.log_sequence < last and "full" in stats.apply_error.lower()
+        assert await serving(a.address) == health_pb2.HealthCheckResponse.NOT_SERVING
+        resize("64m")
+        while (await stub_a.Stats(indexer_pb2.StatsRequest(), timeout=10)).log_sequence < last:
+            assert loop.time() < deadline + 60, "the replica never caught up after space was freed"
+            await asyncio.sleep(0.2)
+        stats = await stub_a.Stats(indexer_pb2.StatsRequest(), timeout=10)
+        assert not stats.apply_error and await serving(a.address) == health_pb2.HealthCheckResponse.SERVING
+        assert await chunk_set(stub_a) == await chunk_set(stub_b, min_sequence=last)
+        await asyncio.gather(a.close(), b.close())
+    await log.close()

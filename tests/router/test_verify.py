@@ -1,7 +1,7 @@
 """The answer verifier: what it keeps, what it drops and why."""
 
 from router.evidence import Sentence, Span
-from router.verify import Verifier, declines, split_sentences, strip_markers
+from router.verify import Verifier, VerifierConfig, declines, split_sentences, strip_markers
 
 SHRED = "-n, --iterations=N overwrite N times instead of the default (3)"
 REMOVE = "-u deallocate and remove file after overwriting"
@@ -87,3 +87,16 @@ def test_evidence_words_in_a_claim_the_evidence_does_not_make_are_dropped():
     assert check(sentence).supported  # words alone (no embedder at hand) accept it
     assert check(sentence, similarity=[0.85, 0.2]).supported
     assert not check(sentence, similarity=[0.4, 0.2]).supported  # the same words, meaning something else
+
+
+def test_a_paraphrase_that_adds_its_own_claim_to_the_evidence_is_dropped():
+    evidence = [Sentence(1, Span(0, 10, 0.9), "Sourdough is bread leavened by a naturally occurring community of "
+                                                 "microorganisms rather than by commercial baker's yeast.")]
+    verifier = Verifier("How is sourdough bread leavened?", evidence)
+    wrong = "Sourdough bread is leavened using a combination of natural and artificial methods, including yeast."
+    verdict = verifier.check(wrong, [0.85])  # close in meaning: the embedding alone would let it through
+    assert not verdict.supported and "artificial" in verdict.reason
+    right = "Sourdough bread is leavened by naturally occurring microorganisms, not commercial yeast."
+    assert verifier.check(right, [0.9]).supported
+    loose = Verifier("How is sourdough bread leavened?", evidence, VerifierConfig(max_paraphrase_new_words=-1))
+    assert loose.check(wrong, [0.85]).supported  # the check is what drops it
