@@ -68,6 +68,7 @@ def generation_key(tenant: str) -> str:
 class LogSettings:
     """Where the log is and how to reach it."""
 
+    #: One server, or several comma-separated (a cluster: the client fails over between them).
     url: str
     #: Replicas of each stream (Raft): 3 in a cluster, 1 on one machine.
     replicas: int = 1
@@ -90,7 +91,7 @@ async def connect(settings: LogSettings, name: str, *, connect_timeout_s: float 
     import nats
 
     return await nats.connect(
-        settings.url, name=name, tls=settings.ssl_context(), connect_timeout=connect_timeout_s,
+        servers=[url.strip() for url in settings.url.split(",") if url.strip()], name=name, tls=settings.ssl_context(), connect_timeout=connect_timeout_s,
         max_reconnect_attempts=-1, reconnect_time_wait=0.5, allow_reconnect=True, **options,
     )
 

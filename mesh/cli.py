@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--nats-url", default=os.environ.get("RAGLOOM_NATS_URL", ""),
                     help="an existing NATS (JetStream) for the shards' logs, e.g. nats://10.0.0.5:4222 (default: run "
                     "one under DATA_DIR/nats) [env RAGLOOM_NATS_URL]")
+    up.add_argument("--log-replicas", type=int, default=1,
+                    help="replicas of each shard's stream on an existing NATS cluster (default: %(default)s)")
     up.add_argument("--redis-url", default=os.environ.get("RAGLOOM_REDIS_URL", ""),
                     help="Redis for the router's cache, e.g. redis://127.0.0.1:6379/0 (default: in-process cache) [env RAGLOOM_REDIS_URL]")
     up.add_argument("--gateway", action=argparse.BooleanOptionalAction, default=True,

@@ -131,7 +131,7 @@ def plan(spec: MeshSpec, environ: Mapping[str, str] | None = None) -> Plan:
         children.append(Child("nats", f"{host}:{nats_port}", [nats_server_binary(), "-c", str(data / "nats" / "nats.conf")],
                               logs / "nats.log", env=dict(environ),
                               ready_url=f"http://127.0.0.1:{monitor_port}/healthz?js-enabled-only=true"))
-    log_flags = ["--nats-url", nats_url]
+    log_flags = ["--nats-url", nats_url, "--log-replicas", str(spec.log_replicas)]
     children.append(child("embedder", "embedder", embedder, []))
     gen_flags = ["--backend", spec.generator_backend]
     if spec.generator_model_path:

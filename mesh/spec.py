@@ -34,6 +34,8 @@ class MeshSpec:
     redis_url: str = ""
     #: NATS (JetStream) holding the shards' logs; empty: `ragloom up` runs its own under data_dir.
     nats_url: str = ""
+    #: Raft replicas of each shard's stream and of the generations bucket (3 on a 3-server NATS cluster).
+    log_replicas: int = 1
     gateway: bool = True
     mtls: bool = True
     #: Percent of traffic for a canary router; None = what the values' router canary says.

@@ -48,3 +48,53 @@ class NatsProcess:
         if self.process and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(10)
+
+
+class NatsCluster:
+    """Three nats-servers with JetStream, clustered by routes on loopback: a Raft-replicated log."""
+
+    def __init__(self, folder: Path, size: int = 3):
+        base = free_port_block(3 * size)
+        self.nodes: list[NatsProcess] = []
+        routes = [f"nats-route://127.0.0.1:{base + 2 * size + i}" for i in range(size)]
+        for i in range(size):
+            node = NatsProcess.__new__(NatsProcess)
+            node.folder = Path(folder) / f"n{i}"
+            node.port, node.monitor_port = base + i, base + size + i
+            node.url = f"nats://127.0.0.1:{node.port}"
+            path, text = nats_server_config(node.folder, "127.0.0.1", node.port, node.monitor_port, None)
+            node.config, node.process = path, None
+            others = ", ".join(r for j, r in enumerate(routes) if j != i)
+            node.text = text.replace("server_name: ragloom-", f"server_name: n{i}-") + (
+                f"cluster {{\n  name: ragloom\n  listen: 127.0.0.1:{base + 2 * size + i}\n  routes: [{others}]\n}}\n")
+            self.nodes.append(node)
+        self.url = ",".join(node.url for node in self.nodes)
+
+    def start(self) -> "NatsCluster":
+        for node in self.nodes:
+            node.process = None
+        procs = []
+        for node in self.nodes:  # all at once: JetStream waits for a meta leader
+            node.folder.mkdir(parents=True, exist_ok=True)
+            node.config.write_text(node.text)
+            log = open(node.folder / "nats.log", "ab")
+            node.process = subprocess.Popen([nats_server_binary(), "-c", str(node.config)], stdout=log,
+                                            stderr=subprocess.STDOUT)
+            log.close()
+            procs.append(node)
+        deadline = time.monotonic() + 30
+        for node in procs:
+            url = f"http://127.0.0.1:{node.monitor_port}/healthz?js-enabled-only=true"
+            while True:
+                try:
+                    urllib.request.urlopen(url, timeout=1).read()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"nats node did not start: {(node.folder / 'nats.log').read_text()[-2000:]}")
+                    time.sleep(0.1)
+        return self
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
