@@ -130,7 +130,7 @@ def helm_bin() -> Path:
 VARIANTS = {
     "default": (),
     "canary": ("-f", str(CANARY)),
-    "replicas2": ("--set", "indexer.replicasPerShard=2", "--set", "indexer.shards=3", "--set", "nats.url=nats://nats:4222"),
+    "replicas2": ("--set", "indexer.replicasPerShard=2", "--set", "indexer.shards=3"),
     # every optional branch at once: GPUs, TensorRT-LLM from a volume, custom-metric HPA, Redis, HTTPS
     "options": ("--set", "embedder.gpu.enabled=true", "--set", "generator.gpu.enabled=true",
                 "--set", "generator.backend=tensorrt_llm", "--set", "generator.modelPath=/models/llama",
@@ -161,9 +161,14 @@ def by_name(objs, kind, name):
     return found[0]
 
 
+def ours(objs):
+    """ragloom's own objects: everything but the NATS servers the chart may also run (tested apart)."""
+    return [o for o in objs if o["metadata"].get("labels", {}).get("app") != "nats"]
+
+
 def pod_specs(objs):
-    """(workload, pod template) for every Deployment and StatefulSet."""
-    return [(o, o["spec"]["template"]) for o in objs if o["kind"] in WORKLOADS]
+    """(workload, pod template) for every Deployment and StatefulSet of ragloom's services."""
+    return [(o, o["spec"]["template"]) for o in ours(objs) if o["kind"] in WORKLOADS]
 
 
 def env_of(container) -> dict[str, str]:
@@ -211,7 +216,7 @@ def test_the_validators_catch_misspelled_fields(rendered, schemas):
 
 def test_service_ports_are_named_by_protocol(variant):
     objs, _ = variant
-    for svc in of_kind(objs, "Service"):
+    for svc in of_kind(ours(objs), "Service"):
         names = [p["name"] for p in svc["spec"]["ports"]]
         assert "grpc" in names, svc["metadata"]["name"]
         assert all(re.fullmatch(r"grpc|http-[a-z-]+", n) for n in names), names  # Istio protocol selection
@@ -260,7 +265,7 @@ def test_every_workload_has_a_disruption_budget(variant):
 
 def test_shards_are_statefulsets_with_their_own_volumes(rendered, helm_bin):
     objs = rendered["replicas2"]
-    sets = {s["metadata"]["name"]: s for s in of_kind(objs, "StatefulSet")}
+    sets = {s["metadata"]["name"]: s for s in of_kind(ours(objs), "StatefulSet")}
     assert sorted(sets) == ["indexer-0", "indexer-1", "indexer-2"]
     for shard, (name, sts) in enumerate(sorted(sets.items())):
         assert sts["spec"]["replicas"] == 2
@@ -271,15 +276,14 @@ def test_shards_are_statefulsets_with_their_own_volumes(rendered, helm_bin):
         assert {"name": claim["metadata"]["name"], "mountPath": "/data"} in container["volumeMounts"]
         env = env_of(container)
         assert env["RAGLOOM_INDEXER_SHARD_ID"] == str(shard) and env["RAGLOOM_INDEXER_DATA_DIR"].startswith("/data/")
-        assert container["args"] == ["indexer"] and env["RAGLOOM_INDEXER_NATS_URL"] == "nats://nats:4222"
+        assert container["args"] == ["indexer"] and env["RAGLOOM_INDEXER_NATS_URL"] == f"nats://nats.{NAMESPACE}.svc:4222"
     router = by_name(objs, "Deployment", "router")["spec"]["template"]["spec"]["containers"][0]
     assert env_of(router)["RAGLOOM_ROUTER_INDEXERS"] == ",".join(
         f"indexer-{s}-0.indexer-{s}:50051|indexer-{s}-1.indexer-{s}:50051" for s in range(3))
-    assert env_of(router)["RAGLOOM_ROUTER_NATS_URL"] == "nats://nats:4222"
     single = by_name(rendered["default"], "StatefulSet", "indexer-0")["spec"]["template"]["spec"]["containers"][0]
-    assert single["args"] == ["indexer"] and "RAGLOOM_INDEXER_NATS_URL" not in env_of(single)
-    with pytest.raises(ct.RenderError, match="nats.url"):  # replicas without a log to follow
-        ct.render(helm_bin, "--set", "indexer.replicasPerShard=2")
+    assert single["args"] == ["indexer"]
+    with pytest.raises(ct.RenderError, match="log to follow"):  # replicas without a log to follow
+        ct.render(helm_bin, "--set", "indexer.replicasPerShard=2", "--set", "nats.deploy=false")
 
 
 def _edges(objs, tp) -> set[tuple[str, str]]:
@@ -312,7 +316,7 @@ def _edges(objs, tp) -> set[tuple[str, str]]:
 def test_only_the_callers_are_authorized(variant):
     objs, tp = variant
     allowed = defaultdict(set)
-    for ap in of_kind(objs, "AuthorizationPolicy"):
+    for ap in of_kind(ours(objs), "AuthorizationPolicy"):
         assert ap["spec"]["action"] == "ALLOW"
         app = ap["spec"]["selector"]["matchLabels"]["app"]
         for rule in ap["spec"].get("rules", []):
@@ -333,6 +337,37 @@ def test_only_the_callers_are_authorized(variant):
         assert allowed[app] == set(tp.allowed_principals(app))
 
 
+def test_nats_runs_clustered_jetstream_on_volumes_reachable_by_router_and_indexers_only(rendered, helm_bin):
+    objs = rendered["replicas2"]
+    sts = by_name(objs, "StatefulSet", "nats")
+    assert sts["spec"]["replicas"] == 3 and sts["spec"]["serviceName"] == "nats-headless"
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    (container,) = sts["spec"]["template"]["spec"]["containers"]
+    assert {"name": claim["metadata"]["name"], "mountPath": "/data"} in container["volumeMounts"]
+    assert sts["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"]["port"] == "monitor"
+    config = by_name(objs, "ConfigMap", "nats-config")["data"]["nats.conf"]
+    assert "sync_interval: always" in config and "store_dir: /data/jetstream" in config
+    assert all(f"nats-route://nats-{i}.nats-headless.{NAMESPACE}.svc:6222" in config for i in range(3))
+    assert by_name(objs, "PodDisruptionBudget", "nats")["spec"]["maxUnavailable"] == 1
+    url = f"nats://nats.{NAMESPACE}.svc:4222"
+    router = by_name(objs, "Deployment", "router")["spec"]["template"]["spec"]["containers"][0]
+    indexer = by_name(objs, "StatefulSet", "indexer-0")["spec"]["template"]["spec"]["containers"][0]
+    assert env_of(router)["RAGLOOM_ROUTER_NATS_URL"] == url == env_of(indexer)["RAGLOOM_INDEXER_NATS_URL"]
+    assert env_of(router)["RAGLOOM_ROUTER_LOG_REPLICAS"] == "3"
+    (ap,) = [a for a in of_kind(objs, "AuthorizationPolicy") if a["metadata"]["name"] == "nats"]
+    clients = next(r for r in ap["spec"]["rules"] if r["to"][0]["operation"]["ports"] == ["4222"])
+    assert set(clients["from"][0]["source"]["principals"]) == {
+        f"cluster.local/ns/{NAMESPACE}/sa/router", f"cluster.local/ns/{NAMESPACE}/sa/indexer"}
+    # an existing NATS instead: no servers of ours, the url as given
+    external = ct.render(helm_bin, "--set", "nats.deploy=false", "--set", "nats.url=nats://shared-nats:4222")
+    assert not [o for o in external if o["metadata"].get("labels", {}).get("app") == "nats"]
+    router = by_name(external, "Deployment", "router")["spec"]["template"]["spec"]["containers"][0]
+    assert env_of(router)["RAGLOOM_ROUTER_NATS_URL"] == "nats://shared-nats:4222"
+
+
 def test_peer_authentication_is_strict(variant):
     objs, _ = variant
     (pa,) = of_kind(objs, "PeerAuthentication")
@@ -343,7 +378,7 @@ def test_peer_authentication_is_strict(variant):
 def test_destination_rules_use_istio_mtls_and_have_the_routed_subsets(variant):
     objs, _ = variant
     rules = {dr["spec"]["host"]: dr for dr in of_kind(objs, "DestinationRule")}
-    services = {f"{s['metadata']['name']}.{NAMESPACE}.svc.cluster.local": s for s in of_kind(objs, "Service")}
+    services = {f"{s['metadata']['name']}.{NAMESPACE}.svc.cluster.local": s for s in of_kind(ours(objs), "Service")}
     assert rules.keys() == services.keys()
     for host, dr in rules.items():
         policy_ = dr["spec"]["trafficPolicy"]

@@ -213,8 +213,7 @@ def values() -> dict:
 @pytest.fixture(scope="module")
 def objs(helm_bin) -> list[dict]:
     """Everything on, with three shards of two replicas."""
-    return ct.render(helm_bin, *ALL_ON, "--set", "indexer.shards=3", "--set", "indexer.replicasPerShard=2",
-                     "--set", "nats.url=nats://nats:4222")
+    return ct.render(helm_bin, *ALL_ON, "--set", "indexer.shards=3", "--set", "indexer.replicasPerShard=2")
 
 
 def observability_objects(objs: list[dict]) -> list[dict]:

@@ -226,3 +226,12 @@ affinity:
 {{- end -}}
 {{- toYaml $resources -}}
 {{- end -}}
+
+{{/* The shards' log: nats.url, else the NATS this chart deploys, else "" (no log). */}}
+{{- define "ragloom.natsUrl" -}}
+{{- if .Values.nats.url -}}
+{{- .Values.nats.url -}}
+{{- else if .Values.nats.deploy -}}
+{{- printf "nats://nats.%s.svc:4222" (include "ragloom.namespace" .) -}}
+{{- end -}}
+{{- end -}}
