@@ -25,6 +25,15 @@ class EmbedderClient:
         self._channel = channel(target, identity=identity)
         self._stub = embedder_pb2_grpc.EmbedderServiceStub(self._channel)
         self._parallel = asyncio.Semaphore(parallel)
+        self._model: str | None = None
+
+    async def model(self, deadline: Deadline) -> str:
+        """Which model (and variant) makes the vectors: asked once, then remembered."""
+        if self._model is None:
+            info = await self._stub.Info(embedder_pb2.InfoRequest(), timeout=deadline.timeout(self.timeout_s),
+                                         metadata=outgoing_metadata())
+            self._model = f"{info.model}/{info.variant}/{info.dimension}"
+        return self._model
 
     async def embed(self, texts: Sequence[str], deadline: Deadline) -> np.ndarray:
         """Vectors for `texts` (n, dim), sent in batches with a few calls in flight."""

@@ -84,10 +84,11 @@ class DirectWrites:
         return Written(0, removed, unchanged=removed == 0)
 
 
-def content_hash(source: str, metadata: dict[str, str], tags: Sequence[str], chunks: Sequence[str]) -> str:
-    """What decides a document's entry, hashed: the same document ingested again is the same entry."""
+def content_hash(model: str, source: str, metadata: dict[str, str], tags: Sequence[str], chunks: Sequence[str]) -> str:
+    """What decides a document's entry, hashed: the same document ingested again (with the same embedding
+    model) is the same entry; under another model its vectors differ, so it is written again."""
     digest = hashlib.sha256()
-    for part in (source, json.dumps(metadata, sort_keys=True), json.dumps(sorted(tags)), *chunks):
+    for part in (model, source, json.dumps(metadata, sort_keys=True), json.dumps(sorted(tags)), *chunks):
         digest.update(part.encode())
         digest.update(b"\0")
     return digest.hexdigest()[:32]
@@ -143,6 +144,7 @@ class Ingestion:
         texts = [_titled(title_for(p.document.source or p.id), text) for p in parsed for text in p.chunks]
         DOWNSTREAM_CALLS.labels("embedder").inc()
         vectors = await self.embedder.embed(texts, deadline)
+        model = await self.embedder.model(deadline)
         timings.embed_ms = clock.lap()
 
         results, writes, row = [], [], 0
@@ -154,7 +156,7 @@ class Ingestion:
                                  vector=vectors[row + i], tenant=tenant, metadata=metadata, tags=tuple(p.document.tags))
                       for i, text in enumerate(p.chunks)]
             row += len(chunks)
-            digest = content_hash(source, metadata, p.document.tags, p.chunks)
+            digest = content_hash(model, source, metadata, p.document.tags, p.chunks)
             writes.append(self.writes.write_document(shard, tenant, p.id, chunks, digest, deadline))
             results.append(Ingested(id=p.id, chunks=len(chunks), shard_id=shard))
         acked: list[Written | BaseException] = []

@@ -30,6 +30,9 @@ class FakeEmbedder:
         vectors = np.array([[len(t) % 7 + 1.0, 1.0, (len(t) % 3) + 0.5] for t in texts], dtype=np.float32)
         return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
+    async def model(self, deadline):
+        return "fake"
+
     async def rerank(self, query, texts, deadline, titles=()):
         self.reranked.append(len(texts))
         self.titles = list(titles)

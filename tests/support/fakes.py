@@ -51,6 +51,9 @@ class FakeEmbedder:
         self.embedded.append(list(texts))
         return np.stack([words_vector(t) for t in texts])
 
+    async def model(self, deadline) -> str:
+        return "bag-of-words/64"
+
     async def rerank(self, query, texts, deadline, titles=()) -> list[Scored]:
         self.reranked.append(len(texts))
         self.titles = list(titles)
