@@ -5,6 +5,7 @@ fails writes with UNAVAILABLE naming it while searches go on, and the answer cac
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -101,8 +102,6 @@ def test_two_routers_writing_the_same_documents_leave_every_replica_identical(me
     second = Child("router-2", f"127.0.0.1:{port}", argv, tmp_path / "router-2.log", env=router.env)
     start_child(second)
     try:
-        import asyncio
-
         asyncio.run(wait_ready([second], 120, quiet=True))
         failures = []
 
@@ -156,8 +155,6 @@ def test_a_replica_killed_mid_ingest_costs_no_file_and_is_restarted(mesh):
         while (supervisor.restarts == 0 or victim.name in supervisor.due) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert supervisor.restarts == 1 and victim.process.poll() is None
-        import asyncio
-
         asyncio.run(wait_ready([victim], 120, quiet=True))
         assert_replicas_identical(mesh)
     finally:
