@@ -38,6 +38,9 @@ class Follower:
         self.report: Report | None = None
         self._progress = asyncio.Condition()
         self._stopping = asyncio.Event()
+        #: Set when the connection came back (to another server, perhaps): the consumer is resubscribed at
+        #: once rather than after its heartbeats are missed.
+        self._reconnected = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._nc = None
 
@@ -49,7 +52,7 @@ class Follower:
         give_up = loop.time() + catch_up_timeout_s
         while True:  # the log may come up after this replica (it serves nothing until it has the log)
             try:
-                self._nc = await connect(self.settings, f"indexer-{self.shard_id}")
+                self._nc = await connect(self.settings, f"indexer-{self.shard_id}", reconnected_cb=self._on_reconnect)
                 info = await ensure_stream(self._nc.jetstream(), self.shard_id, self.settings.replicas)
                 break
             except Exception as exc:  # noqa: BLE001 - nats-py raises several kinds
@@ -102,14 +105,19 @@ class Follower:
                 )
                 delay = 0.2
                 idle = 0
+                self._reconnected.clear()
                 while not self._stopping.is_set():
+                    if self._reconnected.is_set():
+                        log.info("shard %d: reconnected to the log; subscribing again from %d", self.shard_id,
+                                 self.applied + 1)
+                        break
                     messages = await self._next_batch(sub)
                     if messages:
                         idle = 0
                         await self._apply(messages)
                         continue
                     idle += 1
-                    if idle % 3 == 0 and await self._behind():
+                    if idle % 2 == 0 and await self._behind():
                         # The consumer is gone (the server restarted, say) though the log went on:
                         # subscribe afresh from what is applied.
                         log.info("shard %d: the log is at %d, this replica at %d with nothing arriving; "
@@ -128,6 +136,9 @@ class Follower:
                         await sub.unsubscribe()
                     except Exception:  # noqa: BLE001 - the connection may be gone already
                         pass
+
+    async def _on_reconnect(self) -> None:
+        self._reconnected.set()
 
     async def _behind(self) -> bool:
         info = await self._nc.jetstream().stream_info(stream_name(self.shard_id))

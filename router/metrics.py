@@ -32,3 +32,9 @@ VERIFIED_SENTENCES = Counter(
 ABSTENTIONS = Counter(
     "ragloom_router_abstentions", "Asks answered 'the documents do not answer this' because the evidence was weak"
 )
+
+STALE_READS = Counter(
+    "ragloom_router_stale_reads",
+    "Shard reads answered without this router's own last write because no replica had applied it in time",
+    ["shard"],
+)

@@ -30,7 +30,7 @@ from router.evidence import Sentence, Span, grounded_messages, quote, quoted, se
 from router.ingest import Ingestion, OnWrite, Writes
 from router.metrics import ABSTENTIONS, DOWNSTREAM_CALLS, STAGE_SECONDS, TIME_TO_FIRST_TOKEN, VERIFIED_SENTENCES
 from router.prompt import STOP_SEQUENCES, Passage, build_messages, cited_numbers
-from router.retrieval import QueryVectors, Retriever
+from router.retrieval import Floors, QueryVectors, Retriever
 from router.topology import ShardGroup
 from router.verify import Verdict, Verifier, split_sentences
 
@@ -59,10 +59,9 @@ class Rag:
                      on_write: OnWrite | None = None) -> tuple[int, dict[int, int]]:
         return await self.ingestion.delete(document_id, deadline, tenant, on_write)
 
-    def floors(self, requested: dict[int, int]) -> dict[int, int]:
+    def floors(self, requested: dict[int, int]) -> Floors:
         """Per shard, the log sequence a read must see: the caller's tokens, and what this router wrote."""
-        written = self.ingestion.written
-        return {shard: max(requested.get(shard, 0), written.get(shard, 0)) for shard in {*requested, *written}}
+        return Floors(strict=dict(requested), soft=dict(self.ingestion.written))
 
     # ---- search -------------------------------------------------------------------------------
     @staticmethod

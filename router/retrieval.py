@@ -4,7 +4,7 @@ reranked by how well each answers it."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -17,7 +17,7 @@ from router.clock import Clock
 from router.config import RagConfig
 from router.domain import MODES, Coverage, Hit, Scope
 from router.evidence import combine
-from router.metrics import DOWNSTREAM_CALLS, PARTIAL_RESULTS, STAGE_SECONDS
+from router.metrics import DOWNSTREAM_CALLS, PARTIAL_RESULTS, STAGE_SECONDS, STALE_READS
 from router.parsing import title_for
 from router.topology import ShardGroup
 
@@ -54,6 +54,22 @@ class Uncached:
         return await self.embedder.embed([text], deadline)
 
 
+@dataclass(frozen=True)
+class Floors:
+    """Per shard, the log sequence a read must see: `strict` (the caller's tokens: a shard short of it is
+    left out) and `soft` (what this router itself wrote: waited for, then relaxed rather than missed)."""
+
+    strict: dict[int, int] = field(default_factory=dict)
+    soft: dict[int, int] = field(default_factory=dict)
+
+    def merged(self) -> dict[int, int]:
+        return {s: max(self.strict.get(s, 0), self.soft.get(s, 0)) for s in {*self.strict, *self.soft}}
+
+    def softens(self, shard: int, wanted: dict[int, int]) -> bool:
+        """Whether dropping the soft floor would ask less of `shard` than `wanted` did."""
+        return wanted.get(shard, 0) > self.strict.get(shard, 0)
+
+
 @dataclass
 class Retrieved:
     hits: list[Hit]
@@ -71,10 +87,10 @@ class Retriever:
         self.vectors = vectors or Uncached(embedder)
 
     async def retrieve(self, query: str, k: int, scope: Scope, require_complete: bool, deadline: Deadline,
-                       mode: str = "", floors: dict[int, int] | None = None) -> Retrieved:
+                       mode: str = "", floors: Floors | None = None) -> Retrieved:
         """Top-k chunks for `query`: dense (embedding), lexical (BM25) or hybrid (both, fused by reciprocal
-        rank), from replicas that have applied their shard's log through `floors[shard]`."""
-        floors = floors or {}
+        rank), from replicas that have applied their shard's log through the `floors`."""
+        floors = floors or Floors()
         mode = mode or self.config.retrieval_mode
         if mode not in MODES:
             raise InvalidArgument("mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
@@ -82,8 +98,8 @@ class Retriever:
         # Hybrid fuses two longer lists: a chunk ranked just below k by one method can win on the other.
         depth = k if mode != "hybrid" else min(max(2 * k, 20), self.config.max_top_k)
         lexical = (asyncio.ensure_future(self._fan_out(
-            "lexical", lambda c: c.lexical_search(query, depth, scope, deadline, floors.get(c.shard_id)),
-            require_complete, deadline))
+            "lexical", lambda f: lambda c: c.lexical_search(query, depth, scope, deadline, f.get(c.shard_id)),
+            floors, require_complete, deadline))
             if mode != "dense" else None)
         try:
             dense = None
@@ -93,8 +109,8 @@ class Retriever:
                 embed_ms = clock.lap()
                 ef = max(self.config.ef, depth)
                 dense = await self._fan_out(
-                    "dense", lambda c: c.search(vector[0], depth, ef, scope, deadline, floors.get(c.shard_id)),
-                    require_complete, deadline)
+                    "dense", lambda f: lambda c: c.search(vector[0], depth, ef, scope, deadline, f.get(c.shard_id)),
+                    floors, require_complete, deadline)
             lexical_result = await lexical if lexical is not None else None
         except BaseException:
             if lexical is not None:
@@ -109,13 +125,23 @@ class Retriever:
         STAGE_SECONDS.labels("retrieval").observe(index_ms / 1000)
         return Retrieved(hits[:k], coverage, embed_ms, index_ms)
 
-    async def _fan_out(self, kind: str, call, require_complete: bool, deadline: Deadline) -> tuple[list[Hit], Coverage]:
-        """`call` on every shard (one replica each, failing over), merged best first, with who answered."""
+    async def _fan_out(self, kind: str, call, floors: Floors, require_complete: bool,
+                       deadline: Deadline) -> tuple[list[Hit], Coverage]:
+        """`call(floors)` on every shard (one replica each, failing over), merged best first, with who answered."""
         DOWNSTREAM_CALLS.labels("indexer").inc()
+        wanted = floors.merged()
 
         async def one(group: ShardGroup) -> list[Hit]:
             with span(_tracer, "search shard", **{"ragloom.shard": group.shard_id, "ragloom.retrieval": kind}):
-                return await group.read(call, deadline)
+                try:
+                    return await group.read(call(wanted), deadline)
+                except Exception as exc:
+                    if not floors.softens(group.shard_id, wanted) or not leaves_out(exc):
+                        raise
+                # No replica got to this router's own last write in time (a log failing over, say): a
+                # moment stale beats missing. A caller's own tokens are never relaxed.
+                STALE_READS.labels(str(group.shard_id)).inc()
+                return await group.read(call(floors.strict), deadline)
 
         replies = await asyncio.gather(*(one(g) for g in self.shards), return_exceptions=True)
         coverage, hits = Coverage(), []
