@@ -70,6 +70,13 @@ class Unavailable(RagloomError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class Behind(RagloomError):
+    """A replica has not yet applied the writes a read asked to see; another replica, or a moment later, may
+    have. Not a sign of ill health: it must not count against the replica."""
+
+    code = grpc.StatusCode.ABORTED
+
+
 class DeadlineExceeded(RagloomError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
@@ -93,6 +100,7 @@ CALLER_FAULTS = frozenset({
 # Codes of a failed downstream call that mean the same to our caller and pass through unchanged; any
 # other (INTERNAL, UNKNOWN, ...) is the dependency's fault, reported as UNAVAILABLE.
 _PASS_THROUGH = CALLER_FAULTS | {
+    grpc.StatusCode.ABORTED,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -124,12 +132,17 @@ def leaves_out(exc: BaseException) -> bool:
     return code_of(exc) is not None and not is_invalid_request(exc)
 
 
+def is_behind(exc: BaseException) -> bool:
+    """A replica said it has not caught up with what the read asked for (healthy, only behind)."""
+    return code_of(exc) is grpc.StatusCode.ABORTED
+
+
 def is_dependency_failure(exc: BaseException) -> bool:
     """A dependency could not answer (down, overloaded, too slow, broken): fail over to another replica,
     count it against the dependency's health, leave it out of a partial result."""
     code = code_of(exc)
     if isinstance(exc, RagloomError):
-        return code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        return code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED)
     return code is not None and code not in CALLER_FAULTS
 
 

@@ -15,7 +15,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from fabric.errors import Unavailable
+from fabric.errors import Behind, Unavailable
 from fabric.shardlog import LogSettings, connect, ensure_stream, shard_subjects, stream_name
 from indexer import convert
 from indexer.store import ShardStore
@@ -68,7 +68,7 @@ class Follower:
         self._task = asyncio.create_task(self._follow())
         try:
             await self.wait_applied(info.state.last_seq, catch_up_timeout_s)
-        except Unavailable:
+        except Behind:
             log.warning("shard %d: not caught up with its log after %.0f s (applied %d of %d); serving, still "
                         "catching up", self.shard_id, catch_up_timeout_s, self.applied, info.state.last_seq)
 
@@ -81,15 +81,15 @@ class Follower:
             await self._nc.close()
 
     async def wait_applied(self, sequence: int, timeout_s: float | None) -> None:
-        """Returns once the log is applied through `sequence`; Unavailable when it is not within `timeout_s`."""
+        """Returns once the log is applied through `sequence`; Behind when it is not within `timeout_s`."""
         if self.applied >= sequence:
             return
         try:
             async with self._progress:
                 await asyncio.wait_for(self._progress.wait_for(lambda: self.applied >= sequence), timeout_s)
         except asyncio.TimeoutError:
-            raise Unavailable(f"shard {self.shard_id} replica has applied its log through {self.applied}, "
-                              f"not yet {sequence}" + (f" ({self.error})" if self.error else "")) from None
+            raise Behind(f"shard {self.shard_id} replica has applied its log through {self.applied}, "
+                         f"not yet {sequence}" + (f" ({self.error})" if self.error else "")) from None
 
     async def _follow(self) -> None:
         from nats.js.api import ConsumerConfig, DeliverPolicy

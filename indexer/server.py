@@ -110,7 +110,8 @@ class IndexerService:
     async def caught_up(self, min_sequence: int | None, deadline_s: float | None) -> None:
         """Returns once this replica has applied its log through `min_sequence` (read your writes)."""
         if min_sequence and self.follower is not None:
-            await self.follower.wait_applied(min_sequence, deadline_s)
+            # Answer "behind" a little before the caller's deadline, so the caller can still go elsewhere.
+            await self.follower.wait_applied(min_sequence, None if deadline_s is None else max(0.0, deadline_s - 0.25))
 
     async def close(self) -> None:
         self._stopping.set()

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from fabric.client import Deadline
-from fabric.errors import Unavailable, code_of, is_caller_fault, is_dependency_failure
+from fabric.errors import Unavailable, code_of, is_behind, is_caller_fault, is_dependency_failure
 from router.clients import ShardClient
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class Replica:
         try:
             result = await fn(self.client)
         except Exception as exc:
-            if is_dependency_failure(exc):
+            if is_dependency_failure(exc) and not is_behind(exc):  # a replica only behind is not ejected
                 self.breaker.failure()
             raise
         self.breaker.success()

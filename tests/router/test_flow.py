@@ -13,6 +13,7 @@ from router.domain import AskDone, AskQuery, AskSources, AskToken, DocumentInput
 from router.rag import Rag
 from router.sharding import shard_for
 from tests.support.fakes import FakeEmbedder, FakeGenerator, FakeShard, Words, shard_groups
+from tests.support.metrics import sample
 
 BEES = ("Honeybees tell each other where flowers are with the waggle dance. "
         "The angle of the dance shows the direction of the food.")
@@ -205,3 +206,21 @@ async def test_delete_removes_a_document_from_its_shard_and_invalidates_the_cach
     assert all(h.document_id != "bees" for h in hits)
     with pytest.raises(InvalidArgument):
         await flow.rag.delete("", Deadline(10))
+
+
+async def test_this_routers_own_last_write_is_relaxed_when_no_replica_has_it_but_a_callers_token_is_not():
+    flow = Flow()
+    await flow.ingest(("bees", BEES), ("bread", BREAD), ("lamps", LAMPS))
+    lagging = flow.shards[0]
+    lagging.applied = 5
+    flow.rag.rag.ingestion.written.update({0: 9, 1: 3})  # as if this router's last write to shard 0 were at 9
+    stale = sample("ragloom_router_stale_reads_total", shard="0")
+    _, coverage, _ = await flow.rag.search(SearchQuery("wild yeast sourdough", mode="lexical"), Deadline(10))
+    assert not coverage.partial and sample("ragloom_router_stale_reads_total", shard="0") == stale + 1
+    _, coverage, _ = await flow.rag.search(SearchQuery("wild yeast sourdough", mode="lexical",
+                                                       min_sequences={0: 9}), Deadline(10))
+    assert coverage.failed == [0]  # the caller asked to read its write: shard 0 cannot answer it yet
+    lagging.applied = 9
+    _, coverage, _ = await flow.rag.search(SearchQuery("wild yeast sourdough", mode="lexical",
+                                                       min_sequences={0: 9}), Deadline(10))
+    assert not coverage.partial

@@ -40,6 +40,14 @@ async def test_read_fails_over_to_a_healthy_replica():
     assert down.calls == 2, "after 2 failures the dead replica is ejected and costs nothing"
 
 
+async def test_a_replica_only_behind_the_log_fails_over_but_is_never_ejected():
+    behind, up = FakeClient("behind", grpc.StatusCode.ABORTED), FakeClient("up")
+    g = group(behind, up)
+    results = [await g.read(lambda c: c.op(), Deadline(5)) for _ in range(6)]
+    assert results == ["up"] * 6 and behind.calls == 3  # asked every other time: it stays in the rotation
+    assert g.replicas[0].breaker.available()
+
+
 async def test_ejected_replica_is_probed_back():
     flaky, other = FakeClient("flaky", grpc.StatusCode.UNAVAILABLE), FakeClient("other")
     g = group(flaky, other)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fabric.errors import Unavailable
+from fabric.errors import Behind, Unavailable
 from router.domain import Generated, Hit
 from router.evidence import Scored, Span
 from router.topology import ShardGroup
@@ -84,10 +84,14 @@ class FakeShard:
         self.chunks: dict[str, tuple[str, str]] = dict(texts or {})
         self.writes: list[list] = []
         self.down = False
+        #: The log sequence this replica has applied; a read asking for more is refused, as a real one is.
+        self.applied: int | None = None
 
-    def _check(self):
+    def _check(self, min_sequence=None):
         if self.down:
             raise Unavailable(f"shard {self.shard_id} down")
+        if min_sequence and self.applied is not None and min_sequence > self.applied:
+            raise Behind(f"shard {self.shard_id} has applied {self.applied}, not yet {min_sequence}")
 
     def _ranked(self, score, k: int) -> list[Hit]:
         hits = [Hit(float(score(text)), chunk_id.split("#")[0], chunk_id, source, text, self.shard_id)
@@ -95,11 +99,11 @@ class FakeShard:
         return sorted(hits, key=lambda h: -h.score)[:k]
 
     async def search(self, vector, k, ef, scope, deadline, min_sequence=None) -> list[Hit]:
-        self._check()
+        self._check(min_sequence)
         return self._ranked(lambda text: words_vector(text) @ vector, k)
 
     async def lexical_search(self, query, k, scope, deadline, min_sequence=None) -> list[Hit]:
-        self._check()
+        self._check(min_sequence)
         words = set(query.lower().split())
         return self._ranked(lambda text: len(words & set(text.lower().split())) / max(1, len(words)), k)
 
