@@ -85,6 +85,12 @@ class PermissionDenied(RagloomError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class Unauthenticated(RagloomError):
+    """The call carries no identity this service can believe."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 # Who is at fault when a call fails: decided here, once, for every caller (failover, circuit
 # breakers, partial results, the status passed on).
 

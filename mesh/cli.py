@@ -52,6 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--mtls", action=argparse.BooleanOptionalAction, default=True,
                     help="mutual TLS between gateway, router and services with SPIFFE identities from a local CA in "
                     "DATA_DIR/pki; each service admits only the callers the policy names (default: on)")
+    up.add_argument("--auth", action=argparse.BooleanOptionalAction, default=True,
+                    help="bearer JWTs at the gateway decide who is asking and their tenant: a signing key, its JWKS "
+                    "and a development token (0600, sent by this CLI) are made in DATA_DIR/pki; `ragloom token` "
+                    "mints more. --no-auth lets anyone who reaches the port act as any tenant: a laptop only "
+                    "(default: on)")
+    up.add_argument("--jwt-issuer", default=os.environ.get("RAGLOOM_JWT_ISSUER", ""),
+                    help="with --jwks-uri: accept tokens of this OIDC issuer (their iss) instead of the local one "
+                    "[env RAGLOOM_JWT_ISSUER]")
+    up.add_argument("--jwt-audience", dest="jwt_audiences", action="append", default=[], metavar="AUD",
+                    help="with --jwks-uri: an accepted aud (repeatable; none = any)")
+    up.add_argument("--jwks-uri", default=os.environ.get("RAGLOOM_JWKS_URI", ""),
+                    help="the issuer's JWKS URL (its OIDC discovery document's jwks_uri) [env RAGLOOM_JWKS_URI]")
     up.add_argument("--values", action="append", type=Path, default=[], metavar="FILE",
                     help="Helm values overlay(s) for the traffic policy, e.g. mesh/chart/values-canary.yaml (repeatable)")
     up.add_argument("--canary-weight", type=int, default=None,
@@ -78,10 +90,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("service", choices=SERVICES, help="the service to run")
     serve.add_argument("flags", nargs=argparse.REMAINDER, help="the service's flags")
 
+    def data_dir_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("RAGLOOM_DATA_DIR", default_data_dir())),
+                       help="the mesh's data folder (default: %(default)s) [env RAGLOOM_DATA_DIR]")
+
     def client_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--router", default=os.environ.get("RAGLOOM_ROUTER", DEFAULT_ROUTER),
                        help="router address (default: %(default)s) [env RAGLOOM_ROUTER]")
         p.add_argument("--timeout", type=float, default=300.0, help="seconds before the call is abandoned")
+        p.add_argument("--token", default=None,
+                       help="bearer token to send (default: $RAGLOOM_TOKEN, else the development token "
+                       "`ragloom up` wrote in DATA_DIR/pki/token)")
+        data_dir_arg(p)
+
+    token = sub.add_parser("token", help="mint a bearer token for a tenant (the local issuer of `ragloom up`)",
+                           description="Prints a token signed by the local issuer's key in DATA_DIR/pki. Send it "
+                           "as `authorization: Bearer TOKEN` (REST or gRPC metadata), or set RAGLOOM_TOKEN for this CLI.")
+    token.add_argument("--tenant", required=True, help="the tenant the token acts for")
+    token.add_argument("--ttl", default="1h", help="lifetime, like 15m, 1h, 30d (default: %(default)s)")
+    token.add_argument("--read-only", action="store_true", help="search and ask only: ingest and delete are refused")
+    data_dir_arg(token)
 
     ingest = sub.add_parser("ingest", help="add files or folders to the collection",
                             description="Ingests txt, md, html and pdf files (folders are walked). A file ingested "
@@ -123,11 +151,29 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(run_up(MeshSpec.from_namespace(args)))
         if args.command == "serve":
             sys.exit(_serve(args))
+        if args.command == "token":
+            sys.exit(_token(args))
         from mesh import commands
 
         sys.exit(getattr(commands, args.command)(args))
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def _token(args: argparse.Namespace) -> int:
+    from mesh.auth import Signer, parse_ttl
+
+    folder = args.data_dir / "pki"
+    if not (folder / Signer.KEY_FILE).exists():
+        print(f"ragloom token: no signing key in {folder}: start the mesh once with `ragloom up` "
+              "(--data-dir as there)", file=sys.stderr)
+        return 2
+    try:
+        print(Signer(folder).mint(args.tenant, parse_ttl(args.ttl), read_only=args.read_only))
+    except ValueError as exc:
+        print(f"ragloom token: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:

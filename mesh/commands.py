@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -12,8 +13,25 @@ from pathlib import Path
 import grpc
 from tqdm import tqdm
 
+from mesh.auth import client_token
 from ragloom.router.v1 import router_pb2, router_pb2_grpc
 from router.parsing import supported
+
+
+class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Sends `authorization: Bearer <token>` with every call."""
+
+    def __init__(self, token: str):
+        self.metadata = (("authorization", f"Bearer {token}"),)
+
+    def _details(self, details):
+        return details._replace(metadata=tuple(details.metadata or ()) + self.metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
 
 
 def _stub(args: argparse.Namespace) -> router_pb2_grpc.RouterServiceStub:
@@ -21,6 +39,9 @@ def _stub(args: argparse.Namespace) -> router_pb2_grpc.RouterServiceStub:
     channel = grpc.insecure_channel(
         args.router, options=[("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)]
     )
+    token = args.token if args.token is not None else client_token(os.environ, args.data_dir)
+    if token:
+        channel = grpc.intercept_channel(channel, _Bearer(token))
     return router_pb2_grpc.RouterServiceStub(channel)
 
 
@@ -28,6 +49,9 @@ def _fail(args: argparse.Namespace, exc: grpc.RpcError) -> int:
     print(f"ragloom: {exc.code().name}: {exc.details()}", file=sys.stderr)
     if exc.code() == grpc.StatusCode.UNAVAILABLE:
         print(f"ragloom: is the mesh running (`ragloom up`)? router address: {args.router}", file=sys.stderr)
+    elif exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+        print(f"ragloom: set RAGLOOM_TOKEN (or --token) to a token for this mesh; `ragloom up` writes one to "
+              f"{args.data_dir / 'pki' / 'token'} and `ragloom token --tenant NAME` mints more", file=sys.stderr)
     return 1
 
 

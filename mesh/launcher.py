@@ -19,7 +19,8 @@ from fabric.client import wait_healthy
 from fabric.settings import ENV_PREFIX
 from fabric.tls import Identity, LocalCA, spiffe_id
 from mesh import policy
-from mesh.gateway import Upstream, envoy_argv, envoy_config, write_config
+from mesh.auth import AUDIENCE, ISSUER, Signer, Verifier
+from mesh.gateway import Upstream, admin_get, envoy_argv, envoy_config, write_config
 from mesh.spec import FIXED_PORTS, SERVICES, MeshSpec
 
 
@@ -33,9 +34,11 @@ class Child:
     #: None = the launcher's own.
     env: dict[str, str] | None = None
     process: subprocess.Popen | None = None
-    #: Readiness: gRPC health on `address` (with this mTLS identity), or this HTTP URL (Envoy's /ready).
+    #: Readiness: gRPC health on `address` (with this mTLS identity), this HTTP URL (NATS's /healthz), or
+    #: GET /ready on this admin unix socket (Envoy's).
     identity: Identity | None = None
     ready_url: str = ""
+    ready_socket: Path | None = None
     #: Port of its Prometheus /metrics, 0 when off.
     metrics_port: int = 0
 
@@ -53,6 +56,10 @@ class Plan:
     gateway_config_path: Path | None = None
     #: The embedded NATS server's config file: (path, text); None with an external NATS.
     nats_config: tuple[Path, str] | None = None
+    #: With authentication by the local issuer: its folder (the signing key, JWKS and development token).
+    signer_folder: Path | None = None
+    #: The gateway's Prometheus stats (its admin is a unix socket): http://host:port/stats/prometheus.
+    gateway_metrics: str = ""
 
     def child(self, name: str) -> Child:
         return next(c for c in self.children if c.name == name)
@@ -88,7 +95,7 @@ def plan(spec: MeshSpec, environ: Mapping[str, str] | None = None) -> Plan:
     embedder, generator = f"{host}:{base}", f"{host}:{base + 1}"
     router = f"{host}:{base + 2}" if spec.gateway else f"{host}:{spec.router_port}"
     router_canary = f"{host}:{base + 3}"
-    admin_port = base + 4
+    gateway_metrics_port = base + 4
     replicas = spec.replicas
     # shards[s][r]: address of replica r of shard s
     shards = [[f"{host}:{base + FIXED_PORTS + s * replicas + r}" for r in range(replicas)] for s in range(spec.shards)]
@@ -150,20 +157,37 @@ def plan(spec: MeshSpec, environ: Mapping[str, str] | None = None) -> Plan:
                     *log_flags]
     if spec.redis_url:
         router_flags += ["--redis-url", spec.redis_url]
+    edge = traffic.edge.auth
+    if spec.auth:  # the tenant is the verified token's, forwarded by the gateway and believed from it alone
+        router_flags += ["--tenant-from", "gateway", "--trusted-gateways", traffic.spiffe_id(policy.GATEWAY),
+                         "--tenant-header", edge.tenant_header, "--scope-header", edge.scope_header,
+                         "--write-scope", edge.write_scope]
+    else:
+        router_flags += ["--tenant-from", "request"]
     children.append(child("router", "router", router, router_flags))
     if spec.gateway and canary_weight:
         children.append(child("router-canary", "router", router_canary, router_flags))
     result = Plan(children, pki, certificates, nats_config=nats_config)
     if spec.gateway:
+        verifier = None
+        if spec.auth and spec.jwks_uri:
+            verifier = Verifier(spec.jwt_issuer, tuple(spec.jwt_audiences), jwks_uri=spec.jwks_uri)
+        elif spec.auth:
+            result.signer_folder = data / "pki"
+            verifier = Verifier(ISSUER, (AUDIENCE,), jwks_path=data / "pki" / Signer.JWKS_FILE)
+        admin_socket = data / "gateway" / "admin.sock"
         result.gateway_config = envoy_config(
-            traffic, listen_host=host, listen_port=spec.router_port, admin_port=admin_port,
+            traffic, listen_host=host, listen_port=spec.router_port, admin_socket=admin_socket,
             stable=Upstream("stable", host, int(router.rsplit(":", 1)[1])),
             canary=Upstream("canary", host, base + 3) if canary_weight else None,
             identity=identity("gateway", traffic.spiffe_id(policy.GATEWAY)), canary_weight=canary_weight,
+            verifier=verifier, metrics_port=gateway_metrics_port,
         )
         result.gateway_config_path = data / "gateway" / "envoy.json"
-        children.append(Child("gateway", f"{host}:{spec.router_port}", envoy_argv(result.gateway_config_path, base_id=admin_port),
-                              logs / "gateway.log", env=dict(environ), ready_url=f"http://127.0.0.1:{admin_port}/ready"))
+        result.gateway_metrics = f"http://{host}:{gateway_metrics_port}/stats/prometheus"
+        children.append(Child("gateway", f"{host}:{spec.router_port}",
+                              envoy_argv(result.gateway_config_path, base_id=gateway_metrics_port),
+                              logs / "gateway.log", env=dict(environ), ready_socket=admin_socket))
     return result
 
 
@@ -173,6 +197,8 @@ def prepare(plan_: Plan) -> None:
         ca = LocalCA(plan_.pki)
         for name, spiffe in plan_.certificates.items():
             ca.issue(name, spiffe)
+    if plan_.signer_folder is not None:
+        Signer(plan_.signer_folder).write_development_token()
     if plan_.gateway_config is not None:
         write_config(plan_.gateway_config, plan_.gateway_config_path)
     if plan_.nats_config is not None:
@@ -305,9 +331,24 @@ async def _wait_http_ready(url: str, timeout_s: float) -> None:
     raise TimeoutError(f"{url} not ready after {timeout_s:.0f}s")
 
 
+async def _wait_admin_ready(socket: Path, timeout_s: float) -> None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            status, _ = await asyncio.to_thread(admin_get, socket, "/ready", 1.0)
+            if status == 200:
+                return
+        except OSError:
+            pass
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"the gateway's admin ({socket}) not ready after {timeout_s:.0f}s")
+
+
 async def wait_ready(children: list[Child], timeout_s: float, quiet: bool = False) -> None:
     async def one(child: Child) -> None:
-        if child.ready_url:
+        if child.ready_socket is not None:
+            task = asyncio.ensure_future(_wait_admin_ready(child.ready_socket, timeout_s))
+        elif child.ready_url:
             task = asyncio.ensure_future(_wait_http_ready(child.ready_url, timeout_s))
         else:
             task = asyncio.ensure_future(wait_healthy(child.address, timeout_s, identity=child.identity))
@@ -348,10 +389,18 @@ def run_up(spec: MeshSpec) -> int:
         public = planned.public.address
         lines = ["", "ragloom is up.", f"  public API, gRPC: {public}"]
         if spec.gateway:
-            admin = planned.child("gateway").ready_url.rsplit("/", 1)[0]
             lines += [f"  public API, REST: http://{public}/v1/search  /v1/ask  /v1/documents",
-                      f"  gateway admin:    {admin}/stats/prometheus"]
+                      f"  gateway metrics:  {planned.gateway_metrics}"]
         lines.append(f"  mutual TLS:       {'on, CA in ' + str(data_dir / 'pki') if spec.mtls else 'off'}")
+        if planned.signer_folder is not None:
+            token = planned.signer_folder / Signer.TOKEN_FILE
+            lines += [f"  authentication:   bearer tokens; the CLI sends the development token in {token}",
+                      "                    (tenant 'default'); `ragloom token --tenant NAME` mints others"]
+        elif spec.auth:
+            lines.append(f"  authentication:   bearer tokens from {spec.jwt_issuer} (keys: {spec.jwks_uri})")
+        else:
+            lines += ["", "  WARNING: authentication is OFF (--no-auth): anyone who can reach "
+                      f"{public} may read, overwrite or delete any tenant's documents. Use it on a laptop only.", ""]
         lines += ["  try: ragloom ingest --sample && ragloom ask \"How do honeybees tell each other where flowers are?\"",
                   f"  (clients find the API at {public}: the default, or --router / RAGLOOM_ROUTER)",
                   "Press Ctrl-C to stop."]

@@ -45,7 +45,7 @@ class Retries:
     attempts: int
     #: Longest wait for one attempt's first response bytes (a stream already answering is never retried).
     per_try_timeout_s: float
-    #: gRPC/Envoy retry conditions, e.g. ("unavailable", "cancelled", "resource-exhausted").
+    #: gRPC/Envoy retry conditions, e.g. ("unavailable", "cancelled").
     retry_on: tuple[str, ...]
 
 
@@ -60,6 +60,26 @@ class Route:
     canary: bool
     #: Percent of calls (without the header) sent to the canary; 0 when there is none.
     canary_weight: int
+    #: Retries of the writes safe to repeat (IDEMPOTENT), and of every method of unknown idempotency.
+    idempotent_retries: Retries
+    unsafe_retries: Retries
+    #: Method names (of the service's proto) by idempotency: reads, then idempotent writes.
+    no_side_effects: tuple[str, ...] = ()
+    idempotent: tuple[str, ...] = ()
+
+    def retries_for(self, method: str) -> Retries:
+        """The retries a call of `method` may get: a read's, an idempotent write's, or, for a method
+        not declared either, only those that cannot replay it (the request never reached the server)."""
+        if method in self.no_side_effects:
+            return self.retries
+        if method in self.idempotent:
+            return self.idempotent_retries
+        return self.unsafe_retries
+
+    def retry_classes(self) -> list[tuple[tuple[str, ...], Retries]]:
+        """(methods, retries) for the reads, the idempotent writes, and () for every other method."""
+        return [(self.no_side_effects, self.retries), (self.idempotent, self.idempotent_retries),
+                ((), self.unsafe_retries)]
 
 
 @dataclass(frozen=True)
@@ -78,6 +98,8 @@ class TrafficPolicy:
     callers: Mapping[str, tuple[str, ...]]
     gateway_namespace: str
     gateway_service_account: str
+    #: Who is asking, quotas and limits at the gateway.
+    edge: "Edge" = None  # type: ignore[assignment]
 
     def route(self, service: str) -> Route:
         return self.routes[service]
@@ -97,6 +119,60 @@ class TrafficPolicy:
 
     def allowed_spiffe_ids(self, service: str) -> tuple[str, ...]:
         return tuple(self.spiffe_id(caller) for caller in self.callers.get(service, ()))
+
+
+@dataclass(frozen=True)
+class Auth:
+    """Bearer JWTs verified at the gateway; the verified claims travel to the router as headers."""
+
+    enabled: bool
+    issuer: str
+    audiences: tuple[str, ...]
+    jwks_uri: str
+    jwks: str
+    tenant_claim: str
+    scope_claim: str
+    write_scope: str
+    tenant_header: str
+    scope_header: str
+
+    @property
+    def identity_headers(self) -> tuple[str, str]:
+        """The headers only the gateway may set: stripped from what callers send."""
+        return (self.tenant_header, self.scope_header)
+
+
+@dataclass(frozen=True)
+class Edge:
+    auth: Auth
+    #: Per-tenant token bucket: sustained rate, burst, how many tenants' buckets are kept; 0 rate = off.
+    requests_per_second: float
+    burst: int
+    max_tenants: int
+    #: Largest request body the gateway accepts.
+    max_request_bytes: int
+
+
+def _edge(values: Mapping) -> Edge:
+    auth = values.get("auth") or {}
+    quotas = values.get("quotas") or {}
+    limits = values.get("limits") or {}
+    rate = float(quotas.get("requestsPerSecond", 0)) if quotas.get("enabled", True) else 0.0
+    burst = int(quotas.get("burst", max(1, int(rate))))
+    if rate < 0 or (rate and burst < 1):
+        raise ValueError("quotas.requestsPerSecond must be >= 0 and quotas.burst >= 1")
+    return Edge(
+        auth=Auth(
+            enabled=bool(auth.get("enabled", False)), issuer=str(auth.get("issuer") or ""),
+            audiences=tuple(auth.get("audiences") or ()), jwks_uri=str(auth.get("jwksUri") or ""),
+            jwks=str(auth.get("jwks") or ""), tenant_claim=auth.get("tenantClaim", "tenant"),
+            scope_claim=auth.get("scopeClaim", "scope"), write_scope=auth.get("writeScope", "write"),
+            tenant_header=auth.get("tenantHeader", "x-ragloom-tenant").lower(),
+            scope_header=auth.get("scopeHeader", "x-ragloom-scope").lower(),
+        ),
+        requests_per_second=rate, burst=burst, max_tenants=int(quotas.get("maxTenants", 10000)),
+        max_request_bytes=int(limits.get("maxRequestBytes", 16 * 1024 * 1024)),
+    )
 
 
 def load(*overlays: str | Path, values: str | Path = VALUES, namespace: str = DEFAULT_NAMESPACE) -> TrafficPolicy:
@@ -130,6 +206,13 @@ def from_values(values: Mapping, namespace: str = DEFAULT_NAMESPACE) -> TrafficP
     tp = values["trafficPolicy"]
     canary = tp.get("canary") or {}
     defaults = tp["retries"]
+    methods = tp.get("methods") or {}
+
+    def retries_of(spec: Mapping, base: Mapping | None = None) -> Retries:
+        spec = {**(base or {}), **spec}
+        return Retries(attempts=int(spec["attempts"]), per_try_timeout_s=parse_duration(spec["perTryTimeout"]),
+                       retry_on=tuple(spec["retryOn"]))
+
     routes = {}
     for service in SERVICES:
         own = (tp.get("services") or {}).get(service) or {}
@@ -143,13 +226,13 @@ def from_values(values: Mapping, namespace: str = DEFAULT_NAMESPACE) -> TrafficP
             raise ValueError(f"trafficPolicy.services.{service}.timeout is required")
         routes[service] = Route(
             timeout_s=parse_duration(own["timeout"]),
-            retries=Retries(
-                attempts=int(retries["attempts"]),
-                per_try_timeout_s=parse_duration(retries["perTryTimeout"]),
-                retry_on=tuple(retries["retryOn"]),
-            ),
+            retries=retries_of(retries),
             canary=enabled,
             canary_weight=weight,
+            idempotent_retries=retries_of(tp.get("idempotentRetries") or {"attempts": 0}, retries),
+            unsafe_retries=retries_of(tp.get("unsafeRetries") or {"attempts": 0}, retries),
+            no_side_effects=tuple((methods.get(service) or {}).get("noSideEffects") or ()),
+            idempotent=tuple((methods.get(service) or {}).get("idempotent") or ()),
         )
     header = canary.get("header") or {}
     gateway = tp.get("gateway") or {}
@@ -165,6 +248,7 @@ def from_values(values: Mapping, namespace: str = DEFAULT_NAMESPACE) -> TrafficP
         callers=MappingProxyType({s: tuple(callers.get(s) or ()) for s in SERVICES}),
         gateway_namespace=gateway.get("namespace", "istio-system"),
         gateway_service_account=gateway.get("serviceAccount", "istio-ingressgateway-service-account"),
+        edge=_edge(values),
     )
 
 

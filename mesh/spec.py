@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SERVICES = ("embedder", "indexer", "generator", "router")
-#: embedder, generator, router, canary router, gateway admin, NATS, NATS monitoring
+#: embedder, generator, router, canary router, gateway metrics, NATS, NATS monitoring
 FIXED_PORTS = 7
 
 
@@ -16,7 +16,7 @@ FIXED_PORTS = 7
 class MeshSpec:
     """The mesh on one machine: how many shards and replicas, which ports, which generator, which planes.
 
-    Ports from `base_port`: embedder, generator, router, canary router, gateway admin, NATS,
+    Ports from `base_port`: embedder, generator, router, canary router, gateway metrics, NATS,
     NATS monitoring, then the shards' replicas. With the gateway on, Envoy takes `router_port` (gRPC and REST) and the router
     listens on its internal port; without it, the router takes `router_port`.
     """
@@ -38,6 +38,12 @@ class MeshSpec:
     log_replicas: int = 1
     gateway: bool = True
     mtls: bool = True
+    #: Bearer JWTs at the gateway decide the tenant: the local issuer's (keys under data_dir/pki), or,
+    #: with jwks_uri, any OIDC provider's.
+    auth: bool = True
+    jwt_issuer: str = ""
+    jwt_audiences: tuple[str, ...] = ()
+    jwks_uri: str = ""
     #: Percent of traffic for a canary router; None = what the values' router canary says.
     canary_weight: int | None = None
     #: Helm values overlays for the traffic policy.
@@ -50,6 +56,7 @@ class MeshSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser().resolve())
         object.__setattr__(self, "values", tuple(Path(v) for v in self.values))
+        object.__setattr__(self, "jwt_audiences", tuple(self.jwt_audiences))
 
     def validate(self) -> None:
         """Raises ValueError naming the flag that cannot work."""
@@ -57,6 +64,13 @@ class MeshSpec:
             raise ValueError("--shards and --replicas must be at least 1")
         if self.mtls and not self.gateway:
             raise ValueError("--mtls needs the gateway (only it may call the router); add --no-mtls with --no-gateway")
+        if self.auth and not (self.gateway and self.mtls):
+            raise ValueError("--auth needs the gateway and --mtls (the router believes a tenant only from the "
+                             "gateway's certificate); for a laptop without them add --no-auth")
+        if self.jwks_uri and not self.jwt_issuer:
+            raise ValueError("--jwks-uri needs --jwt-issuer (the tokens' iss)")
+        if self.jwks_uri and not self.jwks_uri.startswith(("https://", "http://")):
+            raise ValueError(f"--jwks-uri must be an http(s) URL: {self.jwks_uri!r}")
         if self.canary_weight is not None and not 0 <= self.canary_weight <= 100:
             raise ValueError("--canary-weight must be between 0 and 100")
         if self.startup_timeout_s <= 0:

@@ -25,13 +25,14 @@ _tracer = tracer("ragloom.router")
 
 
 class CachedQueryVectors:
-    """Query embeddings through the cache: a repeated query costs no embedder call."""
+    """Query embeddings through the cache: a tenant's repeated query costs no embedder call."""
 
     def __init__(self, embedder: EmbedderClient, cache: Cache):
         self.embedder, self.cache = embedder, cache
 
-    async def query(self, text: str, deadline: Deadline) -> np.ndarray:
-        key = cache_key("embedding", query=text)
+    async def query(self, text: str, deadline: Deadline, tenant: str = "") -> np.ndarray:
+        # Per tenant: a hit is faster than a miss, so a shared entry would tell one tenant what another asked.
+        key = cache_key("embedding", query=text, tenant=tenant)
         cached = await self.cache.get(key)
         trace.get_current_span().set_attribute("ragloom.cache_hit", cached is not None)
         if cached is not None and len(cached) % 4 == 0:

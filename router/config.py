@@ -20,6 +20,10 @@ class RagConfig:
     context_tokens: int = 2048
     max_document_bytes: int = 50 * 1024 * 1024
     max_documents: int = 256
+    # Work budgets, refused before any model work: a question's or query's length in tokens, and the
+    # chunks one ingest request may make.
+    max_question_tokens: int = 512
+    max_chunks_per_request: int = 20_000
     retrieval_mode: str = "hybrid"
     # Citation fallback: when the model writes no [n] markers, sources this close to the answer are cited.
     attribution_min_score: float = 0.45

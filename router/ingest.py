@@ -139,6 +139,11 @@ class Ingestion:
         # Parse and chunk every document before writing anything: one bad file refuses the batch whole.
         parsed = await asyncio.to_thread(self._parse_all, documents, ids)
         timings.parse_ms = clock.lap()
+        chunks = sum(len(p.chunks) for p in parsed)
+        if chunks > self.config.max_chunks_per_request:
+            raise InvalidArgument("documents", f"these documents make {chunks} chunks, more than the limit of "
+                                               f"{self.config.max_chunks_per_request} per request (the router's "
+                                               f"--max-chunks-per-request): send them in smaller requests")
 
         # Each chunk is embedded with its document's title in front (the stored text stays as it is).
         texts = [_titled(title_for(p.document.source or p.id), text) for p in parsed for text in p.chunks]

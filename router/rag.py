@@ -72,9 +72,18 @@ class Rag:
             raise InvalidArgument("top_k", f"must be between 1 and {limit}, got {top_k}")
         return top_k
 
+    def check_length(self, field: str, text: str) -> None:
+        """INVALID_ARGUMENT for a question or query past the token limit, decided before any model work:
+        a text of more than 100 characters a token (WordPiece's longest word) is refused unread."""
+        limit = self.config.max_question_tokens
+        if len(text) > 100 * limit or self.chunker.count(text) > limit:
+            raise InvalidArgument(field, f"is longer than the limit of {limit} tokens (the router's "
+                                         f"--max-question-tokens); ask about a shorter text")
+
     async def search(self, query: SearchQuery, deadline: Deadline) -> tuple[list[Hit], Coverage, Timings]:
         if not query.query.strip():
             raise InvalidArgument("query", "must not be empty")
+        self.check_length("query", query.query)
         k = self._top_k(query.top_k, self.config.default_top_k, self.config.max_top_k)
         rerank = self.config.rerank_search if query.rerank is None else query.rerank
         clock = Clock()
@@ -92,6 +101,7 @@ class Rag:
         """The query checked, with the router's defaults in place of what it leaves unset."""
         if not query.question.strip():
             raise InvalidArgument("question", "must not be empty")
+        self.check_length("question", query.question)
         k = self._top_k(query.top_k, self.config.ask_top_k, self.config.max_ask_top_k)
         limit = self.config.context_tokens // 2
         if query.max_tokens is not None and not 1 <= query.max_tokens <= limit:

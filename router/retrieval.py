@@ -41,15 +41,15 @@ def fuse_reciprocal_rank(rankings: list[list[Hit]]) -> list[Hit]:
 class QueryVectors(Protocol):
     """Where a query's embedding comes from (the embedder, or a cache in front of it)."""
 
-    async def query(self, text: str, deadline: Deadline) -> np.ndarray:
-        """The (1, dim) embedding of one query."""
+    async def query(self, text: str, deadline: Deadline, tenant: str = "") -> np.ndarray:
+        """The (1, dim) embedding of one query, asked for `tenant` (a cache keeps tenants apart)."""
 
 
 class Uncached:
     def __init__(self, embedder: EmbedderClient):
         self.embedder = embedder
 
-    async def query(self, text: str, deadline: Deadline) -> np.ndarray:
+    async def query(self, text: str, deadline: Deadline, tenant: str = "") -> np.ndarray:
         DOWNSTREAM_CALLS.labels("embedder").inc()
         return await self.embedder.embed([text], deadline)
 
@@ -105,7 +105,7 @@ class Retriever:
             dense = None
             if mode != "lexical":
                 with span(_tracer, "embed query"):
-                    vector = await self.vectors.query(query, deadline)
+                    vector = await self.vectors.query(query, deadline, scope.tenant)
                 embed_ms = clock.lap()
                 ef = max(self.config.ef, depth)
                 dense = await self._fan_out(

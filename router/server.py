@@ -17,6 +17,7 @@ from ragloom.router.v1 import router_pb2, router_pb2_grpc
 from router.admission import Admission
 from router.cache import Cache, MemoryBackend, RedisBackend
 from router.cached import CachedQueryVectors, CachedRag
+from router.callers import Callers
 from router.chunking import Chunker
 from router.clients import EmbedderClient, GeneratorClient, ShardClient
 from router.config import RagConfig
@@ -87,6 +88,19 @@ class Settings(ServiceSettings):
     quote_min_score: float = option(
         0.0, "when no answer sentence can be verified: quote the evidence if the best passage scores at least "
              "this, else abstain")
+    max_question_tokens: int = option(512, "longest question or search query, in tokens; longer ones are refused "
+                                           "(INVALID_ARGUMENT) before any model work")
+    max_chunks_per_request: int = option(20_000, "most chunks one ingest request may make; more is refused "
+                                                 "(INVALID_ARGUMENT) before anything is embedded")
+    tenant_from: str = option("gateway", "where a call's tenant comes from: 'gateway' (the verified token's, in "
+                                         "the header the gateway sets; a request may not name another) or "
+                                         "'request' (the request's own tenant field: no authentication, a laptop only)")
+    trusted_gateways: list[str] = option([], "SPIFFE ids of the gateways whose identity headers are believed "
+                                             "(mTLS peer certificate); empty: every caller the transport admits "
+                                             "(in a cluster the AuthorizationPolicy admits only the gateway)")
+    tenant_header: str = option("x-ragloom-tenant", "header carrying the verified tenant")
+    scope_header: str = option("x-ragloom-scope", "header carrying the verified token's space-separated scopes")
+    write_scope: str = option("write", "scope a token needs to ingest or delete")
     embed_timeout_s: float = option(30.0, "longest wait for one embedder call")
     search_timeout_s: float = option(2.0, "longest wait for one shard's search; a slower shard is left out (partial result)")
     write_timeout_s: float = option(30.0, "longest wait for one shard write")
@@ -104,6 +118,9 @@ class Settings(ServiceSettings):
             raise ValueError("max_inflight must be positive")
         if self.prompt not in ("evidence", "passages"):
             raise ValueError("prompt must be evidence or passages")
+        Callers(self.tenant_from)  # raises for an unknown source
+        if self.max_question_tokens < 1 or self.max_chunks_per_request < 1:
+            raise ValueError("max_question_tokens and max_chunks_per_request must be positive")
         if self.rerank_candidates < 1 or self.evidence_sentences < 1 or self.evidence_tokens < 16:
             raise ValueError("rerank_candidates and evidence_sentences must be positive, evidence_tokens at least 16")
 
@@ -151,8 +168,8 @@ def _mode(request) -> str:
     return _MODES[request.mode]
 
 
-def _scope(request) -> Scope:
-    return Scope(request.scope.tenant, tuple(request.scope.tags))
+def _scope(request, tenant: str) -> Scope:
+    return Scope(tenant, tuple(request.scope.tags))
 
 
 def _coverage(c: Coverage) -> router_pb2.Coverage:
@@ -166,7 +183,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def _deadline(self, context) -> Deadline:
         return Deadline.from_context(context, self.service.settings.request_timeout_s)
 
+    def _tenant(self, context, requested: str, write: bool = False) -> str:
+        return self.service.callers.tenant(context, requested, write)
+
     async def Ingest(self, request, context):
+        tenant = self._tenant(context, request.tenant, write=True)
         docs = [
             DocumentInput(
                 id=d.id, source=d.source, body=d.text if d.WhichOneof("body") == "text" else d.content,
@@ -175,20 +196,21 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             for d in request.documents
         ]
         with self.service.admission.admit():
-            results, timings, sequences = await self.service.rag.ingest(docs, self._deadline(context), request.tenant)
+            results, timings, sequences = await self.service.rag.ingest(docs, self._deadline(context), tenant)
         return router_pb2.IngestResponse(
             documents=[router_pb2.IngestedDocument(**vars(r)) for r in results], timings=_timings(timings),
             sequences=sequences,
         )
 
     async def DeleteDocument(self, request, context):
+        tenant = self._tenant(context, request.tenant, write=True)
         with self.service.admission.admit():
-            removed, sequences = await self.service.rag.delete(request.document_id, self._deadline(context),
-                                                               request.tenant)
+            removed, sequences = await self.service.rag.delete(request.document_id, self._deadline(context), tenant)
         return router_pb2.DeleteDocumentResponse(removed_chunks=removed, sequences=sequences)
 
     async def Search(self, request, context):
-        query = SearchQuery(request.query, _optional(request, "top_k"), _scope(request), request.require_complete,
+        scope = _scope(request, self._tenant(context, request.scope.tenant))
+        query = SearchQuery(request.query, _optional(request, "top_k"), scope, request.require_complete,
                             _mode(request), _optional(request, "rerank"), dict(request.min_sequences))
         with self.service.admission.admit():
             hits, coverage, timings = await self.service.rag.search(query, self._deadline(context))
@@ -196,9 +218,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                                          coverage=_coverage(coverage))
 
     async def _ask(self, request, context) -> AsyncIterator[AskEvent]:
+        scope = _scope(request, self._tenant(context, request.scope.tenant))
         query = AskQuery(
             request.question, _optional(request, "top_k"), _optional(request, "max_tokens"),
-            _optional(request, "temperature"), _scope(request), request.require_complete,
+            _optional(request, "temperature"), scope, request.require_complete,
             use_cache=not request.no_cache, mode=_mode(request), min_sequences=dict(request.min_sequences),
         )
         with self.service.admission.admit():
@@ -257,6 +280,8 @@ class RouterService:
         self.rag: CachedRag | None = None
         self.shard_log: ShardLog | None = None
         self.admission = Admission(settings.max_inflight)
+        self.callers = Callers(settings.tenant_from, frozenset(settings.trusted_gateways),
+                               settings.tenant_header.lower(), settings.scope_header.lower(), settings.write_scope)
 
     def register(self, server: grpc.aio.Server) -> None:
         router_pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(self), server)
@@ -272,6 +297,7 @@ class RouterService:
             abstain_below=s.abstain_below if s.abstain_below >= 0 else None, quote_min_score=s.quote_min_score,
             evidence=EvidenceConfig(sentences=s.evidence_sentences, tokens=s.evidence_tokens),
             verifier=VerifierConfig(max_paraphrase_new_words=s.max_paraphrase_new_words),
+            max_question_tokens=s.max_question_tokens, max_chunks_per_request=s.max_chunks_per_request,
         )
         shards = [
             ShardGroup(

@@ -30,7 +30,7 @@ async def _serving(service, ready):
     return await asyncio.wait_for(ready, 10)
 
 
-async def test_errors_map_to_status_codes_for_unary_and_streaming(running):
+async def test_errors_map_to_status_codes_for_every_kind_of_method(running):
     service, _, ready, _ = running
     port = await _serving(service, ready)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -52,6 +52,14 @@ async def test_errors_map_to_status_codes_for_unary_and_streaming(running):
                 async for item in stream(name.encode(), timeout=5):
                     received.append(item)
             assert stream_error.value.code() == code and received == [b"first"]
+            # client-streaming and bidirectional handlers map the same way
+            with pytest.raises(grpc.aio.AioRpcError) as gather_error:
+                await channel.stream_unary(f"/{SERVICE}/Gather")(iter([b"ok", name.encode()]), timeout=5)
+            assert gather_error.value.code() == code
+            with pytest.raises(grpc.aio.AioRpcError) as bidi_error:
+                async for _ in channel.stream_stream(f"/{SERVICE}/Bidi")(iter([name.encode()]), timeout=5):
+                    pass
+            assert bidi_error.value.code() == code
 
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await unary(b"invalid", timeout=5)

@@ -43,6 +43,8 @@ async def test_the_allowed_identity_gets_through(ca, secure_echo):
     async with channel(secure_echo, identity=ca.issue("router", ROUTER)) as ch:
         assert await ch.unary_unary(f"/{SERVICE}/Unary")(b"hello", timeout=5) == b"hello"
         assert await _bidi(ch, b"a", b"b") == [b"a", b"b"]
+        assert await ch.stream_unary(f"/{SERVICE}/Gather")(iter([b"a", b"b"]), timeout=5) == b"ab"
+        assert await _collect(ch.unary_stream(f"/{SERVICE}/Stream")(b"x", timeout=5)) == [b"first", b"never"]
 
 
 async def _bidi(ch, *requests: bytes) -> list[bytes]:
@@ -68,12 +70,13 @@ async def test_another_valid_identity_is_permission_denied(ca, secure_echo):
             await ch.unary_unary(f"/{SERVICE}/Unary")(b"hello", timeout=5)
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "ragloom-generator" in info.value.details()
-        # every kind of method is checked: server-streaming and bidirectional too (EmbedStream is one)
-        for call in (lambda: _collect(ch.unary_stream(f"/{SERVICE}/Stream")(b"hello", timeout=5)),
-                     lambda: _bidi_refused(ch)):
+        # every kind of method is checked: client-, server- and bidirectional streaming too (EmbedStream is one)
+        for kind, call in (("unary-stream", lambda: _collect(ch.unary_stream(f"/{SERVICE}/Stream")(b"hello", timeout=5))),
+                           ("stream-unary", lambda: ch.stream_unary(f"/{SERVICE}/Gather")(iter([b"a", b"b"]), timeout=5)),
+                           ("stream-stream", lambda: _bidi_refused(ch))):
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await call()
-            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED, kind
         # health stays open to any valid certificate (probes, the launcher)
         reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING

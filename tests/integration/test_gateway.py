@@ -5,18 +5,15 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from concurrent import futures
 from pathlib import Path
 
 import grpc
 import pytest
 
 from mesh import policy
-from mesh.gateway import Upstream, envoy_argv, envoy_config, write_config
-from tests.support.mesh import LocalMesh
-from tests.support.ports import free_port_block
-from mesh.launcher import Child, start_child, wait_ready, stop_all
 from fabric.tls import LocalCA
+from tests.support.gateway import start_gateway
+from tests.support.mesh import LocalMesh
 from ragloom.indexer.v1 import indexer_pb2, indexer_pb2_grpc
 from ragloom.router.v1 import router_pb2, router_pb2_grpc
 
@@ -30,9 +27,16 @@ def post(url: str, body: dict, method: str = "POST") -> tuple[int, dict]:
                                      headers={"content-type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=120) as reply:
-            return reply.status, json.loads(reply.read() or b"{}")
+            return reply.status, _json(reply.read())
     except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"{}")
+        return error.code, _json(error.read())
+
+
+def _json(body: bytes) -> dict:
+    try:
+        return json.loads(body or b"{}")
+    except ValueError:
+        return {"text": body.decode(errors="replace")}
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +73,18 @@ def test_rest_errors_are_http_statuses_with_the_grpc_message(mesh):
     assert status == 200 and body.get("removed_chunks", 0) == 0
 
 
+def test_rest_edges_unknown_paths_methods_and_empty_ids(mesh):
+    base = f"http://{mesh.router}"
+    status, body = post(f"{base}/v1/documents/", None, method="DELETE")
+    assert status == 400 and body["message"] == "document_id: must not be empty"
+    status, body = post(f"{base}/v1/nothing", {"query": "x"})
+    assert status == 404 and "/v1/search" in body["message"]
+    status, body = post(f"{base}/v1/search", None, method="GET")
+    assert status == 405 and "POST" in body["message"]
+    status, body = post(f"{base}/v1/documents/some-id", {}, method="PUT")
+    assert status == 405 and "DELETE" in body["message"]
+
+
 def test_plaintext_and_wrong_identity_are_refused(mesh):
     router_direct = mesh.child("router").address
     with grpc.insecure_channel(router_direct) as channel:
@@ -88,59 +104,39 @@ def test_plaintext_and_wrong_identity_are_refused(mesh):
         assert indexer_pb2_grpc.IndexerServiceStub(channel).Stats(indexer_pb2.StatsRequest(), timeout=5).live_chunks > 0
 
 
-def test_envoy_admin_stats_are_reachable(mesh):
-    admin = mesh.child("gateway").ready_url.rsplit("/", 1)[0]
-    stats = urllib.request.urlopen(f"{admin}/stats/prometheus", timeout=5).read().decode()
+def test_gateway_metrics_are_served_and_its_admin_is_not(mesh):
+    stats = urllib.request.urlopen(mesh.plan.gateway_metrics, timeout=5).read().decode()
     assert "envoy_cluster_upstream_rq" in stats and "router-stable" in stats
-
-
-class FakeRouter(router_pb2_grpc.RouterServiceServicer):
-    """Answers Search with its own name; can fail each call's first attempt with UNAVAILABLE."""
-
-    def __init__(self, name: str, fail_first_attempt: bool = False):
-        self.name, self.fail_first_attempt, self.seen = name, fail_first_attempt, {}
-
-    def Search(self, request, context):
-        attempts = self.seen[request.query] = self.seen.get(request.query, 0) + 1
-        if self.fail_first_attempt and attempts == 1:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
-        return router_pb2.SearchResponse(hits=[router_pb2.SearchHit(source=self.name)])
+    socket = mesh.child("gateway").ready_socket
+    assert socket.stat().st_mode & 0o777 == 0o600, "the admin socket is its owner's only"
+    metrics = mesh.plan.gateway_metrics.rsplit("/", 2)[0]
+    for base in (f"http://{mesh.router}", metrics):  # every TCP port the gateway listens on
+        for method, path in (("POST", "/quitquitquit"), ("GET", "/config_dump"), ("POST", "/healthcheck/fail")):
+            status, _ = post(base + path, None, method=method)
+            assert status in (401, 404, 405), (base, path, status)
+    status, _ = post(mesh.plan.gateway_metrics, None, method="POST")
+    assert status == 405
+    assert mesh.child("gateway").process.poll() is None, "the gateway is still running"
 
 
 @pytest.fixture
 def envoy_in_front(tmp_path):
     """Starts fake stable/canary routers and an Envoy configured from the chart's canary values."""
-    servers, children = [], []
+    started = []
 
     def start(weight: int, fail_first_attempt: bool = False):
-        ports = free_port_block(4)
-        upstreams = {}
-        for offset, name in enumerate(("stable", "canary")):
-            server = grpc.server(futures.ThreadPoolExecutor(8))
-            fake = FakeRouter(name, fail_first_attempt)
-            router_pb2_grpc.add_RouterServiceServicer_to_server(fake, server)
-            server.add_insecure_port(f"127.0.0.1:{ports + offset}")
-            server.start()
-            servers.append(server)
-            upstreams[name] = (fake, Upstream(name, "127.0.0.1", ports + offset))
-        traffic = policy.load(Path(policy.__file__).parent / "chart" / "values-canary.yaml")
-        assert traffic.route("router").canary
-        config = envoy_config(traffic, listen_host="127.0.0.1", listen_port=ports + 2, admin_port=ports + 3,
-                              stable=upstreams["stable"][1], canary=upstreams["canary"][1], canary_weight=weight)
-        path = write_config(config, tmp_path / "envoy.json")
-        child = Child("gateway", f"127.0.0.1:{ports + 2}", envoy_argv(path, base_id=ports + 3), tmp_path / "envoy.log",
-                      ready_url=f"http://127.0.0.1:{ports + 3}/ready")
-        start_child(child)
-        children.append(child)
-        import asyncio
-
-        asyncio.run(wait_ready([child], 30, quiet=True))
-        return child.address, traffic, {name: fake for name, (fake, _) in upstreams.items()}
+        gateway = start_gateway(tmp_path / f"gw{len(started)}", values=(CANARY_VALUES,), weight=weight, canary=True,
+                                fail_first_attempt=fail_first_attempt)
+        started.append(gateway)
+        assert gateway.traffic.route("router").canary
+        return gateway.address, gateway.traffic, gateway.fakes
 
     yield start
-    stop_all(children)
-    for server in servers:
-        server.stop(0)
+    for gateway in started:
+        gateway.stop()
+
+
+CANARY_VALUES = Path(policy.__file__).parent / "chart" / "values-canary.yaml"
 
 
 def test_canary_split_and_header_override(envoy_in_front):
@@ -157,13 +153,19 @@ def test_canary_split_and_header_override(envoy_in_front):
 
 
 def traffic_weight() -> int:
-    return policy.load(Path(policy.__file__).parent / "chart" / "values-canary.yaml").route("router").canary_weight
+    return policy.load(CANARY_VALUES).route("router").canary_weight
 
 
-def test_envoy_retries_a_router_that_fails_its_first_attempt(envoy_in_front):
+def test_envoy_retries_reads_and_idempotent_writes_by_the_protos(envoy_in_front):
     address, traffic, fakes = envoy_in_front(weight=0, fail_first_attempt=True)
-    assert "unavailable" in traffic.route("router").retries.retry_on
+    route = traffic.route("router")
+    assert route.retries_for("Search") is route.retries and "unavailable" in route.retries.retry_on
+    assert route.retries_for("Ingest") is route.idempotent_retries
     with grpc.insecure_channel(address) as channel:
-        reply = router_pb2_grpc.RouterServiceStub(channel).Search(router_pb2.SearchRequest(query="once"), timeout=10)
+        stub = router_pb2_grpc.RouterServiceStub(channel)
+        reply = stub.Search(router_pb2.SearchRequest(query="once"), timeout=10)
+        ingested = stub.Ingest(router_pb2.IngestRequest(documents=[router_pb2.Document(id="doc", text="t")]), timeout=10)
     assert reply.hits[0].source == "stable"
     assert fakes["stable"].seen["once"] == 2, "the client saw success because Envoy retried"
+    assert [d.id for d in ingested.documents] == ["doc"]
+    assert fakes["stable"].seen["ingest:doc"] == 2, "Ingest is IDEMPOTENT: retried once after UNAVAILABLE"

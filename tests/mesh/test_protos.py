@@ -56,3 +56,29 @@ def test_router_public_rpcs_carry_http_annotations():
     assert routes["Search"] == ("post", "/v1/search")
     assert routes["Ingest"] == ("post", "/v1/documents")
     assert routes["DeleteDocument"] == ("delete", "/v1/documents/{document_id}")
+
+
+def test_the_policys_method_idempotency_is_the_protos():
+    """Retries follow each method's idempotency_level: the values' lists must say what the protos say."""
+    from google.protobuf import descriptor_pb2
+
+    from mesh import policy
+    from ragloom.embedder.v1 import embedder_pb2
+    from ragloom.generator.v1 import generator_pb2
+    from ragloom.indexer.v1 import indexer_pb2
+    from ragloom.router.v1 import router_pb2
+
+    levels = descriptor_pb2.MethodOptions.IdempotencyLevel
+    traffic = policy.load()
+    for service, module in (("router", router_pb2), ("embedder", embedder_pb2), ("indexer", indexer_pb2),
+                            ("generator", generator_pb2)):
+        (described,) = module.DESCRIPTOR.services_by_name.values()
+        declared = {m.name: m.GetOptions().idempotency_level for m in described.methods}
+        route = traffic.route(service)
+        assert set(route.no_side_effects) == {n for n, lv in declared.items() if lv == levels.Value("NO_SIDE_EFFECTS")}
+        assert set(route.idempotent) == {n for n, lv in declared.items() if lv == levels.Value("IDEMPOTENT")}
+        for name in declared:
+            retries = route.retries_for(name)
+            assert "resource-exhausted" not in retries.retry_on, "overload is never retried"
+        assert route.retries_for("SomethingNew") is route.unsafe_retries
+        assert set(route.unsafe_retries.retry_on) <= {"connect-failure", "refused-stream", "reset-before-request"}

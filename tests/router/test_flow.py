@@ -131,6 +131,31 @@ async def test_tenants_do_not_share_cached_answers():
     assert not sources.cached and len(flow.generator.requests) == 2
 
 
+async def test_a_tenants_query_embedding_is_cached_for_it_alone():
+    """A cache hit is faster than a miss: shared entries would tell one tenant what another searched."""
+    flow = Flow()
+    await flow.ingest(("bees", BEES))
+    await flow.ingest(("bees", BEES), tenant="acme")
+    calls = len(flow.embedder.embedded)
+    for tenant in ("", "acme", "", "acme"):
+        await flow.rag.search(SearchQuery("waggle dance", scope=Scope(tenant), mode="dense"), Deadline(10))
+    assert len(flow.embedder.embedded) - calls == 2, "one miss per tenant, then hits"
+
+
+async def test_over_long_questions_and_oversized_ingests_are_refused_before_any_model_work():
+    flow = Flow(max_question_tokens=20, max_chunks_per_request=3)
+    await flow.ingest(("bees", BEES))
+    calls = len(flow.embedder.embedded)
+    with pytest.raises(InvalidArgument, match="question: .*20 tokens"):
+        [e async for e in flow.rag.ask(AskQuery("why " * 21), Deadline(10))]
+    with pytest.raises(InvalidArgument, match="query"):
+        await flow.rag.search(SearchQuery("bees " * 5000), Deadline(10))
+    with pytest.raises(InvalidArgument, match="max-chunks-per-request"):
+        await flow.ingest(("bees", BEES), ("bread", BREAD))  # 4 chunks
+    assert len(flow.embedder.embedded) == calls and not flow.generator.requests
+    await flow.ask("why " * 20)  # at the limit is fine
+
+
 async def test_off_corpus_questions_abstain_and_an_empty_collection_is_a_failed_precondition():
     flow = Flow()
     with pytest.raises(FailedPrecondition, match="ingest documents first"):

@@ -48,8 +48,17 @@ class EchoService:
                     FAILURES[request.decode()]()
                 yield request
 
+        async def gather(requests, context):
+            joined = []
+            async for request in requests:
+                if request.decode() in FAILURES:
+                    FAILURES[request.decode()]()
+                joined.append(request)
+            return b"".join(joined)
+
         handlers = {
             "Unary": grpc.unary_unary_rpc_method_handler(unary),
+            "Gather": grpc.stream_unary_rpc_method_handler(gather),
             "Stream": grpc.unary_stream_rpc_method_handler(stream),
             "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
         }

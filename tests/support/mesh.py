@@ -14,13 +14,14 @@ from tests.support.ports import free_port_block
 class LocalMesh:
     """`with LocalMesh(tmp_path, shards=2) as mesh:` — started, SERVING, and stopped on exit.
 
-    Keyword arguments are MeshSpec fields; ports are picked free, and the gateway and mTLS are off
-    unless asked for (most tests talk to the router directly).
+    Keyword arguments are MeshSpec fields; ports are picked free, and the gateway, mTLS and
+    authentication are off unless asked for (most tests talk to the router directly).
     """
 
     def __init__(self, data_dir: Path, *, metrics: bool = False, **fields):
         fields.setdefault("gateway", False)
         fields.setdefault("mtls", False)
+        fields.setdefault("auth", False)
         shards, replicas = fields.get("shards", 2), fields.get("replicas", 1)
         base = free_port_block(shards * replicas + FIXED_PORTS + 1)
         fields.setdefault("router_port", base)

@@ -53,36 +53,100 @@ app.kubernetes.io/name: {{ .service }}
 {{- if $c.enabled }}true{{ end -}}
 {{- end -}}
 
-{{/* The retry and timeout settings of a service's routes: per-service fields over the defaults. */}}
-{{- define "ragloom.routePolicy" -}}
-{{- $tp := .root.Values.trafficPolicy -}}
-{{- $svc := index $tp.services .service | default dict -}}
-{{- $retries := merge (deepCopy ($svc.retries | default dict)) (deepCopy $tp.retries) -}}
-timeout: {{ required (printf "trafficPolicy.services.%s.timeout is required" .service) $svc.timeout }}
-retries:
-  attempts: {{ $retries.attempts }}
-  perTryTimeout: {{ $retries.perTryTimeout }}
-  retryOn: {{ join "," $retries.retryOn }}
+{{/* The full name of a service's gRPC service (its proto's package and service), e.g. ragloom.router.v1.RouterService. */}}
+{{- define "ragloom.grpcService" -}}
+{{- printf "ragloom.%s.v1.%sService" . (title .) -}}
 {{- end -}}
 
-{{/* HTTP routes to a service: the canary header first, then the weighted split. */}}
+{{/* A route's retries: attempts 0 renders as {attempts: 0}, which Istio reads as "never retry". */}}
+{{- define "ragloom.retries" -}}
+{{- if gt (int .attempts) 0 -}}
+retries:
+  attempts: {{ int .attempts }}
+  perTryTimeout: {{ .perTryTimeout }}
+  retryOn: {{ join "," .retryOn }}
+{{- else -}}
+retries: {attempts: 0}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The retry classes of a service, as YAML: a list of {name, methods, retries}. Reads
+(trafficPolicy.methods.<service>.noSideEffects) get `retries`, idempotent writes
+`idempotentRetries`, and the last class, methods [] (every other method, and any path that is
+no gRPC method), `unsafeRetries`. Each is merged over the service's own retries
+(services.<service>.retries over trafficPolicy.retries), as mesh/policy.py does.
+*/}}
+{{- define "ragloom.retryClasses" -}}
+{{- $tp := .root.Values.trafficPolicy -}}
+{{- $svc := index ($tp.services | default dict) .service | default dict -}}
+{{- /* key by key, not sprig's merge: that takes attempts 0 for unset and fills it in from below */ -}}
+{{- $base := deepCopy $tp.retries -}}
+{{- range $k, $v := $svc.retries | default dict }}{{ $_ := set $base $k $v }}{{ end -}}
+{{- $idempotent := deepCopy $base -}}
+{{- range $k, $v := $tp.idempotentRetries | default (dict "attempts" 0) }}{{ $_ := set $idempotent $k $v }}{{ end -}}
+{{- $unsafe := deepCopy $base -}}
+{{- range $k, $v := $tp.unsafeRetries | default (dict "attempts" 0) }}{{ $_ := set $unsafe $k $v }}{{ end -}}
+{{- $methods := index ($tp.methods | default dict) .service | default dict -}}
+{{- $classes := list
+      (dict "name" "reads" "methods" ($methods.noSideEffects | default list) "retries" $base)
+      (dict "name" "idempotent" "methods" ($methods.idempotent | default list) "retries" $idempotent)
+      (dict "name" "" "methods" list "retries" $unsafe) -}}
+{{- toYaml $classes -}}
+{{- end -}}
+
+{{/*
+HTTP routes to a service, one group per retry class: the reads, the idempotent writes (each
+matched on its gRPC path /<package>.<Service>/<Method>), then everything else. Within a
+group, the canary header first, then the weighted split. The last group matches any path:
+REST calls at the gateway are routed on their gRPC path (the transcoder rewrites :path and
+clears the route cache), and whatever it does not transcode still reaches the service.
+*/}}
 {{- define "ragloom.routes" -}}
 {{- $tp := .root.Values.trafficPolicy -}}
+{{- $service := .service -}}
 {{- $host := include "ragloom.host" . -}}
 {{- $port := .root.Values.grpcPort -}}
-{{- $policy := include "ragloom.routePolicy" . -}}
-{{- if include "ragloom.canaryEnabled" . }}
-{{- $weight := int (index $tp.canary .service).weight -}}
-{{- if or (lt $weight 0) (gt $weight 100) }}{{ fail (printf "trafficPolicy.canary.%s.weight must be 0..100" .service) }}{{ end }}
-- name: {{ .service }}-canary-header
+{{- $svc := index ($tp.services | default dict) $service | default dict -}}
+{{- $timeout := required (printf "trafficPolicy.services.%s.timeout is required" $service) $svc.timeout -}}
+{{- $grpcService := include "ragloom.grpcService" $service -}}
+{{- $canary := include "ragloom.canaryEnabled" . -}}
+{{- $weight := 0 -}}
+{{- if $canary -}}
+{{- $weight = int (index $tp.canary $service).weight -}}
+{{- if or (lt $weight 0) (gt $weight 100) }}{{ fail (printf "trafficPolicy.canary.%s.weight must be 0..100" $service) }}{{ end -}}
+{{- end -}}
+{{- range $class := fromYamlArray (include "ragloom.retryClasses" .) }}
+{{- if or $class.methods (not $class.name) }}
+{{- $name := $service }}
+{{- $uri := "" }}
+{{- if $class.name }}
+{{- $name = printf "%s-%s" $service $class.name }}
+{{- range $method := $class.methods }}
+{{- if not (regexMatch "^[A-Za-z_][A-Za-z0-9_]*$" (toString $method)) }}{{ fail (printf "trafficPolicy.methods.%s: %q is not a gRPC method name" $service $method) }}{{ end }}
+{{- end }}
+{{- $uri = printf "^/%s/(%s)$" (replace "." "\\." $grpcService) (join "|" $class.methods) }}
+{{- end }}
+{{- $policy := printf "timeout: %s\n%s" $timeout (include "ragloom.retries" $class.retries) }}
+{{- if $canary }}
+- name: {{ $name }}-canary-header
   match:
     - headers:
         {{ $tp.canary.header.name }}:
           exact: {{ $tp.canary.header.value | quote }}
+      {{- with $uri }}
+      uri:
+        regex: {{ toJson . }}
+      {{- end }}
   route:
     - destination: {host: {{ $host }}, subset: canary, port: {number: {{ $port }}}}
   {{- $policy | nindent 2 }}
-- name: {{ .service }}-weighted
+- name: {{ $name }}-weighted
+  {{- with $uri }}
+  match:
+    - uri:
+        regex: {{ toJson . }}
+  {{- end }}
   route:
     - destination: {host: {{ $host }}, subset: stable, port: {number: {{ $port }}}}
       weight: {{ sub 100 $weight }}
@@ -90,12 +154,27 @@ retries:
       weight: {{ $weight }}
   {{- $policy | nindent 2 }}
 {{- else }}
-- name: {{ .service }}
+- name: {{ $name }}
+  {{- with $uri }}
+  match:
+    - uri:
+        regex: {{ toJson . }}
+  {{- end }}
   route:
     - destination: {host: {{ $host }}, subset: stable, port: {number: {{ $port }}}}
       weight: 100
   {{- $policy | nindent 2 }}
 {{- end }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The gateway pod's listener ports ragloom's Gateway serves on: HTTP, and HTTPS when it has a certificate. */}}
+{{- define "ragloom.gatewayListenerPorts" -}}
+{{- $gw := .Values.gateway -}}
+{{- $ports := list (int $gw.listenerPort) -}}
+{{- if $gw.tls.credentialName }}{{ $ports = append $ports (int $gw.tls.listenerPort) }}{{ end -}}
+{{- toJson $ports -}}
 {{- end -}}
 
 {{/* The container image: the service's own image over the global one; ctx adds "tag" for a canary. */}}

@@ -89,6 +89,8 @@ class RouterServiceServicer:
 
     def Ingest(self, request, context):
         """Parses, chunks, embeds and stores documents; a document ingested again replaces its old version.
+        Idempotent: the same documents ingested twice (a retry) are one write; ids default to `source`, else a
+        hash of the body, so even a document without an id is written once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
