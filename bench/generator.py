@@ -13,7 +13,11 @@ drift on a shared machine hits both alike. Target: gRPC ≥ 0.95× in-process to
 It also measures in-process tokens/s with 1 and with 2 llama.cpp threads (interleaved the same
 way), with the load average around it, to choose the generator's default thread count.
 
+With --parallel it also measures aggregate tokens/s of 4 requests at once on one context with one
+thread, one context with two, and two contexts with one thread each (the generator's --parallel).
+
     .venv/bin/python bench/generator.py [--threads 1] [--rounds 2] [--max-tokens 128] [--no-thread-sweep]
+                                        [--parallel | --only-parallel]
 
 Last line: one JSON object with the figures.
 """
@@ -145,6 +149,40 @@ async def thread_sweep(all_params: list[GenerationParams], rounds: int) -> dict:
     return figures
 
 
+#: (contexts, threads each): how the generator may spend this machine's CPUs on concurrent requests.
+LAYOUTS = ((1, 1), (1, 2), (2, 1))
+
+
+async def parallel_sweep(all_params: list[GenerationParams], concurrency: int = 4) -> dict:
+    """Aggregate completion tokens/s with `concurrency` requests at once, per layout of contexts × threads,
+    the layouts taking turns prompt by prompt (the default of `--parallel` is chosen from this)."""
+    import time
+
+    backends = {layout: LlamaCppBackend(context_tokens=CONTEXT_TOKENS, threads=layout[1], parallel=layout[0])
+                for layout in LAYOUTS}
+    for backend in backends.values():
+        await backend.start()
+    tokens = {layout: 0 for layout in backends}
+    seconds = {layout: 0.0 for layout in backends}
+    load_before = load_average()
+    try:
+        for i, params in enumerate(all_params):
+            order = list(backends) if i % 2 == 0 else list(reversed(backends))
+            for layout in order:
+                start = time.perf_counter()
+                results = await asyncio.gather(*(in_process(backends[layout], params) for _ in range(concurrency)))
+                seconds[layout] += time.perf_counter() - start
+                tokens[layout] += sum(stats.completion_tokens for stats, _ in results)
+    finally:
+        for backend in backends.values():
+            await backend.close()
+    figures = {f"contexts_{c}_threads_{th}_tokens_per_s": round(tokens[(c, th)] / seconds[(c, th)], 1)
+               for c, th in backends}
+    figures["concurrency"] = concurrency
+    figures["load_average_1m"] = [load_before, load_average()]
+    return figures
+
+
 async def run(args: argparse.Namespace) -> dict:
     import llama_cpp
 
@@ -220,6 +258,8 @@ async def run(args: argparse.Namespace) -> dict:
     }
     if args.thread_sweep:
         figures["thread_sweep_in_process"] = await thread_sweep(all_params, rounds=1)
+    if args.parallel_sweep:
+        figures["parallel_sweep_in_process"] = await parallel_sweep(all_params)
     return figures
 
 
@@ -230,7 +270,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128, help="reply length limit (default: %(default)s)")
     parser.add_argument("--no-thread-sweep", dest="thread_sweep", action="store_false",
                         help="skip the 1-vs-2-thread in-process comparison")
+    parser.add_argument("--parallel", dest="parallel_sweep", action="store_true",
+                        help="also measure 4 concurrent requests on 1 context × 1 thread, 1 × 2 and 2 contexts × 1")
+    parser.add_argument("--only-parallel", action="store_true", help="measure only that (quick)")
     args = parser.parse_args()
+    if args.only_parallel:
+        figures = asyncio.run(_only_parallel(args))
+        print(json.dumps(figures))
+        return
 
     figures = asyncio.run(run(args))
     base, grpc_ = figures["baseline_in_process"], figures["grpc"]
@@ -245,6 +292,18 @@ def main() -> None:
         print(f"in-process threads=1: {sweep['threads_1']['tokens_per_s']} tokens/s, "
               f"threads=2: {sweep['threads_2']['tokens_per_s']} tokens/s (load {sweep['load_average_1m']})")
     print(json.dumps(figures))
+
+
+async def _only_parallel(args: argparse.Namespace) -> dict:
+    import llama_cpp
+
+    vocab = llama_cpp.Llama(model_path=str(packaged_model_path()), vocab_only=True, verbose=False)
+    all_params = [GenerationParams(messages, args.max_tokens, temperature=0.0, stop=list(STOP_SEQUENCES), seed=SEED)
+                  for messages in prompts(lambda text: len(vocab.tokenize(text.encode(), add_bos=False, special=False)))]
+    sweep = await parallel_sweep(all_params[: max(2, args.rounds * 2)])
+    print("4 requests at once, aggregate tokens/s: " + ", ".join(f"{k}: {v}" for k, v in sweep.items()
+                                                               if k.endswith("tokens_per_s")))
+    return {"bench": "generator_parallel", **sweep}
 
 
 if __name__ == "__main__":

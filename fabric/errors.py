@@ -7,7 +7,8 @@ rich details (field violations, retry hints) so callers can tell what to do.
 from __future__ import annotations
 
 import grpc
-from google.protobuf import duration_pb2
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -64,6 +65,13 @@ class Overloaded(RagloomError):
         return [error_details_pb2.RetryInfo(retry_delay=delay)]
 
 
+class DiskFull(RagloomError):
+    """The disk holding a service's data is full: its writes fail until someone frees space, so the
+    message says which disk; retrying soon only repeats the refusal."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class Unavailable(RagloomError):
     """A dependency is down or unreachable; retrying later may succeed."""
 
@@ -113,8 +121,42 @@ _PASS_THROUGH = CALLER_FAULTS | {
 }
 
 
+class DependencyFailed(RagloomError):
+    """A call to another service failed. The message names the dependency and the operation (a user
+    reading "router call failed" cannot tell which of the router's dependencies broke); the code passes
+    through when it means the same to our caller, else UNAVAILABLE; the dependency's rich details (retry
+    hints, field violations) go on to our caller. The predicates below judge it by the code the
+    dependency answered (`downstream`), as they would the failed call itself."""
+
+    def __init__(self, error: grpc.aio.AioRpcError, dependency: str = "", method: str = "", target: str = ""):
+        self.downstream: grpc.StatusCode = error.code()
+        who = " ".join(filter(None, [dependency, method, target and f"({target})"])) or "a dependency call failed"
+        super().__init__(f"{who}: {self.downstream.name}: {error.details() or 'no details'}")
+        self.code = self.downstream if self.downstream in _PASS_THROUGH else grpc.StatusCode.UNAVAILABLE
+        self.dependency, self.method, self.target = dependency, method, target
+        self._packed = _packed_details(error)
+
+    def details(self) -> list:
+        return list(self._packed)
+
+
+def _packed_details(error: grpc.aio.AioRpcError) -> list[any_pb2.Any]:
+    """The google.rpc details a failed call's status carried (its `grpc-status-details-bin` trailer), still
+    packed. Read directly, not by rpc_status.from_call: that refuses a status whose message a proxy changed."""
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            try:
+                return list(status_pb2.Status.FromString(value).details)
+            except DecodeError:
+                return []
+    return []
+
+
 def code_of(exc: BaseException) -> grpc.StatusCode | None:
-    """The status code an error carries: a domain error's, or a failed call's; None for anything else (a bug)."""
+    """The status code an error carries: a domain error's, or a failed call's (the dependency's own, also
+    when wrapped in DependencyFailed); None for anything else (a bug)."""
+    if isinstance(exc, DependencyFailed):
+        return exc.downstream
     if isinstance(exc, RagloomError):
         return exc.code
     if isinstance(exc, grpc.aio.AioRpcError):
@@ -147,22 +189,29 @@ def is_dependency_failure(exc: BaseException) -> bool:
     """A dependency could not answer (down, overloaded, too slow, broken): fail over to another replica,
     count it against the dependency's health, leave it out of a partial result."""
     code = code_of(exc)
-    if isinstance(exc, RagloomError):
+    if isinstance(exc, RagloomError) and not isinstance(exc, DependencyFailed):
         return code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED)
     return code is not None and code not in CALLER_FAULTS
 
 
 def to_status(exc: BaseException, service: str = "") -> grpc.Status:
-    """The rich status a handler failing with `exc` reports."""
+    """The rich status a handler failing with `exc` reports. `service` (the handler's own) is not put in
+    the message: a failed call names the dependency, which a client wrapping it in DependencyFailed knows."""
+    return rpc_status.to_status(status_proto(exc))
+
+
+def status_proto(exc: BaseException) -> status_pb2.Status:
+    """`exc` as a google.rpc.Status: its code, message and details."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        exc = DependencyFailed(exc)  # a call nobody named: its code and details at least pass on
     if isinstance(exc, RagloomError):
         code, message, details = exc.code, exc.message, exc.details()
-    elif isinstance(exc, grpc.aio.AioRpcError):
-        # A call to another service failed: say which, keep its code when it means the same here.
-        code = exc.code() if exc.code() in _PASS_THROUGH else grpc.StatusCode.UNAVAILABLE
-        message, details = f"{service or 'dependency'} call failed: {exc.details()}", []
     else:
         code, message, details = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}", []
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message)
     for detail in details:
-        status.details.add().Pack(detail)
-    return rpc_status.to_status(status)
+        if isinstance(detail, any_pb2.Any):  # a dependency's, already packed
+            status.details.append(detail)
+        else:
+            status.details.add().Pack(detail)
+    return status

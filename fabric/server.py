@@ -8,6 +8,7 @@ health (NOT_SERVING until warm) and reflection → start → warm the service �
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
 import time
@@ -121,7 +122,11 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         async def observed(request, context, span):
             call = _Observed(self, method, context, span)
             try:
-                async for response in behavior(request, context):
+                result = behavior(request, context)
+                if inspect.isawaitable(result):  # a handler that streams with context.write (grpc's Health/Watch)
+                    await result
+                    return
+                async for response in result:
                     yield response
             except grpc.aio.AbortError:
                 raise

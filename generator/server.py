@@ -60,7 +60,8 @@ class Settings(ServiceSettings):
     )
     context_tokens: int = option(2048, "context window in tokens (prompt + reply); tensorrt_llm: its max_seq_len")
     default_max_tokens: int = option(256, "reply length limit when a request sets no max_tokens")
-    queue_timeout_s: float = option(30.0, "seconds a request may wait for the model before RESOURCE_EXHAUSTED")
+    queue_timeout_s: float = option(30.0, "seconds a request may wait for the model before RESOURCE_EXHAUSTED (one "
+                                          "that would finish after its caller's deadline is refused at once)")
     llama_cpp: LlamaCppOptions = options(LlamaCppOptions)
     openai: OpenAIOptions = options(OpenAIOptions, prefix="openai")
     tensorrt_llm: TensorRTLLMOptions = options(TensorRTLLMOptions, prefix="trtllm")
@@ -144,6 +145,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
 
     async def Generate(self, request, context):
         params = to_params(request, self.default_max_tokens)
+        if self.backend.slots is not None:  # shed at the door what would finish after the caller's deadline
+            self.backend.slots.check(context.time_remaining())
         clock = GenerationClock()
         # aclosing: a cancelled call closes the backend stream at once, which stops the generation.
         async with aclosing(self.backend.stream(params)) as items:
@@ -158,7 +161,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
 
     async def Info(self, request, context):
         model, context_tokens = self.backend.info()
-        return generator_pb2.InfoResponse(backend=self.backend.name, model=model, context_tokens=context_tokens)
+        slots = self.backend.slots
+        return generator_pb2.InfoResponse(backend=self.backend.name, model=model, context_tokens=context_tokens,
+                                          parallel=slots.n if slots else 0)
 
 
 class GeneratorService:

@@ -15,7 +15,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from fabric.errors import Behind, Unavailable
+from fabric.errors import Behind, RagloomError, Unavailable
 from fabric.shardlog import LogSettings, connect, ensure_stream, shard_subjects, stream_name
 from indexer import convert
 from indexer.store import ShardStore
@@ -173,11 +173,12 @@ class Follower:
             except Unavailable:
                 raise  # the store is closing
             except Exception as exc:  # noqa: BLE001 - reported, retried, never skipped
+                # A domain error (the disk full) says what is wrong already; anything else is named by its type.
+                why = exc.message if isinstance(exc, RagloomError) else f"{type(exc).__name__}: {exc}"
                 if not self.error:
-                    log.error("shard %d: applying log entries %d..%d failed: %s: %s; not serving until it "
-                              "succeeds", self.shard_id, records[0].sequence if records else through, through,
-                              type(exc).__name__, exc)
-                self.error = f"{type(exc).__name__}: {exc}"
+                    log.error("shard %d: applying log entries %d..%d failed: %s; not serving until it succeeds",
+                              self.shard_id, records[0].sequence if records else through, through, why)
+                self.error = why
                 if self.report is not None:
                     await self.report(False)
                 await asyncio.sleep(delay)

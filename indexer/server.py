@@ -4,9 +4,12 @@ the store's thread and the background work (following the shard's log, snapshots
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
+import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +23,7 @@ from fabric.shardlog import LogSettings
 from indexer.follower import Follower
 from indexer.snapshots import Manifest
 from indexer.store import ShardStore
-from fabric.errors import FailedPrecondition, InvalidArgument, Unavailable
+from fabric.errors import DiskFull, FailedPrecondition, InvalidArgument, Unavailable
 from fabric.settings import ServiceSettings, option
 from ragloom.indexer.v1 import indexer_pb2, indexer_pb2_grpc
 
@@ -142,7 +145,8 @@ class IndexerService:
         if store is None:
             raise Unavailable(f"indexer shard {self.settings.shard_id} is not ready")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._readers, call, store, *args)
+        with self._disk_full_named():
+            return await loop.run_in_executor(self._readers, call, store, *args)
 
     async def write(self, call: Callable[..., T], *args) -> T:
         """`run` for a write: asks for a snapshot once enough has changed since the last one."""
@@ -160,7 +164,12 @@ class IndexerService:
             if staged is None:
                 return None
             saved = time.perf_counter()
-            manifest = await asyncio.to_thread(self._store.publish_snapshot, staged)
+            try:
+                with self._disk_full_named():
+                    manifest = await asyncio.to_thread(self._store.publish_snapshot, staged)
+            except Exception:
+                staged.path.unlink(missing_ok=True)  # a copy of the index left behind fills the disk further
+                raise
             await self.run(ShardStore.snapshot_published, manifest)
             log.info("snapshot at sequence %d: %.1f MB saved in %.2fs (searches waited), published in %.2fs",
                      manifest.sequence, manifest.bytes / 1e6, saved - started, time.perf_counter() - saved)
@@ -181,7 +190,20 @@ class IndexerService:
 
     async def _on_worker(self, call: Callable[..., T], *args) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, call, *args)
+        with self._disk_full_named():
+            return await loop.run_in_executor(self._executor, call, *args)
+
+    @contextlib.contextmanager
+    def _disk_full_named(self) -> Iterator[None]:
+        """A full disk raised inside the block becomes DiskFull naming the shard and its folder: what an
+        operator must act on, rather than an INTERNAL OperationalError."""
+        try:
+            yield
+        except (sqlite3.OperationalError, OSError) as exc:
+            if not _disk_full(exc):
+                raise
+            raise DiskFull(f"shard {self.settings.shard_id}: the disk holding {self.settings.data_dir} is full: "
+                           f"{exc}") from exc
 
     async def _snapshot_loop(self) -> None:
         interval = self.settings.snapshot_interval_s or None
@@ -194,6 +216,13 @@ class IndexerService:
                 await self.snapshot()
             except Exception:  # noqa: BLE001 - a failed snapshot costs replay time at the next start, not data
                 log.exception("snapshot failed")
+
+
+def _disk_full(exc: sqlite3.OperationalError | OSError) -> bool:
+    """SQLite's SQLITE_FULL (raised by the COMMIT that found no room), or the OS's ENOSPC (snapshot files)."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 async def _first_of(*events: asyncio.Event, timeout: float | None) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fabric.errors import InvalidArgument
+from fabric.errors import FailedPrecondition, InvalidArgument
 from indexer.filters import LabelFilters
 from indexer.records import ChunkRecord, ClearedDocument
 from indexer.sql import select
@@ -47,12 +47,19 @@ class Written:
     skipped: int = 0
 
 
+#: The largest version a row can keep: SQLite's INTEGER is 64-bit signed (a request's is unsigned).
+MAX_VERSION = 2**63 - 1
+
+
 def stamp_version(given: int | None, max_version: int) -> int:
     """The version a write carries: `given`, or one newer than any seen and not behind the clock."""
     if given is None:
+        if max_version >= MAX_VERSION:
+            raise FailedPrecondition(f"this shard holds version {max_version}, the largest there is: only a "
+                                     "write naming that version can follow")
         return max(max_version + 1, time.time_ns() // 1000)
-    if given <= 0:
-        raise InvalidArgument("version", "must be positive")
+    if not 0 < given <= MAX_VERSION:
+        raise InvalidArgument("version", f"must be between 1 and {MAX_VERSION}, got {given}")
     return given
 
 

@@ -15,6 +15,15 @@ from mesh.spec import SERVICES
 
 DEFAULT_ROUTER = "127.0.0.1:50051"
 
+#: How the client commands end, for scripts: what to do next without parsing messages.
+EXIT_CODES = """exit status:
+  0  done
+  1  anything else failed; for ingest, any file that could not be ingested
+  2  refused as asked, retrying will not help: fix the request or the credentials
+     (INVALID_ARGUMENT, FAILED_PRECONDITION, NOT_FOUND, PERMISSION_DENIED, UNAUTHENTICATED, OUT_OF_RANGE)
+  3  overloaded, unreachable or too slow: try again later; for ingest, no router reached at all
+     (RESOURCE_EXHAUSTED, UNAVAILABLE, DEADLINE_EXCEEDED, ABORTED)"""
+
 
 def default_data_dir() -> Path:
     return Path(platformdirs.user_data_dir("ragloom"))
@@ -111,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--read-only", action="store_true", help="search and ask only: ingest and delete are refused")
     data_dir_arg(token)
 
-    ingest = sub.add_parser("ingest", help="add files or folders to the collection",
-                            description="Ingests txt, md, html and pdf files (folders are walked). A file ingested "
+    client = {"epilog": EXIT_CODES, "formatter_class": argparse.RawDescriptionHelpFormatter}
+    ingest = sub.add_parser("ingest", help="add files or folders to the collection", **client,
+                            description="Ingests txt, md, html and pdf files (folders are walked). A file ingested\n"
                             "again replaces its earlier version. A file that cannot be read is reported and skipped.")
     ingest.add_argument("paths", nargs="*", type=Path, help="files or folders")
     ingest.add_argument("--sample", action="store_true", help="ingest the bundled sample documents")
@@ -120,14 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--json", action="store_true", help="print the summary as JSON")
     client_args(ingest)
 
-    ask = sub.add_parser("ask", help="ask a question; the answer streams, then its sources")
+    ask = sub.add_parser("ask", help="ask a question; the answer streams, then its sources", **client)
     ask.add_argument("question")
     ask.add_argument("--top-k", type=int, default=None, help="sources to retrieve (router default when unset)")
     ask.add_argument("--max-tokens", type=int, default=None, help="longest answer in tokens")
     ask.add_argument("--json", action="store_true", help="print one JSON object: answer, sources, citations, timings")
     client_args(ask)
 
-    search = sub.add_parser("search", help="find the passages closest to a query")
+    search = sub.add_parser("search", help="find the passages closest to a query", **client)
     search.add_argument("query")
     search.add_argument("--top-k", type=int, default=None, help="hits to return (router default when unset)")
     search.add_argument("--json", action="store_true", help="print the hits as a JSON list")
@@ -135,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="rerank a wider candidate set by how well each passage answers; show the best sentence")
     client_args(search)
 
-    delete = sub.add_parser("delete", help="remove documents by id")
+    delete = sub.add_parser("delete", help="remove documents by id", **client)
     delete.add_argument("document_ids", nargs="+")
     client_args(delete)
     return parser

@@ -45,6 +45,25 @@ def _stub(args: argparse.Namespace) -> router_pb2_grpc.RouterServiceStub:
     return router_pb2_grpc.RouterServiceStub(channel)
 
 
+#: What a client command's exit status means, for each one's --help.
+_REFUSED = frozenset({
+    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.OUT_OF_RANGE,
+})
+_TRY_LATER = frozenset({
+    grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.ABORTED,
+})
+
+
+def exit_code(code: grpc.StatusCode) -> int:
+    """The exit status of a command whose call ended with `code` (mesh.cli.EXIT_CODES): scripts tell what to do
+    next (fix the request, retry later, give up) without parsing messages."""
+    if code is grpc.StatusCode.OK:
+        return 0
+    return 2 if code in _REFUSED else 3 if code in _TRY_LATER else 1
+
+
 def _fail(args: argparse.Namespace, exc: grpc.RpcError) -> int:
     print(f"ragloom: {exc.code().name}: {exc.details()}", file=sys.stderr)
     if exc.code() == grpc.StatusCode.UNAVAILABLE:
@@ -52,7 +71,7 @@ def _fail(args: argparse.Namespace, exc: grpc.RpcError) -> int:
     elif exc.code() == grpc.StatusCode.UNAUTHENTICATED:
         print(f"ragloom: set RAGLOOM_TOKEN (or --token) to a token for this mesh; `ragloom up` writes one to "
               f"{args.data_dir / 'pki' / 'token'} and `ragloom token --tenant NAME` mints more", file=sys.stderr)
-    return 1
+    return exit_code(exc.code())
 
 
 def _files(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -83,8 +102,9 @@ def ingest(args: argparse.Namespace) -> int:
         return 2
     files, failures = _files(paths)
     failures = [(str(p), why) for p, why in failures]
+    total = len(files) + len(failures)
     stub = _stub(args)
-    chunks = 0
+    chunks = ingested = 0
     started = time.perf_counter()
 
     def send(path: Path) -> router_pb2.IngestResponse:
@@ -99,6 +119,7 @@ def ingest(args: argparse.Namespace) -> int:
             path = futures[future]
             try:
                 chunks += sum(d.chunks for d in future.result().documents)
+                ingested += 1
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.UNAVAILABLE and not chunks:
                     pool.shutdown(cancel_futures=True)
@@ -110,19 +131,19 @@ def ingest(args: argparse.Namespace) -> int:
                 bar.write(f"skipped {path}: {exc}", file=sys.stderr)
             bar.update()
     elapsed = time.perf_counter() - started
-    ingested = len(files) - sum(1 for p, _ in failures if Path(p) in set(map(Path, map(str, files))))
     summary = {
-        "files": ingested, "chunks": chunks, "failed": [{"path": p, "error": e} for p, e in failures],
+        "files": ingested, "total": total, "chunks": chunks, "failed": [{"path": p, "error": e} for p, e in failures],
         "seconds": round(elapsed, 3), "chunks_per_second": round(chunks / elapsed, 1) if elapsed else 0.0,
     }
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         print(f"ingested {ingested} file(s), {chunks} chunks in {elapsed:.1f}s "
-              f"({summary['chunks_per_second']} chunks/s); {len(failures)} failed")
+              f"({summary['chunks_per_second']} chunks/s); {len(failures)} of {total} failed")
         for path, error in failures:
             print(f"  failed: {path}: {error}")
-    return 1 if failures and not ingested else 0
+    # Any file left out fails the command: a script must not take a partial ingest for a whole one.
+    return 1 if failures else 0
 
 
 def _ask_request(args: argparse.Namespace) -> router_pb2.AskRequest:

@@ -245,6 +245,11 @@ class SingleFlight:
     def __init__(self):
         self._flights: dict[str, Flight] = {}
 
+    def running(self, key: str) -> bool:
+        """Whether a flight for `key` is under way (joining it costs nothing more)."""
+        flight = self._flights.get(key)
+        return flight is not None and not flight.done
+
     def join(self, key: str, produce: Callable[[], AsyncIterator[Any]]) -> AsyncIterator[Any]:
         flight = self._flights.get(key)
         if flight is None or flight.done:

@@ -11,6 +11,7 @@ from opentelemetry import trace
 
 from fabric.client import Deadline
 from fabric.telemetry import span, tracer
+from router.admission import AskGate
 from router.cache import Cache, SingleFlight, cache_key
 from router.clients import EmbedderClient
 from router.domain import (
@@ -46,9 +47,12 @@ class CachedQueryVectors:
 class CachedRag:
     """The flow's public operations with the answer cache and single-flight around them."""
 
-    def __init__(self, rag: Rag, cache: Cache):
+    def __init__(self, rag: Rag, cache: Cache, gate: AskGate | None = None):
         self.rag, self.cache = rag, cache
         self.flights = SingleFlight()
+        #: Sheds a new generation that would finish after its caller's deadline (a cached answer, or one
+        #: joining a generation under way, costs the generator nothing and always passes).
+        self.gate = gate or AskGate()
 
     # A write invalidates the tenant's cached answers once it has reached the shards, also when it
     # failed there (some shards may have written); one refused before that leaves them be.
@@ -64,7 +68,7 @@ class CachedRag:
 
     async def ask(self, query: AskQuery, deadline: Deadline) -> AsyncIterator[AskEvent]:
         """The flow's events; a cached answer is replayed, and identical concurrent questions share one
-        generation. An answer from only some shards is not kept."""
+        generation. An answer from only some shards, or with a stage degraded, is not kept."""
         query = self.rag.resolve(query)
         generation = await self.cache.generation(query.scope.tenant)
         key = cache_key("answer", question=query.question, k=query.top_k, max_tokens=query.max_tokens,
@@ -82,16 +86,23 @@ class CachedRag:
             self.cache.bypassed()
         keep = generation is not None
 
+        flight = f"{key}:{query.require_complete}"
+        if not self.flights.running(flight):
+            self.gate.check(deadline.remaining())
+
         async def produce() -> AsyncIterator[AskEvent]:
             events = []
-            async for event in self.rag.answer(query, deadline):
-                events.append(event)
-                # Kept before the last event goes out: once every listener has it, the flight may end.
-                if isinstance(event, AskDone) and keep and not events[0].coverage.partial:
-                    await self.cache.set(key, serialise(events))
-                yield event
+            with self.gate.passing():
+                async for event in self.rag.answer(query, deadline):
+                    events.append(event)
+                    if isinstance(event, AskDone):
+                        self.gate.record(event.timings.total_ms, event.timings.generate_ms)
+                        # Kept before the last event goes out: once every listener has it, the flight may end.
+                        if keep and not events[0].coverage.partial and not event.degraded:
+                            await self.cache.set(key, serialise(events))
+                    yield event
 
-        async for event in self.flights.join(f"{key}:{query.require_complete}", produce):
+        async for event in self.flights.join(flight, produce):
             yield event
 
     async def close(self) -> None:

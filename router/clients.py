@@ -1,20 +1,34 @@
 """Typed clients for the services the router calls. Each speaks the router's domain types and owns
-the conversion to and from its service's protos; every call carries a deadline."""
+the conversion to and from its service's protos; every call carries a deadline, and a failed one
+raises DependencyFailed naming the dependency and the method (not the router: "router call failed"
+tells a user nothing about which dependency broke)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Iterator, Sequence
 
+import grpc
 import numpy as np
 
 from fabric.client import Deadline, channel
+from fabric.errors import DependencyFailed
 from fabric.telemetry import outgoing_metadata
 from router.domain import ChunkWrite, Generated, Hit, Scope
 from router.evidence import Scored, Span
 from ragloom.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from ragloom.generator.v1 import generator_pb2, generator_pb2_grpc
 from ragloom.indexer.v1 import indexer_pb2, indexer_pb2_grpc
+
+
+@contextlib.contextmanager
+def _naming(dependency: str, method: str, target: str = "") -> Iterator[None]:
+    """A failed call inside the block becomes DependencyFailed saying who failed doing what."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as exc:
+        raise DependencyFailed(exc, dependency, method, target) from exc
 
 
 class EmbedderClient:
@@ -30,8 +44,9 @@ class EmbedderClient:
     async def model(self, deadline: Deadline) -> str:
         """Which model (and variant) makes the vectors: asked once, then remembered."""
         if self._model is None:
-            info = await self._stub.Info(embedder_pb2.InfoRequest(), timeout=deadline.timeout(self.timeout_s),
-                                         metadata=outgoing_metadata())
+            with _naming("embedder", "Info"):
+                info = await self._stub.Info(embedder_pb2.InfoRequest(), timeout=deadline.timeout(self.timeout_s),
+                                             metadata=outgoing_metadata())
             self._model = f"{info.model}/{info.variant}/{info.dimension}"
         return self._model
 
@@ -40,9 +55,9 @@ class EmbedderClient:
 
         async def one(batch: Sequence[str]) -> np.ndarray:
             async with self._parallel:
-                reply = await self._stub.Embed(
-                    embedder_pb2.EmbedRequest(texts=batch), timeout=deadline.timeout(self.timeout_s), metadata=outgoing_metadata()
-                )
+                with _naming("embedder", "Embed"):
+                    reply = await self._stub.Embed(embedder_pb2.EmbedRequest(texts=batch), metadata=outgoing_metadata(),
+                                                   timeout=deadline.timeout(self.timeout_s))
             return np.array([e.values for e in reply.embeddings], dtype=np.float32).reshape(len(batch), -1)
 
         batches = [texts[i : i + self.batch_texts] for i in range(0, len(texts), self.batch_texts)]
@@ -51,10 +66,11 @@ class EmbedderClient:
     async def rerank(self, query: str, texts: Sequence[str], deadline: Deadline,
                      titles: Sequence[str] = ()) -> list[Scored]:
         """The embedder's verdict on each text (index into `texts`, score, best sentences), best first."""
-        reply = await self._stub.Rerank(
-            embedder_pb2.RerankRequest(query=query, texts=texts, titles=titles), timeout=deadline.timeout(self.timeout_s),
-            metadata=outgoing_metadata(),
-        )
+        with _naming("embedder", "Rerank"):
+            reply = await self._stub.Rerank(
+                embedder_pb2.RerankRequest(query=query, texts=texts, titles=titles),
+                timeout=deadline.timeout(self.timeout_s), metadata=outgoing_metadata(),
+            )
         return [Scored(r.index, r.score, tuple(Span(s.start, s.end, s.score) for s in r.spans)) for r in reply.results]
 
     async def close(self) -> None:
@@ -65,6 +81,7 @@ class ShardClient:
     def __init__(self, shard_id: int, target: str, timeout_s: float, write_timeout_s: float = 30.0, identity=None):
         self.shard_id = shard_id
         self.target = target
+        self.name = f"shard {shard_id}"
         self.timeout_s = timeout_s
         self.write_timeout_s = write_timeout_s
         self._channel = channel(target, identity=identity)
@@ -76,13 +93,17 @@ class ShardClient:
         request = indexer_pb2.UpsertRequest(
             chunks=[_chunk(c) for c in chunks], replace_documents=True, shard_id=self.shard_id,
         )
-        reply = await self._stub.Upsert(request, timeout=deadline.timeout(self.write_timeout_s), metadata=outgoing_metadata())
+        with _naming(self.name, "Upsert", self.target):
+            reply = await self._stub.Upsert(request, timeout=deadline.timeout(self.write_timeout_s),
+                                            metadata=outgoing_metadata())
         return dict(reply.previous_chunks)
 
     async def delete(self, document_ids: Sequence[str], tenant: str, deadline: Deadline) -> int:
         """Removes the documents' chunks from a standalone shard; returns how many were removed."""
         request = indexer_pb2.DeleteRequest(document_ids=document_ids, tenant=tenant, shard_id=self.shard_id)
-        reply = await self._stub.Delete(request, timeout=deadline.timeout(self.write_timeout_s), metadata=outgoing_metadata())
+        with _naming(self.name, "Delete", self.target):
+            reply = await self._stub.Delete(request, timeout=deadline.timeout(self.write_timeout_s),
+                                            metadata=outgoing_metadata())
         return reply.removed
 
     async def search(self, vector: np.ndarray, k: int, ef: int, scope: Scope, deadline: Deadline,
@@ -93,7 +114,9 @@ class ShardClient:
             queries=[indexer_pb2.Vector(values=vector)], k=k, ef=ef, shard_id=self.shard_id,
             tenant=scope.tenant, tags=scope.tags, min_sequence=min_sequence,
         )
-        reply = await self._stub.Search(request, timeout=deadline.timeout(self.timeout_s), metadata=outgoing_metadata())
+        with _naming(self.name, "Search", self.target):
+            reply = await self._stub.Search(request, timeout=deadline.timeout(self.timeout_s),
+                                            metadata=outgoing_metadata())
         return self._hits(reply)
 
     async def lexical_search(self, query: str, k: int, scope: Scope, deadline: Deadline,
@@ -103,7 +126,9 @@ class ShardClient:
             queries=[query], k=k, shard_id=self.shard_id, tenant=scope.tenant, tags=scope.tags,
             min_sequence=min_sequence,
         )
-        reply = await self._stub.LexicalSearch(request, timeout=deadline.timeout(self.timeout_s), metadata=outgoing_metadata())
+        with _naming(self.name, "LexicalSearch", self.target):
+            reply = await self._stub.LexicalSearch(request, timeout=deadline.timeout(self.timeout_s),
+                                                   metadata=outgoing_metadata())
         return self._hits(reply)
 
     def _hits(self, reply: indexer_pb2.SearchResponse) -> list[Hit]:
@@ -125,6 +150,12 @@ class GeneratorClient:
         self._channel = channel(target, identity=identity)
         self._stub = generator_pb2_grpc.GeneratorServiceStub(self._channel)
 
+    async def parallel(self, timeout_s: float = 2.0) -> int:
+        """How many generations the generator runs at once (its Info; 0 when a server behind it decides)."""
+        with _naming("generator", "Info"):
+            info = await self._stub.Info(generator_pb2.InfoRequest(), timeout=timeout_s, metadata=outgoing_metadata())
+        return info.parallel
+
     async def generate(
         self, messages: Sequence[dict[str, str]], max_tokens: int, stop: Sequence[str], temperature: float,
         deadline: Deadline,
@@ -136,8 +167,9 @@ class GeneratorClient:
         )
         call = self._stub.Generate(request, timeout=deadline.timeout(self.timeout_s), metadata=outgoing_metadata())
         try:
-            async for reply in call:
-                yield Generated(reply.text, reply.usage.completion_tokens if reply.HasField("usage") else None)
+            with _naming("generator", "Generate"):  # errors arrive while the stream is read
+                async for reply in call:
+                    yield Generated(reply.text, reply.usage.completion_tokens if reply.HasField("usage") else None)
         finally:
             call.cancel()  # our caller went away: stop the generator spending compute
 

@@ -27,6 +27,10 @@ class Coverage:
 
     answered: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
+    #: The retrieval that ran ("dense", "lexical", "hybrid"); "" before one has.
+    retrieval: str = ""
+    #: Stages done in a simpler way because a dependency failed.
+    degraded: list[str] = field(default_factory=list)
 
     @property
     def partial(self) -> bool:
@@ -35,7 +39,8 @@ class Coverage:
     def merge(self, other: "Coverage") -> "Coverage":
         """Shards that answered both retrievals; a shard that failed either counts as failed."""
         failed = sorted(set(self.failed) | set(other.failed))
-        return Coverage(sorted((set(self.answered) | set(other.answered)) - set(failed)), failed)
+        return Coverage(sorted((set(self.answered) | set(other.answered)) - set(failed)), failed,
+                        self.retrieval, [*self.degraded, *other.degraded])
 
 
 @dataclass(frozen=True)
@@ -167,6 +172,8 @@ class AskDone:
     abstained: bool = False
     support: list[Support] = field(default_factory=list)
     extractive: bool = False
+    #: Every stage done in a simpler way because a dependency failed (retrieval's included).
+    degraded: list[str] = field(default_factory=list)
 
 
 AskEvent = AskSources | AskToken | AskDone

@@ -38,3 +38,9 @@ STALE_READS = Counter(
     "Shard reads answered without this router's own last write because no replica had applied it in time",
     ["shard"],
 )
+DEGRADED = Counter(
+    "ragloom_router_degraded_total",
+    "Stages done in a simpler way because a dependency failed (retrieval: BM25 only; rerank: skipped; "
+    "verification and attribution: by words only)",
+    ["stage"],
+)

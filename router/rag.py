@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 
 import numpy as np
 
 from fabric.client import Deadline
-from fabric.errors import FailedPrecondition, InvalidArgument
+from fabric.errors import FailedPrecondition, InvalidArgument, is_dependency_failure
 from fabric.telemetry import span, tracer
 from router.chunking import Chunker
 from router.clients import EmbedderClient, GeneratorClient
@@ -28,9 +29,11 @@ from router.domain import (
 from router.evidence import STOP_SEQUENCES as GROUNDED_STOP_SEQUENCES
 from router.evidence import Sentence, Span, grounded_messages, quote, quoted, select
 from router.ingest import Ingestion, OnWrite, Writes
-from router.metrics import ABSTENTIONS, DOWNSTREAM_CALLS, STAGE_SECONDS, TIME_TO_FIRST_TOKEN, VERIFIED_SENTENCES
+from router.metrics import (
+    ABSTENTIONS, DEGRADED, DOWNSTREAM_CALLS, STAGE_SECONDS, TIME_TO_FIRST_TOKEN, VERIFIED_SENTENCES,
+)
 from router.prompt import STOP_SEQUENCES, Passage, build_messages, cited_numbers
-from router.retrieval import Floors, QueryVectors, Retriever
+from router.retrieval import Floors, QueryVectors, Retriever, why
 from router.topology import ShardGroup
 from router.verify import Verdict, Verifier, split_sentences
 
@@ -130,12 +133,20 @@ class Rag:
         if not hits:
             raise FailedPrecondition("no documents to answer from: ingest documents first"
                                      + (f" (tenant {query.scope.tenant!r})" if query.scope.tenant else ""))
+        answer = _Answer(clock, timings, coverage.degraded)
+        reranked = False
         if config.rerank_ask:
-            hits, timings.rerank_ms = await self.retriever.rerank(query.question, hits, deadline)
+            try:
+                hits, timings.rerank_ms = await self.retriever.rerank(query.question, hits, deadline)
+                reranked = True
+            except Exception as exc:
+                if not is_dependency_failure(exc):
+                    raise
+                # The retrieval order stands; without rerank scores there is no evidence to abstain on.
+                answer.degrade("rerank", f"rerank: the embedder failed ({why(exc)}); retrieval order, no abstention")
         sources = [(i + 1, hit) for i, hit in enumerate(hits[:k])]
-        answer = _Answer(clock, timings)
 
-        if config.rerank_ask and config.abstain_below is not None and hits[0].score < config.abstain_below:
+        if reranked and config.abstain_below is not None and hits[0].score < config.abstain_below:
             yield AskSources(sources, coverage)
             yield answer.emit(ABSTENTION)
             yield _finish(answer, abstained=True)
@@ -157,7 +168,7 @@ class Rag:
         yield AskSources(sources, coverage)
 
         verifier = Verifier(query.question, evidence, config.verifier) if config.verify else None
-        check = _SentenceCheck(verifier, self.embedder, deadline) if verifier else None
+        check = _SentenceCheck(verifier, self.embedder, deadline, answer) if verifier else None
         pending, said = "", []
         DOWNSTREAM_CALLS.labels("generator").inc()
         gen_start = time.perf_counter()
@@ -186,11 +197,12 @@ class Rag:
 
         text = "".join(said)
         if check is None:
-            answer.citations = cited_numbers(text, len(sources)) or await self._attribute(text, sources, deadline)
+            answer.citations = cited_numbers(text, len(sources)) or await self._attribute(text, sources, deadline,
+                                                                                          answer)
         elif check.kept:
             answer.citations = list(dict.fromkeys(v.source for v in check.kept))
             answer.support = [Support(v.source, v.support.span, v.support.text) for v in check.kept if v.support]
-        elif evidence and config.rerank_ask and hits[0].score < config.quote_min_score:
+        elif evidence and reranked and hits[0].score < config.quote_min_score:
             # Nothing the model said survived and the evidence is not strong enough to quote on its own.
             yield answer.emit(ABSTENTION)
             yield _finish(answer, abstained=True)
@@ -203,11 +215,19 @@ class Rag:
             answer.citations = [answer.support[0].source]
         yield _finish(answer)
 
-    async def _attribute(self, answer: str, sources: list[tuple[int, Hit]], deadline: Deadline) -> list[int]:
-        """When the model cited nothing: the sources whose meaning is closest to the answer's."""
+    async def _attribute(self, answer: str, sources: list[tuple[int, Hit]], deadline: Deadline,
+                         sent: "_Answer") -> list[int]:
+        """When the model cited nothing: the sources whose meaning is closest to the answer's (by shared
+        words when the embedder fails: the answer is never lost for its citations)."""
         if not answer.strip() or not sources:
             return []
-        vectors = await self.embedder.embed([answer] + [hit.text for _, hit in sources], deadline)
+        try:
+            vectors = await self.embedder.embed([answer] + [hit.text for _, hit in sources], deadline)
+        except Exception as exc:
+            if not is_dependency_failure(exc):
+                raise
+            sent.degrade("attribution", f"attribution: the embedder failed ({why(exc)}); by shared words")
+            return _attribute_by_words(answer, sources)
         scores = vectors[1:] @ vectors[0]
         best = float(scores.max())
         if best < self.config.attribution_min_score:
@@ -229,16 +249,38 @@ def _finish(answer: "_Answer", abstained: bool = False) -> AskDone:
     return done
 
 
-class _Answer:
-    """The answer as it is sent: its text so far, when the first of it went out, what it cites."""
+def _words(text: str) -> set[str]:
+    return {w for w in re.findall(r"\w+", text.lower()) if len(w) > 3}
 
-    def __init__(self, clock: Clock, timings: Timings):
+
+def _attribute_by_words(answer: str, sources: list[tuple[int, Hit]], min_share: float = 0.5) -> list[int]:
+    """The sources holding most of the answer's longer words (at least `min_share` of them), best first."""
+    words = _words(answer)
+    if not words:
+        return []
+    shares = sorted(((len(words & _words(hit.text)) / len(words), number) for number, hit in sources), reverse=True)
+    best = shares[0][0]
+    return [number for share, number in shares if share >= max(min_share, best - 0.1)]
+
+
+class _Answer:
+    """The answer as it is sent: its text so far, when the first of it went out, what it cites, and what
+    was done in a simpler way because a dependency failed."""
+
+    def __init__(self, clock: Clock, timings: Timings, degraded: list[str] | None = None):
         self.clock, self.timings = clock, timings
         self.parts: list[str] = []
         self.citations: list[int] = []
         self.support: list[Support] = []
         self.completion_tokens = 0
         self.extractive = False
+        self.degraded = list(degraded or ())
+
+    def degrade(self, stage: str, note: str) -> None:
+        if note not in self.degraded:
+            log.warning("%s", note)
+            DEGRADED.labels(stage).inc()
+            self.degraded.append(note)
 
     def emit(self, text: str, sentence: bool = False) -> AskToken:
         """`text` as the next event; a whole `sentence` is set off from the one before by a space."""
@@ -252,17 +294,18 @@ class _Answer:
     def done(self, abstained: bool = False) -> AskDone:
         self.timings.total_ms = self.clock.total()
         return AskDone(self.citations, self.timings, self.completion_tokens, abstained, self.support,
-                       self.extractive)
+                       self.extractive, self.degraded)
 
 
 class _SentenceCheck:
     """Verifies the answer sentence by sentence; embeds (for the paraphrase test) only when words alone
     cannot decide."""
 
-    def __init__(self, verifier: Verifier, embedder: EmbedderClient, deadline: Deadline):
-        self.verifier, self.embedder, self.deadline = verifier, embedder, deadline
+    def __init__(self, verifier: Verifier, embedder: EmbedderClient, deadline: Deadline, answer: "_Answer"):
+        self.verifier, self.embedder, self.deadline, self.answer = verifier, embedder, deadline, answer
         self.kept: list[Verdict] = []
         self._evidence_vectors: np.ndarray | None = None
+        self._by_words_only = False
 
     async def keep(self, sentence: str, timings: Timings) -> str | None:
         """The sentence as it should be sent (its citation attached), or None when it is dropped."""
@@ -271,8 +314,16 @@ class _SentenceCheck:
             verdict = self.verifier.check(sentence)
             # Words decide alone only against: a sentence they accept, or might as a paraphrase, is also
             # compared by meaning with its evidence (one embedding of the sentence).
-            if verdict.supported or verdict.overlap >= self.verifier.config.min_paraphrase_overlap:
-                verdict = self.verifier.check(sentence, await self._similarity(verdict.sentence))
+            if not self._by_words_only and (
+                    verdict.supported or verdict.overlap >= self.verifier.config.min_paraphrase_overlap):
+                try:
+                    verdict = self.verifier.check(sentence, await self._similarity(verdict.sentence))
+                except Exception as exc:
+                    if not is_dependency_failure(exc):
+                        raise
+                    # The words' verdict stands (stricter: no paraphrase passes without its meaning).
+                    self._by_words_only = True
+                    self.answer.degrade("verification", f"verification: the embedder failed ({why(exc)}); by words only")
         finally:
             timings.verify_ms += (time.perf_counter() - start) * 1000
         VERIFIED_SENTENCES.labels("kept" if verdict.supported else "dropped").inc()

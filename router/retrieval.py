@@ -4,22 +4,25 @@ reranked by how well each answers it."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
 
 from fabric.client import Deadline
-from fabric.errors import InvalidArgument, Unavailable, leaves_out
+from fabric.errors import InvalidArgument, Unavailable, code_of, is_dependency_failure, leaves_out
 from fabric.telemetry import span, tracer
 from router.clients import EmbedderClient
 from router.clock import Clock
 from router.config import RagConfig
 from router.domain import MODES, Coverage, Hit, Scope
 from router.evidence import combine
-from router.metrics import DOWNSTREAM_CALLS, PARTIAL_RESULTS, STAGE_SECONDS, STALE_READS
+from router.metrics import DEGRADED, DOWNSTREAM_CALLS, PARTIAL_RESULTS, STAGE_SECONDS, STALE_READS
 from router.parsing import title_for
 from router.topology import ShardGroup
+
+log = logging.getLogger(__name__)
 
 _tracer = tracer("ragloom.router")
 
@@ -101,16 +104,27 @@ class Retriever:
             "lexical", lambda f: lambda c: c.lexical_search(query, depth, scope, deadline, f.get(c.shard_id)),
             floors, require_complete, deadline))
             if mode != "dense" else None)
+        degraded = []
         try:
             dense = None
             if mode != "lexical":
-                with span(_tracer, "embed query"):
-                    vector = await self.vectors.query(query, deadline, scope.tenant)
+                try:
+                    with span(_tracer, "embed query"):
+                        vector = await self.vectors.query(query, deadline, scope.tenant)
+                except Exception as exc:
+                    if mode != "hybrid" or not is_dependency_failure(exc):
+                        raise
+                    # Hybrid without the embedder is BM25 alone: an answer from words beats none.
+                    log.warning("embedder failed (%s): %r answered by lexical retrieval only", exc, query[:80])
+                    degraded.append(f"retrieval: the embedder failed ({why(exc)}); lexical (BM25) only")
+                    DEGRADED.labels("retrieval").inc()
+                    mode = "lexical"
                 embed_ms = clock.lap()
-                ef = max(self.config.ef, depth)
-                dense = await self._fan_out(
-                    "dense", lambda f: lambda c: c.search(vector[0], depth, ef, scope, deadline, f.get(c.shard_id)),
-                    floors, require_complete, deadline)
+                if mode != "lexical":
+                    ef = max(self.config.ef, depth)
+                    dense = await self._fan_out(
+                        "dense", lambda f: lambda c: c.search(vector[0], depth, ef, scope, deadline, f.get(c.shard_id)),
+                        floors, require_complete, deadline)
             lexical_result = await lexical if lexical is not None else None
         except BaseException:
             if lexical is not None:
@@ -120,6 +134,7 @@ class Retriever:
             hits, coverage = fuse_reciprocal_rank([dense[0], lexical_result[0]]), dense[1].merge(lexical_result[1])
         else:
             hits, coverage = dense if mode == "dense" else lexical_result
+        coverage.retrieval, coverage.degraded = mode, [*coverage.degraded, *degraded]
         index_ms = clock.lap()
         STAGE_SECONDS.labels("embedding").observe(embed_ms / 1000)
         STAGE_SECONDS.labels("retrieval").observe(index_ms / 1000)
@@ -163,7 +178,7 @@ class Retriever:
     async def rerank(self, query: str, hits: list[Hit], deadline: Deadline) -> tuple[list[Hit], float]:
         """Candidates best first by how well they answer `query` (the embedder's Rerank), each with its best
         sentences, and the milliseconds it took; the retrieval rank adds a small prior. Scores become the
-        combined rerank score."""
+        combined rerank score. Raises what the embedder raised (the caller decides whether to go on)."""
         clock = Clock()
         with span(_tracer, "rerank", **{"ragloom.candidates": len(hits)}):
             DOWNSTREAM_CALLS.labels("embedder").inc()
@@ -173,3 +188,9 @@ class Retriever:
         elapsed = clock.lap()
         STAGE_SECONDS.labels("rerank").observe(elapsed / 1000)
         return [replace(hits[r.index], score=r.score, evidence=r.spans) for r in ranked], elapsed
+
+
+def why(exc: BaseException) -> str:
+    """A failure in a word or two, for a `degraded` note: its status code, else its type."""
+    code = code_of(exc)
+    return code.name if code is not None else type(exc).__name__

@@ -3,6 +3,7 @@ flow's (router.rag), behind the cache (router.cached) and admission control (rou
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -10,11 +11,11 @@ from dataclasses import dataclass
 import grpc
 
 from fabric.client import Deadline
-from fabric.errors import InvalidArgument
+from fabric.errors import InvalidArgument, status_proto
 from fabric.settings import ServiceSettings, option
 from fabric.shardlog import LogSettings
 from ragloom.router.v1 import router_pb2, router_pb2_grpc
-from router.admission import Admission
+from router.admission import ASK, SEARCH, WRITE, Admission, AskGate
 from router.cache import Cache, MemoryBackend, RedisBackend
 from router.cached import CachedQueryVectors, CachedRag
 from router.callers import Callers
@@ -58,10 +59,14 @@ class Settings(ServiceSettings):
     log_replicas: int = option(1, "replicas of each shard's stream and of the generations bucket, when created (3 in a cluster)")
     log_timeout_s: float = option(10.0, "longest wait for the log to acknowledge one write")
     eject_after: int = option(3, "consecutive failures after which a shard replica is skipped")
-    eject_for_s: float = option(5.0, "seconds an ejected replica is skipped before one request probes it")
+    eject_for_s: float = option(5.0, "seconds an ejected replica is skipped before one request probes it (a replica "
+                                     "whose health turns SERVING again is used at once)")
     redis_url: str = option("", "Redis URL for the answer/embedding cache (e.g. redis://127.0.0.1:6379/0); empty = in-process cache")
     cache_ttl_s: float = option(600.0, "cache entry lifetime (±10 % jitter)")
-    max_inflight: int = option(64, "requests handled at once; more get RESOURCE_EXHAUSTED with a retry hint")
+    max_asks: int = option(64, "asks handled at once; more get RESOURCE_EXHAUSTED with a retry hint at once (an "
+                               "ask that would finish after its deadline is refused at once too)")
+    max_searches: int = option(64, "searches handled at once; more get RESOURCE_EXHAUSTED with a retry hint")
+    max_writes: int = option(8, "ingests and deletes handled at once; more get RESOURCE_EXHAUSTED with a retry hint")
     retrieval_mode: str = option("hybrid", "retrieval when a request names none: dense, lexical (BM25) or hybrid (both, fused)")
     tokenizer: str = option("", "tokenizer.json of the embedding model, for chunking (empty: the packaged MiniLM one)")
     chunk_tokens: int = option(200, "tokens per chunk (must stay under the embedder's limit)")
@@ -114,8 +119,8 @@ class Settings(ServiceSettings):
             raise ValueError("shard replicas follow the shard's log: set --nats-url (or give each shard one replica)")
         if self.retrieval_mode not in ("dense", "lexical", "hybrid"):
             raise ValueError("retrieval_mode must be dense, lexical or hybrid")
-        if self.max_inflight < 1:
-            raise ValueError("max_inflight must be positive")
+        if min(self.max_asks, self.max_searches, self.max_writes) < 1:
+            raise ValueError("max_asks, max_searches and max_writes must be positive")
         if self.prompt not in ("evidence", "passages"):
             raise ValueError("prompt must be evidence or passages")
         Callers(self.tenant_from)  # raises for an unknown source
@@ -172,8 +177,13 @@ def _scope(request, tenant: str) -> Scope:
     return Scope(tenant, tuple(request.scope.tags))
 
 
+_MODE_OF = {name: mode for mode, name in _MODES.items() if name}
+
+
 def _coverage(c: Coverage) -> router_pb2.Coverage:
-    return router_pb2.Coverage(partial=c.partial, shards_answered=c.answered, shards_failed=c.failed)
+    return router_pb2.Coverage(partial=c.partial, shards_answered=c.answered, shards_failed=c.failed,
+                               retrieval=_MODE_OF.get(c.retrieval, router_pb2.RETRIEVAL_MODE_UNSPECIFIED),
+                               degraded=c.degraded)
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
@@ -195,7 +205,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             )
             for d in request.documents
         ]
-        with self.service.admission.admit():
+        with self.service.admission.admit(WRITE):
             results, timings, sequences = await self.service.rag.ingest(docs, self._deadline(context), tenant)
         return router_pb2.IngestResponse(
             documents=[router_pb2.IngestedDocument(**vars(r)) for r in results], timings=_timings(timings),
@@ -204,7 +214,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
 
     async def DeleteDocument(self, request, context):
         tenant = self._tenant(context, request.tenant, write=True)
-        with self.service.admission.admit():
+        with self.service.admission.admit(WRITE):
             removed, sequences = await self.service.rag.delete(request.document_id, self._deadline(context), tenant)
         return router_pb2.DeleteDocumentResponse(removed_chunks=removed, sequences=sequences)
 
@@ -212,7 +222,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         scope = _scope(request, self._tenant(context, request.scope.tenant))
         query = SearchQuery(request.query, _optional(request, "top_k"), scope, request.require_complete,
                             _mode(request), _optional(request, "rerank"), dict(request.min_sequences))
-        with self.service.admission.admit():
+        with self.service.admission.admit(SEARCH):
             hits, coverage, timings = await self.service.rag.search(query, self._deadline(context))
         return router_pb2.SearchResponse(hits=[_search_hit(h) for h in hits], timings=_timings(timings),
                                          coverage=_coverage(coverage))
@@ -224,11 +234,24 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             _optional(request, "temperature"), scope, request.require_complete,
             use_cache=not request.no_cache, mode=_mode(request), min_sequences=dict(request.min_sequences),
         )
-        with self.service.admission.admit():
+        with self.service.admission.admit(ASK):
             async for event in self.service.rag.ask(query, self._deadline(context)):
                 yield event
 
     async def AskStream(self, request, context):
+        began = False
+        try:
+            async for message in self._ask_stream(request, context):
+                began = True
+                yield message
+        except Exception as exc:
+            if not began:
+                raise  # nothing sent yet: the status alone says it (REST gets the HTTP status)
+            # The status the call ends with, also as the last message: a REST client cannot see trailers.
+            yield router_pb2.AskStreamResponse(error=status_proto(exc))
+            raise
+
+    async def _ask_stream(self, request, context):
         async for event in self._ask(request, context):
             if isinstance(event, AskSources):
                 yield router_pb2.AskStreamResponse(
@@ -260,6 +283,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 response.abstained = done.abstained
                 response.support.extend(done.support)
                 response.extractive = done.extractive
+                response.degraded.extend(done.degraded)
         response.answer = "".join(answer)
         return response
 
@@ -268,6 +292,7 @@ def _done(event: AskDone) -> router_pb2.AskDone:
     return router_pb2.AskDone(
         citations=event.citations, timings=_timings(event.timings), completion_tokens=event.completion_tokens,
         abstained=event.abstained, support=_support(event.support), extractive=event.extractive,
+        degraded=event.degraded,
     )
 
 
@@ -279,7 +304,11 @@ class RouterService:
         self.settings = settings
         self.rag: CachedRag | None = None
         self.shard_log: ShardLog | None = None
-        self.admission = Admission(settings.max_inflight)
+        self.admission = Admission({ASK: settings.max_asks, SEARCH: settings.max_searches, WRITE: settings.max_writes})
+        self.gate = AskGate(lambda: self.generator_parallel)
+        #: Generations the generator runs at once (its Info, asked until it answers; 1 meanwhile).
+        self.generator_parallel = 1
+        self._asking: asyncio.Task | None = None
         self.callers = Callers(settings.tenant_from, frozenset(settings.trusted_gateways),
                                settings.tenant_header.lower(), settings.scope_header.lower(), settings.write_scope)
 
@@ -307,6 +336,8 @@ class RouterService:
             )
             for shard_id, replicas in enumerate(parse_topology(s.indexers))
         ]
+        for group in shards:  # health watchers: a replica that reports SERVING again is used at once
+            group.start()
         writes = None
         if s.nats_url:
             self.shard_log = ShardLog(LogSettings(s.nats_url, s.log_replicas, s.tls_cert, s.tls_key, s.tls_ca), len(shards),
@@ -318,12 +349,28 @@ class RouterService:
         embedder = EmbedderClient(s.embedder, s.embed_timeout_s, identity=s.identity)
         generator = GeneratorClient(s.generator, s.generate_timeout_s, identity=s.identity)
         rag = Rag(config, chunker, embedder, shards, generator, CachedQueryVectors(embedder, cache), writes)
-        self.rag = CachedRag(rag, cache)
+        self.rag = CachedRag(rag, cache, self.gate)
+        self._asking = asyncio.ensure_future(self._learn_parallel(generator))
         log.info("router over %d shards (%s), writes: %s, cache: %s", len(shards), ", ".join(s.indexers),
                  f"the shards' log at {s.nats_url}" if s.nats_url else "straight to standalone shards",
                  "redis" if s.redis_url else "in-process")
 
+    async def _learn_parallel(self, generator: GeneratorClient) -> None:
+        """The generator's parallelism, for the ask gate: asked until it answers (it may start after us)."""
+        delay = 0.5
+        while True:
+            try:
+                self.generator_parallel = await generator.parallel()
+                log.info("the generator runs %d generations at once", self.generator_parallel)
+                return
+            except Exception as exc:  # noqa: BLE001 - not up yet: ask again
+                log.debug("generator Info: %s", exc)
+                await asyncio.sleep(delay)
+                delay = min(10.0, delay * 2)
+
     async def close(self) -> None:
+        if self._asking is not None:
+            self._asking.cancel()
         if self.rag is not None:
             await self.rag.close()
         if self.shard_log is not None:

@@ -6,11 +6,17 @@ module only when that backend is created, so choosing one never loads another's 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib
+import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
+
+from fabric.errors import Overloaded
+from fabric.shedding import Ewma, expected_finish_s, refuse_if_late
 
 ROLES = ("system", "user", "assistant")
 
@@ -64,8 +70,77 @@ class CommonOptions:
     queue_timeout_s: float = 30.0
 
 
+class Slots:
+    """The generations a backend runs at once, and the door in front of them.
+
+    Each slot is one sequence the model decodes (a llama.cpp context, an in-flight request of a
+    batching engine). How long a generation holds its slot is measured (an exponentially weighted
+    mean), so the wait a new request faces is known from the queue: ahead of it are the waiting
+    ones, served `n` at a time. `check` refuses at once a request that would not finish within the
+    caller's remaining time — shedding it at the door costs nothing, while serving it late costs a
+    whole generation nobody reads. A request past the door waits at most `queue_timeout_s` for a slot.
+    """
+
+    def __init__(self, n: int, queue_timeout_s: float = 30.0, weight: float = 0.3):
+        if n < 1:
+            raise ValueError("a backend needs at least one slot")
+        self.n, self.queue_timeout_s = n, queue_timeout_s
+        self._free = asyncio.Semaphore(n)
+        self.running = 0
+        self.waiting = 0
+        #: Mean seconds a generation holds its slot (None until one has finished).
+        self.service = Ewma(weight)
+
+    def expected_s(self) -> float | None:
+        """Seconds until a request arriving now would finish: its wait for a slot plus its own service."""
+        return expected_finish_s(self.running + self.waiting, self.n, self.service.value)
+
+    def check(self, remaining_s: float | None) -> None:
+        """RESOURCE_EXHAUSTED now, with a retry hint, when the request would miss the caller's deadline."""
+        refuse_if_late(self.expected_s(), remaining_s,
+                       f"the generator is busy, {self.running} running and {self.waiting} waiting")
+
+    @contextlib.asynccontextmanager
+    async def hold(self) -> AsyncIterator[None]:
+        """One slot for the block (waiting at most queue_timeout_s); its holding time feeds the estimate."""
+        taken = await self.take()
+        try:
+            yield
+        finally:
+            self.give(taken)
+
+    async def take(self) -> float:
+        """A slot held beyond one block (released with `give(started)`): returns when it was taken."""
+        self.waiting += 1
+        try:
+            await asyncio.wait_for(self._free.acquire(), self.queue_timeout_s)
+        except asyncio.TimeoutError:
+            raise Overloaded(f"the model stayed busy for {self.queue_timeout_s:g}s; retry later",
+                             retry_after_s=1.0) from None
+        finally:
+            self.waiting -= 1
+        self.running += 1
+        return time.perf_counter()
+
+    def give(self, taken: float) -> None:
+        self.running -= 1
+        self._free.release()
+        self.record(time.perf_counter() - taken)
+
+    def record(self, held_s: float) -> None:
+        self.service.add(held_s)
+
+    @property
+    def service_s(self) -> float | None:
+        return self.service.value
+
+
 class Backend(ABC):
     """Turns a conversation into a stream of text. Implementations must not block the event loop."""
+
+    #: The generations it runs at once, with the door that sheds what would finish too late; None where
+    #: another server queues them (an OpenAI-compatible one: its own admission decides).
+    slots: Slots | None = None
 
     #: Registry name (its key in BACKENDS), reported by Info.
     name: ClassVar[str] = ""

@@ -1,4 +1,5 @@
-"""llama.cpp in-process: one model context, one generation at a time, tokens streamed from a worker thread.
+"""llama.cpp in-process: `parallel` model contexts, one generation each at a time, tokens streamed from
+each context's own worker thread. The weights are memory-mapped once; each context adds its own KV cache.
 
 The chat template is the model's own (the GGUF's tokenizer.chat_template, applied by llama-cpp-python).
 """
@@ -16,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from generator.backends.base import Backend, CommonOptions, Delta, Finished, FinishReason, GenerationParams
-from fabric.errors import InvalidArgument, Overloaded, Unavailable
+from generator.backends.base import Backend, CommonOptions, Delta, Finished, FinishReason, GenerationParams, Slots
+from fabric.errors import InvalidArgument, Unavailable
 from fabric.resources import usable_cpus
 from fabric.settings import option
 
@@ -76,12 +77,16 @@ class LlamaCppOptions:
         0, "llama_cpp: CPU threads for reading the prompt (parallel work, most of the time to first token); "
            "0 = every CPU this process may use")
     repeat_penalty: float = option(1.15, "llama_cpp: penalty on repeating recent tokens (1 = none); small models loop without it")
+    parallel: int = option(
+        1, "llama_cpp: generations at once, each in its own context on its own thread(s); 0 = the CPUs this "
+           "process may use divided by --threads. 1 by measurement (bench/generator.py --only-parallel): on a "
+           "2-core machine the mesh shares, 4 requests at once made 21 tokens/s on one context, 15 on two")
 
     def validate(self) -> None:
         if self.repeat_penalty <= 0:
             raise ValueError("llama_cpp: repeat_penalty must be positive")
-        if self.threads < 0 or self.batch_threads < 0:
-            raise ValueError("llama_cpp: threads and batch_threads must not be negative")
+        if self.threads < 0 or self.batch_threads < 0 or self.parallel < 0:
+            raise ValueError("llama_cpp: threads, batch_threads and parallel must not be negative")
 
 
 class LlamaCppBackend(Backend):
@@ -97,6 +102,7 @@ class LlamaCppBackend(Backend):
         batch_threads: int = 0,
         queue_timeout_s: float = 30.0,
         repeat_penalty: float = 1.15,
+        parallel: int = 1,
     ):
         self.model_path = Path(model_path).expanduser() if model_path else packaged_model_path()
         self.context_tokens = context_tokens
@@ -105,11 +111,16 @@ class LlamaCppBackend(Backend):
         self.batch_threads = batch_threads or usable_cpus()
         self.queue_timeout_s = queue_timeout_s
         self.repeat_penalty = repeat_penalty
-        self._llm: llama_cpp.Llama | None = None
-        # A llama.cpp context holds one sequence: generations take turns on one worker thread.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
-        self._slot = asyncio.Semaphore(1)
+        self.parallel = parallel or max(1, usable_cpus() // self.threads)
+        # A llama.cpp context holds one sequence: each context has its own worker thread, and the slots
+        # decide which request gets a free one (or is shed at the door).
+        self.slots = Slots(self.parallel, queue_timeout_s)
+        self._executors = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{i}")
+                           for i in range(self.parallel)]
+        self._contexts: list[llama_cpp.Llama] = []
+        self._free: asyncio.Queue[int] = asyncio.Queue()
         self._tokens_sampled = 0
+        self._count_lock = threading.Lock()
 
     @classmethod
     def create(cls, common: CommonOptions, options: LlamaCppOptions) -> LlamaCppBackend:
@@ -120,6 +131,7 @@ class LlamaCppBackend(Backend):
             batch_threads=options.batch_threads,
             queue_timeout_s=common.queue_timeout_s,
             repeat_penalty=options.repeat_penalty,
+            parallel=options.parallel,
         )
 
     @property
@@ -131,9 +143,13 @@ class LlamaCppBackend(Backend):
         if not self.model_path.is_file():
             raise FileNotFoundError(f"model file not found: {self.model_path}")
         loop = asyncio.get_running_loop()
-        self._llm = await loop.run_in_executor(self._executor, self._load)
-        log.info("loaded %s (context %d tokens, %d threads, %d for prompts)", self.model_path.name,
-                 self.context_tokens, self.threads, self.batch_threads)
+        # One after another: with verbose=False llama-cpp-python points fds 1 and 2 at /dev/null while it
+        # loads and puts them back after, which two loads at once would leave pointing there for good.
+        self._contexts = [await loop.run_in_executor(e, self._load) for e in self._executors]
+        for i in range(self.parallel):
+            self._free.put_nowait(i)
+        log.info("loaded %s: %d context(s) of %d tokens, %d thread(s) each, %d for prompts", self.model_path.name,
+                 self.parallel, self.context_tokens, self.threads, self.batch_threads)
 
     def _load(self) -> llama_cpp.Llama:
         import llama_cpp
@@ -151,24 +167,25 @@ class LlamaCppBackend(Backend):
         return llm
 
     async def close(self) -> None:
-        if self._llm is not None:
-            llm, self._llm = self._llm, None
-            # Queued behind any generation still winding down on the worker thread.
-            await asyncio.get_running_loop().run_in_executor(self._executor, llm.close)
-        self._executor.shutdown(wait=False)
+        contexts, self._contexts = self._contexts, []
+        loop = asyncio.get_running_loop()
+        # Each queued behind any generation still winding down on its worker thread.
+        await asyncio.gather(*(loop.run_in_executor(e, llm.close) for e, llm in zip(self._executors, contexts)))
+        for executor in self._executors:
+            executor.shutdown(wait=False)
 
     def info(self) -> tuple[str, int]:
         return self.model_path.name, self.context_tokens
 
     async def stream(self, params: GenerationParams) -> AsyncIterator[Delta | Finished]:
-        if self._llm is None:
+        if not self._contexts:
             raise Unavailable("the model is not loaded yet")
-        try:
-            await asyncio.wait_for(self._slot.acquire(), self.queue_timeout_s)
-        except asyncio.TimeoutError:
-            raise Overloaded(
-                f"the model stayed busy for {self.queue_timeout_s:g}s; retry later", retry_after_s=1.0
-            ) from None
+        taken = await self.slots.take()
+        index = self._free.get_nowait()  # a slot taken means a context is free
+
+        def release(_=None) -> None:
+            self._free.put_nowait(index)
+            self.slots.give(taken)
 
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Delta | Finished | BaseException] = asyncio.Queue()
@@ -181,12 +198,13 @@ class LlamaCppBackend(Backend):
                 cancelled.set()
 
         try:
-            worker = loop.run_in_executor(self._executor, self._generate, self._llm, params, cancelled, emit)
+            worker = loop.run_in_executor(self._executors[index], self._generate, self._contexts[index], params,
+                                          cancelled, emit)
         except BaseException:
-            self._slot.release()
+            release()
             raise
         # The slot frees when the thread lets go of the context, not when the caller stops listening.
-        worker.add_done_callback(lambda _: self._slot.release())
+        worker.add_done_callback(release)
         try:
             while True:
                 item = await queue.get()
@@ -245,4 +263,5 @@ class LlamaCppBackend(Backend):
         emit(Finished(finish_reason, meter.prompt_tokens, meter.sampled))
 
     def _count_token(self) -> None:
-        self._tokens_sampled += 1
+        with self._count_lock:  # called from every context's thread
+            self._tokens_sampled += 1

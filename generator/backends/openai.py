@@ -126,7 +126,7 @@ class OpenAIBackend(Backend):
                     raise _upstream_error(response)
                 async for event in _sse_events(response):
                     if "error" in event:
-                        raise Unavailable(f"upstream failed mid-stream: {_error_message(event)}")
+                        raise Unavailable(f"upstream {self.base_url} failed mid-stream: {_error_message(event)}")
                     usage = event.get("usage") or usage
                     for choice in event.get("choices") or ():
                         text = (choice.get("delta") or {}).get("content")
@@ -142,7 +142,7 @@ class OpenAIBackend(Backend):
         except httpx.TransportError as exc:
             raise Unavailable(f"upstream {self.base_url} unreachable: {type(exc).__name__}: {exc}") from None
         if finish_reason is None:
-            raise Unavailable("upstream ended the stream before the reply finished")
+            raise Unavailable(f"upstream {self.base_url} ended the stream before the reply finished")
         yield Finished(
             finish_reason,
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
@@ -162,12 +162,12 @@ async def _sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]
         try:
             yield json.loads(data)
         except json.JSONDecodeError:
-            raise Unavailable(f"upstream sent a malformed event: {data[:200]!r}") from None
+            raise Unavailable(f"upstream {response.request.url} sent a malformed event: {data[:200]!r}") from None
 
 
 def _upstream_error(response: httpx.Response) -> RagloomError:
     status = response.status_code
-    message = f"upstream HTTP {status}: {_error_message(_json_or_text(response))}"
+    message = f"upstream {response.request.url} HTTP {status}: {_error_message(_json_or_text(response))}"
     if status == 429:
         return Overloaded(message, retry_after_s=_retry_after(response))
     if status >= 500 or status == 408:  # the server's fault, or it gave up waiting: retrying may succeed

@@ -31,8 +31,9 @@ from generator.backends.base import (
     Finished,
     FinishReason,
     GenerationParams,
+    Slots,
 )
-from fabric.errors import InvalidArgument, Overloaded, Unavailable
+from fabric.errors import InvalidArgument, Unavailable
 from fabric.settings import option
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,8 @@ class TensorRTLLMBackend(Backend):
         self.kv_cache_fraction = kv_cache_fraction
         self.max_in_flight = max_in_flight
         self.queue_timeout_s = queue_timeout_s
-        self._slots = asyncio.Semaphore(max_in_flight) if max_in_flight else None
+        # In-flight batching runs every admitted request at once: max_in_flight is how many.
+        self.slots = Slots(max_in_flight, queue_timeout_s) if max_in_flight else None
         self._api: Any = None  # the tensorrt_llm module, once started
         self._llm: Any = None
 
@@ -205,19 +207,11 @@ class TensorRTLLMBackend(Backend):
 
     @contextlib.asynccontextmanager
     async def _admitted(self) -> AsyncIterator[None]:
-        if self._slots is None:
+        if self.slots is None:
             yield
             return
-        try:
-            await asyncio.wait_for(self._slots.acquire(), self.queue_timeout_s)
-        except asyncio.TimeoutError:
-            raise Overloaded(
-                f"{self.max_in_flight} generations in flight for {self.queue_timeout_s:g}s; retry later"
-            ) from None
-        try:
+        async with self.slots.hold():
             yield
-        finally:
-            self._slots.release()
 
     def _prompt_ids(self, messages: list[ChatMessage]) -> list[int]:
         """The conversation in the model's own chat template, up to where the assistant's turn begins, as tokens."""

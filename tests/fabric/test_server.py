@@ -89,6 +89,22 @@ async def test_health_is_not_serving_until_warm_and_after_stop(running):
     assert service.closed
 
 
+async def test_health_watch_streams_through_the_interceptor(running):
+    """grpc's Health/Watch writes with context.write (a coroutine, not an iterator): the interceptor must pass
+    it, or every watcher (the router's replica health) gets INTERNAL."""
+    service, stop, ready, task = running
+    port = await _serving(service, ready)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5)
+        first = await watch.read()
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        stop.set()  # shutting down: the watcher hears NOT_SERVING
+        second = await watch.read()
+        assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        watch.cancel()
+        await asyncio.wait_for(task, 10)
+
+
 async def test_not_serving_while_warming_up(unused_tcp_port):
     service, stop = EchoService(), asyncio.Event()
     settings = ServiceSettings(port=unused_tcp_port, grace_s=1)

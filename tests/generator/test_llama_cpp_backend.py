@@ -20,7 +20,8 @@ STORY = [ChatMessage("user", "Write a very long story about a lighthouse keeper.
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def backend():
-    backend = LlamaCppBackend(context_tokens=1024, threads=1)  # one thread: steady on a busy 2-core box
+    # one context on one thread: steady on a busy 2-core box
+    backend = LlamaCppBackend(context_tokens=1024, threads=1, parallel=1)
     await backend.start()
     yield backend
     await backend.close()
@@ -74,7 +75,7 @@ async def test_closing_the_stream_stops_the_worker(backend):
 
 
 async def test_a_busy_model_turns_away_waiters_after_queue_timeout(backend, monkeypatch):
-    monkeypatch.setattr(backend, "queue_timeout_s", 0.1)
+    monkeypatch.setattr(backend.slots, "queue_timeout_s", 0.1)
     busy = backend.stream(GenerationParams(messages=STORY, max_tokens=400, temperature=0.0))
     await anext(busy)
     try:
@@ -82,6 +83,39 @@ async def test_a_busy_model_turns_away_waiters_after_queue_timeout(backend, monk
             await anext(backend.stream(GenerationParams(messages=STORY, max_tokens=1)))
     finally:
         await busy.aclose()
+
+
+async def test_a_request_that_would_miss_its_deadline_is_shed_at_once(backend):
+    await generate(backend, GenerationParams(messages=STORY, max_tokens=16, temperature=0.0))  # measures service
+    await asyncio.sleep(0.1)  # the worker lets go of its context
+    slots = backend.slots
+    assert slots.service_s is not None and slots.expected_s() == pytest.approx(slots.service_s)
+    slots.check(slots.service_s * 1.5)  # one would finish in time: admitted
+    busy = backend.stream(GenerationParams(messages=STORY, max_tokens=400, temperature=0.0))
+    await anext(busy)
+    try:
+        assert slots.expected_s() == pytest.approx(2 * slots.service_s)  # behind the running one
+        with pytest.raises(Overloaded) as info:
+            slots.check(slots.service_s * 1.5)
+        assert info.value.retry_after_s >= 0.5 and "1 running" in info.value.message
+    finally:
+        await busy.aclose()
+
+
+async def test_two_contexts_generate_at_once():
+    backend = LlamaCppBackend(context_tokens=512, threads=1, parallel=2)
+    await backend.start()
+    try:
+        first = backend.stream(GenerationParams(messages=STORY, max_tokens=400, temperature=0.0))
+        await anext(first)
+        # the second context serves another request while the first still generates
+        text, finished = await asyncio.wait_for(
+            generate(backend, GenerationParams(messages=COUNT, max_tokens=4, temperature=0.0)), 30)
+        await asyncio.sleep(0.2)  # its worker lets go of the second context
+        assert finished.completion_tokens == 4 and backend.slots.running == 1
+        await first.aclose()
+    finally:
+        await backend.close()
 
 
 async def test_the_first_token_arrives_before_the_last_is_produced(backend):

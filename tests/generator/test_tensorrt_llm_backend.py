@@ -205,7 +205,7 @@ async def test_max_in_flight_bounds_concurrent_requests(fake, tmp_path):
     busy = backend.stream(params)
     try:
         await anext(busy)
-        with pytest.raises(Overloaded, match="1 generations in flight"):
+        with pytest.raises(Overloaded, match="busy for 0.1s"):
             await anext(backend.stream(params))
     finally:
         await busy.aclose()

@@ -156,6 +156,37 @@ async def test_over_long_questions_and_oversized_ingests_are_refused_before_any_
     await flow.ask("why " * 20)  # at the limit is fine
 
 
+async def test_with_the_embedder_down_hybrid_answers_from_bm25_and_says_so():
+    flow = Flow(verify=True, rerank_ask=True)
+    await flow.ingest(("bees", BEES), ("bread", BREAD), ("lamps", LAMPS))
+    flow.embedder.down = True
+    hits, coverage, _ = await flow.rag.search(SearchQuery("wild yeast sourdough starter", mode="hybrid"), Deadline(10))
+    assert hits[0].document_id == "bread"
+    assert coverage.retrieval == "lexical" and "lexical (BM25) only" in coverage.degraded[0]
+    with pytest.raises(Unavailable):  # dense alone has nothing to fall back on
+        await flow.rag.search(SearchQuery("wild yeast", mode="dense"), Deadline(10))
+    # an ask goes on: BM25, the retrieval order (no rerank), verification by words; the answer is kept
+    sources, text, done = await flow.ask("How do honeybees tell each other where flowers are?")
+    assert sources.sources[0][1].document_id == "bees" and sources.coverage.retrieval == "lexical"
+    assert text and not done.abstained and flow.generator.requests
+    stages = " | ".join(done.degraded)
+    assert "retrieval:" in stages and "rerank:" in stages and "verification:" in stages, stages
+    # a degraded answer is not cached: with the embedder back, the full pipeline answers
+    flow.embedder.down = False
+    sources, _, done = await flow.ask("How do honeybees tell each other where flowers are?")
+    assert not sources.cached and done.degraded == [] and sources.coverage.retrieval == "hybrid"
+
+
+async def test_an_answer_without_citations_is_attributed_by_words_when_the_embedder_fails():
+    flow = Flow(pieces=("Sourdough is leavened by wild yeast and lactic acid bacteria.",), prompt="passages",
+                rerank_ask=False)
+    await flow.ingest(("bees", BEES), ("bread", BREAD))
+    flow.embedder.down = True
+    _, text, done = await flow.ask("What leavens sourdough?", mode="lexical")
+    assert text.startswith("Sourdough") and done.citations
+    assert any(d.startswith("attribution:") for d in done.degraded)
+
+
 async def test_off_corpus_questions_abstain_and_an_empty_collection_is_a_failed_precondition():
     flow = Flow()
     with pytest.raises(FailedPrecondition, match="ingest documents first"):

@@ -55,6 +55,8 @@ class FakeEmbedder:
         return "bag-of-words/64"
 
     async def rerank(self, query, texts, deadline, titles=()) -> list[Scored]:
+        if self.down:
+            raise Unavailable("embedder down")
         self.reranked.append(len(texts))
         self.titles = list(titles)
         words = set(query.lower().split())

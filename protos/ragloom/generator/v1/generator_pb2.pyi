@@ -71,11 +71,13 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("backend", "model", "context_tokens")
+    __slots__ = ("backend", "model", "context_tokens", "parallel")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PARALLEL_FIELD_NUMBER: _ClassVar[int]
     backend: str
     model: str
     context_tokens: int
-    def __init__(self, backend: _Optional[str] = ..., model: _Optional[str] = ..., context_tokens: _Optional[int] = ...) -> None: ...
+    parallel: int
+    def __init__(self, backend: _Optional[str] = ..., model: _Optional[str] = ..., context_tokens: _Optional[int] = ..., parallel: _Optional[int] = ...) -> None: ...

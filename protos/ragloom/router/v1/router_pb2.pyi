@@ -1,4 +1,5 @@
 from google.api import annotations_pb2 as _annotations_pb2
+from google.rpc import status_pb2 as _status_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -77,14 +78,18 @@ class Support(_message.Message):
     def __init__(self, source: _Optional[int] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., text: _Optional[str] = ...) -> None: ...
 
 class Coverage(_message.Message):
-    __slots__ = ("partial", "shards_answered", "shards_failed")
+    __slots__ = ("partial", "shards_answered", "shards_failed", "retrieval", "degraded")
     PARTIAL_FIELD_NUMBER: _ClassVar[int]
     SHARDS_ANSWERED_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FAILED_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
     partial: bool
     shards_answered: _containers.RepeatedScalarFieldContainer[int]
     shards_failed: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, partial: _Optional[bool] = ..., shards_answered: _Optional[_Iterable[int]] = ..., shards_failed: _Optional[_Iterable[int]] = ...) -> None: ...
+    retrieval: RetrievalMode
+    degraded: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, partial: _Optional[bool] = ..., shards_answered: _Optional[_Iterable[int]] = ..., shards_failed: _Optional[_Iterable[int]] = ..., retrieval: _Optional[_Union[RetrievalMode, str]] = ..., degraded: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Source(_message.Message):
     __slots__ = ("number", "document_id", "chunk_id", "source", "text", "score", "shard_id", "evidence")
@@ -127,7 +132,7 @@ class Timings(_message.Message):
     def __init__(self, embed_ms: _Optional[float] = ..., index_ms: _Optional[float] = ..., generate_ms: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., parse_ms: _Optional[float] = ..., rerank_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ...) -> None: ...
 
 class AskResponse(_message.Message):
-    __slots__ = ("answer", "sources", "citations", "timings", "completion_tokens", "coverage", "cached", "abstained", "support", "extractive")
+    __slots__ = ("answer", "sources", "citations", "timings", "completion_tokens", "coverage", "cached", "abstained", "support", "extractive", "degraded")
     ANSWER_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
     CITATIONS_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +143,7 @@ class AskResponse(_message.Message):
     ABSTAINED_FIELD_NUMBER: _ClassVar[int]
     SUPPORT_FIELD_NUMBER: _ClassVar[int]
     EXTRACTIVE_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
     answer: str
     sources: _containers.RepeatedCompositeFieldContainer[Source]
     citations: _containers.RepeatedScalarFieldContainer[int]
@@ -148,7 +154,8 @@ class AskResponse(_message.Message):
     abstained: bool
     support: _containers.RepeatedCompositeFieldContainer[Support]
     extractive: bool
-    def __init__(self, answer: _Optional[str] = ..., sources: _Optional[_Iterable[_Union[Source, _Mapping]]] = ..., citations: _Optional[_Iterable[int]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., completion_tokens: _Optional[int] = ..., coverage: _Optional[_Union[Coverage, _Mapping]] = ..., cached: _Optional[bool] = ..., abstained: _Optional[bool] = ..., support: _Optional[_Iterable[_Union[Support, _Mapping]]] = ..., extractive: _Optional[bool] = ...) -> None: ...
+    degraded: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, answer: _Optional[str] = ..., sources: _Optional[_Iterable[_Union[Source, _Mapping]]] = ..., citations: _Optional[_Iterable[int]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., completion_tokens: _Optional[int] = ..., coverage: _Optional[_Union[Coverage, _Mapping]] = ..., cached: _Optional[bool] = ..., abstained: _Optional[bool] = ..., support: _Optional[_Iterable[_Union[Support, _Mapping]]] = ..., extractive: _Optional[bool] = ..., degraded: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AskSources(_message.Message):
     __slots__ = ("sources", "coverage", "cached")
@@ -161,30 +168,34 @@ class AskSources(_message.Message):
     def __init__(self, sources: _Optional[_Iterable[_Union[Source, _Mapping]]] = ..., coverage: _Optional[_Union[Coverage, _Mapping]] = ..., cached: _Optional[bool] = ...) -> None: ...
 
 class AskDone(_message.Message):
-    __slots__ = ("citations", "timings", "completion_tokens", "abstained", "support", "extractive")
+    __slots__ = ("citations", "timings", "completion_tokens", "abstained", "support", "extractive", "degraded")
     CITATIONS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ABSTAINED_FIELD_NUMBER: _ClassVar[int]
     SUPPORT_FIELD_NUMBER: _ClassVar[int]
     EXTRACTIVE_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
     citations: _containers.RepeatedScalarFieldContainer[int]
     timings: Timings
     completion_tokens: int
     abstained: bool
     support: _containers.RepeatedCompositeFieldContainer[Support]
     extractive: bool
-    def __init__(self, citations: _Optional[_Iterable[int]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., completion_tokens: _Optional[int] = ..., abstained: _Optional[bool] = ..., support: _Optional[_Iterable[_Union[Support, _Mapping]]] = ..., extractive: _Optional[bool] = ...) -> None: ...
+    degraded: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, citations: _Optional[_Iterable[int]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., completion_tokens: _Optional[int] = ..., abstained: _Optional[bool] = ..., support: _Optional[_Iterable[_Union[Support, _Mapping]]] = ..., extractive: _Optional[bool] = ..., degraded: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AskStreamResponse(_message.Message):
-    __slots__ = ("sources", "token", "done")
+    __slots__ = ("sources", "token", "done", "error")
     SOURCES_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     sources: AskSources
     token: str
     done: AskDone
-    def __init__(self, sources: _Optional[_Union[AskSources, _Mapping]] = ..., token: _Optional[str] = ..., done: _Optional[_Union[AskDone, _Mapping]] = ...) -> None: ...
+    error: _status_pb2.Status
+    def __init__(self, sources: _Optional[_Union[AskSources, _Mapping]] = ..., token: _Optional[str] = ..., done: _Optional[_Union[AskDone, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
     __slots__ = ("query", "top_k", "scope", "mode", "require_complete", "rerank", "min_sequences")
