@@ -20,7 +20,7 @@ from generator.backends import (
     create_backend,
     known_backends,
 )
-from generator.backends.base import ROLES
+from generator.backends.base import ROLES, SLOT_WAIT
 from generator.backends.llama_cpp import LlamaCppOptions
 from generator.backends.openai import OpenAIOptions
 from generator.backends.tensorrt_llm import TensorRTLLMOptions
@@ -124,7 +124,7 @@ TOKENS_PER_SECOND = Histogram(
 )
 
 
-def _usage(stats: GenerationStats) -> generator_pb2.Usage:
+def _usage(stats: GenerationStats, queue_ms: float = 0.0) -> generator_pb2.Usage:
     if stats.completion_tokens:
         TIME_TO_FIRST_TOKEN.observe(stats.time_to_first_token_ms / 1000)
         TOKENS_PER_SECOND.observe(stats.tokens_per_second)
@@ -135,6 +135,7 @@ def _usage(stats: GenerationStats) -> generator_pb2.Usage:
         total_ms=stats.total_ms,
         inter_token_latency_ms=stats.inter_token_latency_ms,
         tokens_per_second=stats.tokens_per_second,
+        queue_ms=queue_ms,
     )
 
 
@@ -147,6 +148,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         params = to_params(request, self.default_max_tokens)
         if self.backend.slots is not None:  # shed at the door what would finish after the caller's deadline
             self.backend.slots.check(context.time_remaining())
+        SLOT_WAIT.set(0.0)
         clock = GenerationClock()
         # aclosing: a cancelled call closes the backend stream at once, which stops the generation.
         async with aclosing(self.backend.stream(params)) as items:
@@ -156,7 +158,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                     yield generator_pb2.GenerateResponse(text=item.text)
                     continue
                 yield generator_pb2.GenerateResponse(
-                    finish_reason=_FINISH_REASONS[item.finish_reason], usage=_usage(clock.finish(item))
+                    finish_reason=_FINISH_REASONS[item.finish_reason],
+                    usage=_usage(clock.finish(item), queue_ms=SLOT_WAIT.get() * 1000),
                 )
 
     async def Info(self, request, context):

@@ -67,8 +67,10 @@ class AskGate:
         finally:
             self.in_flight -= 1
 
-    def record(self, total_ms: float, generate_ms: float) -> None:
-        """One finished ask that generated: its timings feed the estimate."""
+    def record(self, total_ms: float, generate_ms: float, queue_ms: float = 0.0) -> None:
+        """One finished ask that generated: its timings feed the estimate. The generation's own time leaves
+        out its wait for the generator (`queue_ms`): that wait is what the queue ahead predicts, and counting
+        it in the service time too would count it twice, and shed more the longer the queue got."""
         if generate_ms > 0:
             self.before.add(max(0.0, total_ms - generate_ms) / 1000)
-            self.generate.add(generate_ms / 1000)
+            self.generate.add(max(0.0, generate_ms - queue_ms) / 1000)

@@ -96,7 +96,8 @@ class CachedRag:
                 async for event in self.rag.answer(query, deadline):
                     events.append(event)
                     if isinstance(event, AskDone):
-                        self.gate.record(event.timings.total_ms, event.timings.generate_ms)
+                        self.gate.record(event.timings.total_ms, event.timings.generate_ms,
+                                         event.timings.generator_queue_ms)
                         # Kept before the last event goes out: once every listener has it, the flight may end.
                         if keep and not events[0].coverage.partial and not event.degraded:
                             await self.cache.set(key, serialise(events))

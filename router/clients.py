@@ -169,7 +169,10 @@ class GeneratorClient:
         try:
             with _naming("generator", "Generate"):  # errors arrive while the stream is read
                 async for reply in call:
-                    yield Generated(reply.text, reply.usage.completion_tokens if reply.HasField("usage") else None)
+                    if reply.HasField("usage"):
+                        yield Generated(reply.text, reply.usage.completion_tokens, reply.usage.queue_ms)
+                    else:
+                        yield Generated(reply.text)
         finally:
             call.cancel()  # our caller went away: stop the generator spending compute
 

@@ -67,6 +67,7 @@ class Timings:
     parse_ms: float = 0.0
     rerank_ms: float = 0.0
     verify_ms: float = 0.0
+    generator_queue_ms: float = 0.0
 
 
 # ---- ingest ----------------------------------------------------------------------------------
@@ -185,3 +186,5 @@ class Generated:
 
     text: str
     completion_tokens: int | None = None
+    #: On the last reply: milliseconds the request waited for the generator to be free.
+    queue_ms: float = 0.0

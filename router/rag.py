@@ -176,6 +176,7 @@ class Rag:
             async for piece in self.generator.generate(messages, query.max_tokens, stop, query.temperature, deadline):
                 if piece.completion_tokens is not None:
                     answer.completion_tokens = piece.completion_tokens
+                    timings.generator_queue_ms = piece.queue_ms
                 if not piece.text:
                     continue
                 if not said:

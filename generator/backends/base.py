@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import importlib
 import time
 from abc import ABC, abstractmethod
@@ -70,6 +71,10 @@ class CommonOptions:
     queue_timeout_s: float = 30.0
 
 
+#: Seconds the current request waited for its slot (set by Slots.take in the request's own task).
+SLOT_WAIT: contextvars.ContextVar[float] = contextvars.ContextVar("slot_wait", default=0.0)
+
+
 class Slots:
     """The generations a backend runs at once, and the door in front of them.
 
@@ -111,6 +116,7 @@ class Slots:
 
     async def take(self) -> float:
         """A slot held beyond one block (released with `give(started)`): returns when it was taken."""
+        asked = time.perf_counter()
         self.waiting += 1
         try:
             await asyncio.wait_for(self._free.acquire(), self.queue_timeout_s)
@@ -120,7 +126,9 @@ class Slots:
         finally:
             self.waiting -= 1
         self.running += 1
-        return time.perf_counter()
+        taken = time.perf_counter()
+        SLOT_WAIT.set(taken - asked)
+        return taken
 
     def give(self, taken: float) -> None:
         self.running -= 1
