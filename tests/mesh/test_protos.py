@@ -16,7 +16,15 @@ def _generate_module():
 
 def test_generated_code_matches_protos(tmp_path):
     generate = _generate_module()
-    generate.generate(tmp_path)
+    chart_out = tmp_path / "chart-files"
+    out = tmp_path / "protos"
+    generate.generate(out, chart_out)
+    # the chart's router-only descriptor set (the cluster gateway's transcoder reads it)
+    assert sorted(p.name for p in chart_out.iterdir()) == [generate.ROUTER_DESCRIPTOR_SET]
+    committed_chart = generate.CHART_FILES / generate.ROUTER_DESCRIPTOR_SET
+    assert committed_chart.is_file() and committed_chart.read_bytes() == (chart_out / generate.ROUTER_DESCRIPTOR_SET).read_bytes(), (
+        "mesh/chart/files/router.pb is out of date with the protos: run python protos/generate.py")
+    tmp_path = out
     fresh = {p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()}
     assert fresh, "protoc produced nothing"
     committed = {

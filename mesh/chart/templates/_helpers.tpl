@@ -8,6 +8,11 @@
 router embedder generator
 {{- end -}}
 
+{{/* The services that are NATS' clients (AuthorizationPolicy and NetworkPolicy of the NATS this chart runs). */}}
+{{- define "ragloom.natsClients" -}}
+router indexer
+{{- end -}}
+
 {{/* Labels on every object. */}}
 {{- define "ragloom.commonLabels" -}}
 app.kubernetes.io/part-of: ragloom
@@ -32,11 +37,22 @@ app.kubernetes.io/name: {{ .service }}
 {{- required (printf "trafficPolicy.serviceAccounts.%s is required" .service) $sa -}}
 {{- end -}}
 
+{{/* The ingress gateway's namespace (trafficPolicy.gateway.namespace; "" = the release namespace):
+where the chart's own gateway runs (gateway.deploy), and where everything that selects its pods lives. */}}
+{{- define "ragloom.gatewayNamespace" -}}
+{{- .Values.trafficPolicy.gateway.namespace | default (include "ragloom.namespace" .) -}}
+{{- end -}}
+
+{{/* The ingress gateway's ServiceAccount (its identity), required. */}}
+{{- define "ragloom.gatewayServiceAccount" -}}
+{{- required "trafficPolicy.gateway.serviceAccount is required" .Values.trafficPolicy.gateway.serviceAccount -}}
+{{- end -}}
+
 {{/* Istio principal (SPIFFE id without the scheme) of a caller: a service name or "gateway". */}}
 {{- define "ragloom.principal" -}}
 {{- $tp := .root.Values.trafficPolicy -}}
 {{- if eq .service "gateway" -}}
-{{- printf "%s/ns/%s/sa/%s" $tp.trustDomain $tp.gateway.namespace $tp.gateway.serviceAccount -}}
+{{- printf "%s/ns/%s/sa/%s" $tp.trustDomain (include "ragloom.gatewayNamespace" .root) (include "ragloom.gatewayServiceAccount" .root) -}}
 {{- else -}}
 {{- printf "%s/ns/%s/sa/%s" $tp.trustDomain (include "ragloom.namespace" .root) (include "ragloom.serviceAccount" .) -}}
 {{- end -}}
@@ -177,6 +193,47 @@ clears the route cache), and whatever it does not transcode still reaches the se
 {{- toJson $ports -}}
 {{- end -}}
 
+{{/*
+Where ragloom's HTTP filters go on the gateway, as a JSON list of EnvoyFilter listener matches. The
+chart's own gateway (gateway.deploy) serves ragloom's Gateway alone: one match, every listener it
+has. A shared gateway (deploy off) gets one per ragloom listener port, and its other ports are left alone.
+*/}}
+{{- define "ragloom.gatewayListeners" -}}
+{{- if .Values.gateway.deploy -}}
+{{- list (dict) | toJson -}}
+{{- else -}}
+{{- $out := list -}}
+{{- range $port := include "ragloom.gatewayListenerPorts" . | fromJsonArray }}{{ $out = append $out (dict "portNumber" (int $port)) }}{{ end -}}
+{{- toJson $out -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The labels of the ingress gateway's pods (gateway.selector), required. */}}
+{{- define "ragloom.gatewaySelector" -}}
+{{- toYaml (required "gateway.selector is required (the labels of the ingress gateway's pods)" .Values.gateway.selector) -}}
+{{- end -}}
+
+{{/* Where the chart's gateway mounts the router's descriptor set (the ConfigMap ragloom-gateway-descriptors). */}}
+{{- define "ragloom.descriptorDir" -}}
+/etc/ragloom/descriptors
+{{- end -}}
+
+{{/* The chart's router-only descriptor set (files/router.pb, made by protos/generate.py), required. */}}
+{{- define "ragloom.descriptorSet" -}}
+{{- $descriptor := .Files.Get "files/router.pb" -}}
+{{- if not $descriptor }}{{ fail "files/router.pb is missing from the chart: run python protos/generate.py" }}{{ end -}}
+{{- $descriptor -}}
+{{- end -}}
+
+{{/*
+The effective least number of pods of a workload: its HPA's minReplicas when autoscaling is on, else
+its replicas. ctx = the workload's values (router, embedder, generator, gateway).
+*/}}
+{{- define "ragloom.minReplicas" -}}
+{{- $a := .autoscaling | default dict -}}
+{{- if $a.enabled }}{{ int $a.minReplicas }}{{ else }}{{ int .replicas }}{{ end -}}
+{{- end -}}
+
 {{/* The container image: the service's own image over the global one; ctx adds "tag" for a canary. */}}
 {{- define "ragloom.image" -}}
 {{- $values := index .root.Values .service -}}
@@ -312,5 +369,20 @@ affinity:
 {{- .Values.nats.url -}}
 {{- else if .Values.nats.deploy -}}
 {{- printf "nats://nats.%s.svc:4222" (include "ragloom.namespace" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The TCP port of a URL: its own, else its scheme's (http 80, https 443), else ctx "default". ctx = dict "url" "default". */}}
+{{- define "ragloom.urlPort" -}}
+{{- $u := urlParse .url -}}
+{{- $explicit := regexFind ":[0-9]+$" $u.host -}}
+{{- if $explicit -}}
+{{- trimPrefix ":" $explicit -}}
+{{- else if eq $u.scheme "https" -}}
+443
+{{- else if eq $u.scheme "http" -}}
+80
+{{- else -}}
+{{- .default -}}
 {{- end -}}
 {{- end -}}
