@@ -124,7 +124,8 @@ def test_chart_descriptor_set_is_the_routers_alone():
 
 
 def test_image_and_chart_agree():
-    """what the chart relies on is read from the Dockerfile (`scripts/image --check` runs it); what the chart relies on is read from it."""
+    """The Dockerfile and the chart agree: what the chart relies on is read from the Dockerfile
+    (`scripts/image --check` runs the image)."""
     dockerfile = (ct.ROOT / "Dockerfile").read_text()
     runtime = dockerfile[dockerfile.rindex("\nFROM "):]  # the last stage is the default target
     values = yaml.safe_load((ct.CHART / "values.yaml").read_text())
