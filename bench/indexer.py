@@ -33,6 +33,19 @@ restart from a snapshot 1-2.5 s against ~65 s to rebuild; ~2.3 GB per million ve
 
     .venv/bin/python bench/indexer.py [--n 100000] [--queries 1000] [--ef 16,32,64,128]
 
+Latency mode (--latency): per-call cost of one shard through gRPC against raw hnswlib
+in-process, on the same vectors and at the same ef (the smallest of --ef whose raw
+recall@10 reaches 0.95), at batch 1 (single-query calls) and batch 32, one call in flight,
+rounds interleaved (raw b1, shard b1, raw b32, shard b32, repeated; best round kept):
+calls/s, p50/p99 per call, recall@10 and shard/raw ratios. Vectors: the cached man-page
+embeddings if --n of them are cached, else (or with --synthetic) unit vectors of low
+intrinsic dimension (a 24-d Gaussian mapped into 384-d plus noise: random 384-d vectors
+would need an ef of several hundred for recall 0.95). --before-calls-per-s takes a
+single-query figure measured on earlier code and reports the ratio to it; --before-root
+starts a second shard from a checkout of earlier code and measures it in the same rounds.
+
+    .venv/bin/python bench/indexer.py --latency [--n 20000] [--queries 500] [--rounds 3]
+
 The first run embeds ~101k sentences (measured: 1943 s at 52 sentences/s on a shared
 2-core machine; ~300/s when it has the cores to itself); later runs reuse the cache,
 and a smaller --n takes the first rows of a larger cached corpus. Last line: one JSON
@@ -161,7 +174,8 @@ def recall(found: list[list[int]], truth: np.ndarray) -> float:
 class Shard:
     """`python -m mesh serve indexer` on a free port."""
 
-    def __init__(self, data_dir: Path, shard_id: int, port: int, log_dir: Path):
+    def __init__(self, data_dir: Path, shard_id: int, port: int, log_dir: Path, root: Path = ROOT):
+        self.root = root
         self.address = f"127.0.0.1:{port}"
         self.argv = [sys.executable, "-m", "mesh", "serve", "indexer", "--port", str(port), "--shard-id", str(shard_id),
                      "--data-dir", str(data_dir), "--dimension", "384", "--max-batch", "4096",
@@ -175,7 +189,7 @@ class Shard:
 
         started = time.perf_counter()
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(self.argv, cwd=self.root, stdout=log, stderr=subprocess.STDOUT)
         asyncio.run(wait_healthy(self.address, 600))
         return time.perf_counter() - started
 
@@ -316,6 +330,147 @@ async def shard_figures(
     return figures
 
 
+def synthetic_corpus(n: int, queries: int, dimension: int = 384, latent: int = 24) -> tuple[np.ndarray, np.ndarray]:
+    """Unit vectors of low intrinsic dimension, like sentence embeddings (not uniform on the sphere)."""
+    rng = np.random.default_rng(0)
+    basis = rng.standard_normal((latent, dimension)).astype(np.float32)
+    points = rng.standard_normal((n + queries, latent)).astype(np.float32) @ basis
+    points += 0.3 * rng.standard_normal(points.shape).astype(np.float32)
+    points /= np.linalg.norm(points, axis=1, keepdims=True)
+    return points[:n], points[n:]
+
+
+def _percentiles(seconds: list[float]) -> tuple[float, float]:
+    ordered = sorted(seconds)
+    return ordered[len(ordered) // 2], ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+async def latency_figures(
+    shards: dict[str, Shard], raw: RawIndex, corpus, queries, truth, efs, rounds, before: float
+) -> dict:
+    """Raw hnswlib and the shard(s) through gRPC at batch 1 and 32, same ef, rounds interleaved."""
+    import grpc
+
+    from ragloom.indexer.v1 import indexer_pb2, indexer_pb2_grpc
+
+    texts = [f"synthetic sentence {row}, about as long as a sentence of a man page is" for row in range(len(corpus))]
+    options = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
+    channels = {name: grpc.aio.insecure_channel(shard.address, options=options) for name, shard in shards.items()}
+    try:
+        stubs = {name: indexer_pb2_grpc.IndexerServiceStub(channel) for name, channel in channels.items()}
+        stub = stubs["shard"]
+        ingest_s = await ingest([stub], texts, corpus, [list(range(len(corpus)))])
+        for name, other in stubs.items():
+            if name != "shard":
+                await ingest([other], texts, corpus, [list(range(len(corpus)))])
+        ef = next((e for e in efs if recall(raw.search(queries, e)[0], truth) >= 0.95), max(efs))
+        raw.index.set_ef(ef)
+
+        def raw_calls(batch: int) -> tuple[list[list[int]], list[float]]:
+            found, seconds = [], []
+            for s in range(0, len(queries), batch):
+                started = time.perf_counter()
+                labels, _ = raw.index.knn_query(queries[s : s + batch], k=10)
+                seconds.append(time.perf_counter() - started)
+                found += labels.tolist()
+            return found, seconds
+
+        async def shard_calls(batch: int, stub=stub) -> tuple[list[list[int]], list[float]]:
+            requests = [
+                indexer_pb2.SearchRequest(queries=[indexer_pb2.Vector(values=q.tolist()) for q in queries[s : s + batch]],
+                                          k=10, ef=ef)
+                for s in range(0, len(queries), batch)
+            ]
+            found, seconds = [], []
+            for request in requests:
+                started = time.perf_counter()
+                reply = await stub.Search(request, timeout=60)
+                seconds.append(time.perf_counter() - started)
+                found += [[int(h.chunk_id[1:]) for h in result.hits] for result in reply.results]
+            return found, seconds
+
+        callers = [("raw", raw_calls)] + [
+            (name, lambda batch, stub=stub: shard_calls(batch, stub)) for name, stub in stubs.items()
+        ]
+        for batch in (1, 32):  # warm-up: the shards' payload caches and every code path
+            for _, calls in callers:
+                result = calls(batch)
+                if asyncio.iscoroutine(result):
+                    await result
+        best: dict[str, dict] = {}
+        for _ in range(rounds):
+            for batch in (1, 32):
+                for name, calls in callers:
+                    result = calls(batch)
+                    found, seconds = await result if asyncio.iscoroutine(result) else result
+                    key = f"{name}_b{batch}"
+                    total = sum(seconds)
+                    if key not in best or total < best[key]["_total"]:
+                        p50, p99 = _percentiles(seconds)
+                        best[key] = {"_total": total, "calls_per_s": round(len(seconds) / total, 1),
+                                     "queries_per_s": round(len(queries) / total, 1),
+                                     "p50_us": round(p50 * 1e6, 1), "p99_us": round(p99 * 1e6, 1),
+                                     "recall_at_10": round(recall(found, truth), 4)}
+        for figures in best.values():
+            del figures["_total"]
+        stats = await stub.Stats(indexer_pb2.StatsRequest())
+    finally:
+        for channel in channels.values():
+            await channel.close()
+    ratio = {f"shard_vs_raw_b{b}": round(best[f"shard_b{b}"]["calls_per_s"] / best[f"raw_b{b}"]["calls_per_s"], 3)
+             for b in (1, 32)}
+    figures = {"ef": ef, "ingest_s": round(ingest_s, 1), "live_chunks": stats.live_chunks, **best, **ratio}
+    if "before" in shards:
+        before = best["before_b1"]["calls_per_s"]
+        figures["shard_vs_before_b32"] = round(best["shard_b32"]["calls_per_s"] / best["before_b32"]["calls_per_s"], 3)
+    if before:
+        figures["shard_b1_vs_before"] = round(best["shard_b1"]["calls_per_s"] / before, 3)
+    return figures
+
+
+def latency_main(args) -> None:
+    efs = sorted(int(e) for e in args.ef.split(","))
+    cached = _cached(args.n, args.queries)
+    if cached is not None and not args.synthetic:
+        corpus, queries = embedded_corpus(args.n, args.queries)
+        vectors = "man-page sentences, all-MiniLM-L6-v2"
+    else:
+        corpus, queries = synthetic_corpus(args.n, args.queries)
+        vectors = "synthetic: 24-d Gaussian mapped into 384-d plus noise, unit length"
+    truth = exact_top_k(corpus, queries, 10)
+    raw = RawIndex(corpus, m=16, ef_construction=200)
+    print(f"corpus {corpus.shape} ({vectors}); raw hnswlib built in {raw.build_s:.1f}s", file=sys.stderr)
+
+    from tests.support.ports import free_port_block
+
+    with tempfile.TemporaryDirectory(prefix="ragloom-bench-") as data:
+        shards = {"shard": Shard(Path(data) / "latency", 0, free_port_block(1), Path(data))}
+        if args.before_root:  # the same shard from a checkout of earlier code, measured alongside
+            shards["before"] = Shard(Path(data) / "before", 0, free_port_block(1), Path(data), root=args.before_root)
+        try:
+            for shard in shards.values():
+                shard.start()
+            figures = asyncio.run(latency_figures(shards, raw, corpus, queries, truth, efs, args.rounds,
+                                                  args.before_calls_per_s))
+        finally:
+            for shard in shards.values():
+                if shard.process and shard.process.poll() is None:
+                    shard.stop()
+    for key in [f"{name}_b{batch}" for batch in (1, 32) for name in ("raw", *shards)]:
+        print(f"{key:10s} {figures[key]}", file=sys.stderr)
+    figures.update({
+        "vectors": args.n, "queries": args.queries, "dimension": int(corpus.shape[1]), "data": vectors,
+        "baseline": "raw hnswlib in-process (M=16, ef_construction=200, knn_query per call), one call in flight, "
+                    "rounds interleaved with the shard's, best round of each",
+        "targets": {
+            "recall_at_10_ge_0.95": min(figures[k]["recall_at_10"] for k in ("shard_b1", "shard_b32")) >= 0.95,
+            "shard_b32_ge_0.5x_raw": figures["shard_vs_raw_b32"] >= 0.5,
+            **({"shard_b1_ge_2x_before": figures["shard_b1_vs_before"] >= 2} if "shard_b1_vs_before" in figures else {}),
+        },
+    })
+    print(json.dumps(figures))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=100_000, help="corpus vectors")
@@ -326,7 +481,16 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=2, help="Search requests in flight at once")
     parser.add_argument("--rounds", type=int, default=3, help="timed passes over the queries per ef (best is kept)")
     parser.add_argument("--prepare", action="store_true", help="only embed and cache the corpus")
+    parser.add_argument("--latency", action="store_true", help="only the per-call comparison at batch 1 and 32")
+    parser.add_argument("--synthetic", action="store_true", help="latency mode on synthetic vectors even if cached ones exist")
+    parser.add_argument("--before-root", type=Path, default=None,
+                        help="latency mode: a checkout of earlier code whose shard is measured alongside, interleaved")
+    parser.add_argument("--before-calls-per-s", type=float, default=0.0,
+                        help="latency mode: single-query calls/s of earlier code, to report the ratio to")
     args = parser.parse_args()
+    if args.latency:
+        latency_main(args)
+        return
     efs = [int(e) for e in args.ef.split(",")]
 
     corpus, queries = embedded_corpus(args.n, args.queries)

@@ -233,13 +233,15 @@ async def measure(checkout: Path, label: str, args: argparse.Namespace) -> dict:
             mean_s, per_s = await capacity(stub, args.capacity_s)
             result = {"ask_seconds_alone": round(mean_s, 2), "capacity_per_min": round(60 * per_s, 2), "phases": {}}
             print(f"[{label}] one ask alone: {mean_s:.2f} s; capacity {60 * per_s:.1f} asks/min", flush=True)
-            for searchers in (0, args.search_clients):
-                for k in (1, 2, 4):
+            for searchers in (0, args.search_clients) if args.search_clients else (0,):
+                for k in args.factors:
                     name = f"{k}x" + ("_with_search" if searchers else "")
                     figures = await phase(mesh, stub, k * per_s, args.phase_s, args.deadline_s, searchers)
                     result["phases"][name] = figures
                     print(f"[{label}] {name}: {json.dumps(figures)}", flush=True)
         for alone, loaded in (("1x", "4x"), ("1x_with_search", "4x_with_search")):
+            if alone not in result["phases"] or loaded not in result["phases"]:
+                continue
             base = result["phases"][alone]["goodput_per_min"]
             result[f"goodput_{loaded}_vs_{alone}"] = round(result["phases"][loaded]["goodput_per_min"] / base, 3) \
                 if base else None
@@ -256,7 +258,10 @@ def main() -> None:
     parser.add_argument("--capacity-s", type=float, default=20.0,
                         help="seconds of each closed loop measuring capacity (default: %(default)s)")
     parser.add_argument("--deadline-s", type=float, default=15.0, help="each ask's deadline (default: %(default)s)")
-    parser.add_argument("--search-clients", type=int, default=8, help="closed-loop searchers in the mixed phases")
+    parser.add_argument("--search-clients", type=int, default=8,
+                        help="closed-loop searchers in the mixed phases; 0 = no mixed phases")
+    parser.add_argument("--factors", type=int, nargs="+", default=[1, 2, 4],
+                        help="load factors, multiples of the measured capacity (default: 1 2 4)")
     args = parser.parse_args()
 
     figures = {"bench": "load", "phase_s": args.phase_s, "deadline_s": args.deadline_s,

@@ -42,11 +42,33 @@ def chunk_message(chunk: ChunkRecord) -> indexer_pb2.Chunk:
 
 
 def query_matrix(queries: Sequence[indexer_pb2.Vector], dimension: int) -> np.ndarray:
-    """The query vectors as one float32 matrix; refuses a query of another dimension by its index."""
+    """The query vectors as one float32 matrix; refuses a query of another dimension by its index.
+
+    Each Vector is re-serialized (one C call) and its packed floats taken by np.frombuffer: ~10x
+    faster than numpy iterating the repeated field, which dominated a single query's decoding.
+    """
+    header = _packed_header(dimension)
+    expected = len(header) + 4 * dimension
+    matrix = np.empty((len(queries), dimension), dtype=np.float32)
     for i, query in enumerate(queries):
-        if len(query.values) != dimension:
+        data = query.SerializeToString()
+        if len(data) == expected and data.startswith(header):
+            matrix[i] = np.frombuffer(data, dtype="<f4", offset=len(header))
+        elif len(query.values) != dimension:
             raise InvalidArgument(f"queries[{i}].values", f"expected {dimension} values, got {len(query.values)}")
-    return np.array([query.values for query in queries], dtype=np.float32)
+        else:  # the same floats, framed otherwise (unknown fields kept, say): the slow way
+            matrix[i] = np.asarray(query.values, dtype=np.float32)
+    return matrix
+
+
+def _packed_header(dimension: int) -> bytes:
+    """Field 1 (values), wire type 2 (packed), then the varint byte length of `dimension` floats."""
+    size, varint = 4 * dimension, bytearray()
+    while True:
+        byte, size = size & 0x7F, size >> 7
+        varint.append(byte | (0x80 if size else 0))
+        if not size:
+            return bytes([0x0A]) + bytes(varint)
 
 
 def search_filter(request: indexer_pb2.SearchRequest) -> SearchFilter:

@@ -35,6 +35,7 @@ import numpy as np
 from fabric.errors import InvalidArgument
 from indexer import lexical, logapply, reads, schema, writes
 from indexer.logapply import LogRecord
+from indexer.payloads import PayloadCache
 from indexer.filters import SearchFilter
 from indexer.procfs import rss_bytes
 from indexer.records import (
@@ -73,6 +74,7 @@ class ShardStore:
         initial_capacity: int = 1024,
         snapshots_kept: int = 2,
         exact_search_max: int = 2048,
+        payload_cache: int = 100_000,
     ):
         if dimension <= 0:
             raise ValueError(f"dimension must be positive, got {dimension}")
@@ -82,6 +84,8 @@ class ShardStore:
         self.exact_search_max = exact_search_max
         #: Chunks written or removed since the last snapshot was taken.
         self.unsnapshotted = 0
+        #: Payloads of chunks found lately, by label (at most `payload_cache` of them).
+        self.payloads = PayloadCache(payload_cache)
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._readers = Readers(self.data_dir / DB_FILE)
@@ -213,7 +217,7 @@ class ShardStore:
         concurrently with the store's: the store's thread goes on to the next search meanwhile.
         A chunk deleted in between is left out.
         """
-        return reads.hits(self._readers, neighbours, tenant)
+        return reads.hits(self._readers, neighbours, tenant, self.payloads)
 
     @property
     def live_chunks(self) -> int:
@@ -227,7 +231,7 @@ class ShardStore:
         if k <= 0:
             raise InvalidArgument("k", "must be positive")
         allowed = self._filters.allowed(where)
-        return reads.lexical_hits(self._db, self._readers, allowed, queries, k, where.tenant)
+        return reads.lexical_hits(self._db, self._readers, allowed, queries, k, where.tenant, self.payloads)
 
     def chunk_counts(self, document_ids: Sequence[str], tenant: str = "") -> dict[str, int]:
         """Chunks held for each of `document_ids` in `tenant` (0 for documents not here)."""
@@ -302,13 +306,18 @@ class ShardStore:
         self.max_version = max(self.max_version, version)
 
     def _apply(self, removed: Sequence[writes.Row], written: writes.Written) -> None:
-        """Mirrors a committed write into the index and the filters; rebuilds both from SQLite should that fail."""
+        """Mirrors a committed write into the index, the filters and the payload cache; rebuilds the
+        index and the filters from SQLite should that fail."""
+        # First, and before the write's call returns: no search may see a removed or rewritten
+        # chunk's cached payload once the write is acknowledged.
+        self.payloads.invalidate([row.label for row in removed] + [new.label for _, new, _ in written.updated])
         try:
             writes.mirror(self._index, self._filters, removed, written)
         except Exception:
             log.exception("index update failed after commit: rebuilding the index from SQLite")
             self._index = self._loader.build()
             self._filters = self._loader.filters()
+            self.payloads.clear()
             raise
         finally:
             self.unsnapshotted += len(removed) + len(written.added) + len(written.updated)

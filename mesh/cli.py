@@ -1,4 +1,4 @@
-"""The `ragloom` command: run the mesh, run one service, and use it (ingest, search, ask, delete)."""
+"""The `ragloom` command: run the mesh, run one service, and use it (ingest, search, ask, delete, status)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,15 @@ EXIT_CODES = """exit status:
      (INVALID_ARGUMENT, FAILED_PRECONDITION, NOT_FOUND, PERMISSION_DENIED, UNAUTHENTICATED, OUT_OF_RANGE)
   3  overloaded, unreachable or too slow: try again later; for ingest, no router reached at all
      (RESOURCE_EXHAUSTED, UNAVAILABLE, DEADLINE_EXCEEDED, ABORTED)"""
+
+
+#: What `ragloom status` can and cannot see, for its --help.
+STATUS_HELP = """Asks the endpoint at --router for its gRPC health (the router's own: a gateway in front of it
+routes the RouterService only, so there it is reported as not exposed), then runs one Search (top_k=1) to
+see which index shards answer and whether retrieval is degraded (e.g. the embedder down: lexical only).
+The generator and the answer cache are not visible this way: no Ask is made, so nothing is generated.
+Exit status: 0 all answered, 1 some shard failed or a stage is degraded (or health not SERVING), else as
+for the other commands (2 refused, e.g. a bad token; 3 unreachable)."""
 
 
 def default_data_dir() -> Path:
@@ -120,6 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--read-only", action="store_true", help="search and ask only: ingest and delete are refused")
     data_dir_arg(token)
 
+    def tenant_arg(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument("--tenant", default="", help=f"the tenant {what} (default: the token's; with --no-auth "
+                       "the default tenant)")
+
+    def scope_args(p: argparse.ArgumentParser) -> None:
+        tenant_arg(p, "whose documents are searched")
+        p.add_argument("--tag", dest="tags", action="append", default=[], metavar="TAG",
+                       help="only passages carrying one of these tags (repeatable)")
+        p.add_argument("--mode", choices=("dense", "lexical", "hybrid"), default=None,
+                       help="retrieval: embeddings, BM25 over the words, or both fused (default: the router's, hybrid)")
+        p.add_argument("--require-complete", action="store_true",
+                       help="fail (UNAVAILABLE) rather than answer from the shards that did answer")
+
     client = {"epilog": EXIT_CODES, "formatter_class": argparse.RawDescriptionHelpFormatter}
     ingest = sub.add_parser("ingest", help="add files or folders to the collection", **client,
                             description="Ingests txt, md, html and pdf files (folders are walked). A file ingested\n"
@@ -128,26 +150,42 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--sample", action="store_true", help="ingest the bundled sample documents")
     ingest.add_argument("--concurrency", type=int, default=4, help="files in flight at once (default: %(default)s)")
     ingest.add_argument("--json", action="store_true", help="print the summary as JSON")
+    tenant_arg(ingest, "that owns the documents")
+    ingest.add_argument("--tag", dest="tags", action="append", default=[], metavar="TAG",
+                        help="a tag stored with every chunk, for search --tag (repeatable)")
     client_args(ingest)
 
     ask = sub.add_parser("ask", help="ask a question; the answer streams, then its sources", **client)
     ask.add_argument("question")
-    ask.add_argument("--top-k", type=int, default=None, help="sources to retrieve (router default when unset)")
-    ask.add_argument("--max-tokens", type=int, default=None, help="longest answer in tokens")
+    ask.add_argument("--top-k", type=int, default=None, help="sources to retrieve, 1-50 (router default when unset)")
+    ask.add_argument("--max-tokens", type=int, default=None, help="longest answer in tokens (router default when unset)")
+    ask.add_argument("--temperature", type=float, default=None,
+                     help="sampling temperature, 0 (greedy) to 2 (router default when unset)")
+    ask.add_argument("--no-cache", action="store_true", help="answer afresh, not from the answer cache")
     ask.add_argument("--json", action="store_true", help="print one JSON object: answer, sources, citations, timings")
+    scope_args(ask)
     client_args(ask)
 
     search = sub.add_parser("search", help="find the passages closest to a query", **client)
     search.add_argument("query")
-    search.add_argument("--top-k", type=int, default=None, help="hits to return (router default when unset)")
+    search.add_argument("--top-k", type=int, default=None, help="hits to return, 1-1000 (router default when unset)")
     search.add_argument("--json", action="store_true", help="print the hits as a JSON list")
-    search.add_argument("--rerank", action="store_true",
-                        help="rerank a wider candidate set by how well each passage answers; show the best sentence")
+    search.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=None,
+                        help="rerank a wider candidate set by how well each passage answers; show the best sentence "
+                        "(default: the router's, off)")
+    scope_args(search)
     client_args(search)
 
     delete = sub.add_parser("delete", help="remove documents by id", **client)
     delete.add_argument("document_ids", nargs="+")
+    tenant_arg(delete, "that owns the documents")
     client_args(delete)
+
+    status = sub.add_parser("status", help="what the public endpoint says of the mesh's health", **client,
+                            description=STATUS_HELP)
+    tenant_arg(status, "the probe search runs for")
+    status.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    client_args(status)
     return parser
 
 
@@ -163,6 +201,10 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(_serve(args))
         if args.command == "token":
             sys.exit(_token(args))
+        if args.command == "status":
+            from mesh.status import status
+
+            sys.exit(status(args))
         from mesh import commands
 
         sys.exit(getattr(commands, args.command)(args))

@@ -1,4 +1,5 @@
-"""Client commands of the CLI: ingest, ask, search, delete — all through the router's public API."""
+"""Client commands of the CLI: ingest, ask, search, delete — all through the Python client (ragloom.client)
+over the router's public API, so the CLI and library users share one path: deadlines, retries, typed errors."""
 
 from __future__ import annotations
 
@@ -8,41 +9,22 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict
 from pathlib import Path
 
 import grpc
 from tqdm import tqdm
 
 from mesh.auth import client_token
-from ragloom.router.v1 import router_pb2, router_pb2_grpc
+from ragloom.client import Answer, Client, Done, RagloomError, Source, Sources, Token, Unavailable
 from router.parsing import supported
 
 
-class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
-    """Sends `authorization: Bearer <token>` with every call."""
-
-    def __init__(self, token: str):
-        self.metadata = (("authorization", f"Bearer {token}"),)
-
-    def _details(self, details):
-        return details._replace(metadata=tuple(details.metadata or ()) + self.metadata)
-
-    def intercept_unary_unary(self, continuation, details, request):
-        return continuation(self._details(details), request)
-
-    def intercept_unary_stream(self, continuation, details, request):
-        return continuation(self._details(details), request)
-
-
-def _stub(args: argparse.Namespace) -> router_pb2_grpc.RouterServiceStub:
-    size = 64 * 1024 * 1024
-    channel = grpc.insecure_channel(
-        args.router, options=[("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)]
-    )
+def client(args: argparse.Namespace) -> Client:
+    """The client a command calls the router with: --router, --timeout as the default deadline, and the token
+    of --token, else RAGLOOM_TOKEN, else the development token in DATA_DIR/pki."""
     token = args.token if args.token is not None else client_token(os.environ, args.data_dir)
-    if token:
-        channel = grpc.intercept_channel(channel, _Bearer(token))
-    return router_pb2_grpc.RouterServiceStub(channel)
+    return Client(args.router, token or None, timeout=args.timeout)
 
 
 #: What a client command's exit status means, for each one's --help.
@@ -64,14 +46,22 @@ def exit_code(code: grpc.StatusCode) -> int:
     return 2 if code in _REFUSED else 3 if code in _TRY_LATER else 1
 
 
-def _fail(args: argparse.Namespace, exc: grpc.RpcError) -> int:
-    print(f"ragloom: {exc.code().name}: {exc.details()}", file=sys.stderr)
-    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+def fail(args: argparse.Namespace, exc: RagloomError) -> int:
+    """Says why a call failed (and, for the usual two, what to do about it); the exit status for its code."""
+    print(f"ragloom: {exc.code.name}: {exc.message}", file=sys.stderr)
+    if exc.retry_after is not None:
+        print(f"ragloom: the router asks to wait {exc.retry_after:.1f}s before trying again", file=sys.stderr)
+    if exc.code == grpc.StatusCode.UNAVAILABLE:
         print(f"ragloom: is the mesh running (`ragloom up`)? router address: {args.router}", file=sys.stderr)
-    elif exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+    elif exc.code == grpc.StatusCode.UNAUTHENTICATED:
         print(f"ragloom: set RAGLOOM_TOKEN (or --token) to a token for this mesh; `ragloom up` writes one to "
               f"{args.data_dir / 'pki' / 'token'} and `ragloom token --tenant NAME` mints more", file=sys.stderr)
-    return exit_code(exc.code())
+    return exit_code(exc.code)
+
+
+def _scope(args: argparse.Namespace) -> dict:
+    """The options of --tenant, --tag, --mode and --require-complete (search and ask)."""
+    return {"tenant": args.tenant, "tags": args.tags, "mode": args.mode, "require_complete": args.require_complete}
 
 
 def _files(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -103,14 +93,12 @@ def ingest(args: argparse.Namespace) -> int:
     files, failures = _files(paths)
     failures = [(str(p), why) for p, why in failures]
     total = len(files) + len(failures)
-    stub = _stub(args)
+    rag = client(args)
     chunks = ingested = 0
     started = time.perf_counter()
 
-    def send(path: Path) -> router_pb2.IngestResponse:
-        source = str(path.resolve())
-        doc = router_pb2.Document(id=source, source=source, content=path.read_bytes())
-        return stub.Ingest(router_pb2.IngestRequest(documents=[doc]), timeout=args.timeout)
+    def send(path: Path) -> int:  # one file a call: a file the router refuses is reported alone
+        return rag.ingest(path, tenant=args.tenant, tags=args.tags).chunks
 
     with ThreadPoolExecutor(max_workers=max(1, args.concurrency)) as pool, \
             tqdm(total=len(files), unit="file", desc="ingesting", file=sys.stderr, disable=args.json or None) as bar:
@@ -118,14 +106,17 @@ def ingest(args: argparse.Namespace) -> int:
         for future in as_completed(futures):
             path = futures[future]
             try:
-                chunks += sum(d.chunks for d in future.result().documents)
+                chunks += future.result()
                 ingested += 1
-            except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.UNAVAILABLE and not chunks:
+            except Unavailable as exc:
+                if not chunks:  # no router reached at all: one message, not one per file
                     pool.shutdown(cancel_futures=True)
-                    return _fail(args, exc)
-                failures.append((str(path), f"{exc.code().name}: {exc.details()}"))
-                bar.write(f"skipped {path}: {exc.details()}", file=sys.stderr)
+                    return fail(args, exc)
+                failures.append((str(path), str(exc)))
+                bar.write(f"skipped {path}: {exc.message}", file=sys.stderr)
+            except RagloomError as exc:
+                failures.append((str(path), str(exc)))
+                bar.write(f"skipped {path}: {exc.message}", file=sys.stderr)
             except OSError as exc:
                 failures.append((str(path), str(exc)))
                 bar.write(f"skipped {path}: {exc}", file=sys.stderr)
@@ -146,54 +137,65 @@ def ingest(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def _ask_request(args: argparse.Namespace) -> router_pb2.AskRequest:
-    request = router_pb2.AskRequest(question=args.question)
-    if args.top_k is not None:
-        request.top_k = args.top_k
-    if args.max_tokens is not None:
-        request.max_tokens = args.max_tokens
-    return request
+def _ask_options(args: argparse.Namespace) -> dict:
+    return {**_scope(args), "top_k": args.top_k, "max_tokens": args.max_tokens, "temperature": args.temperature,
+            "no_cache": args.no_cache}
 
 
-def _source_json(s: router_pb2.Source) -> dict:
+def _source_json(s: Source) -> dict:
     return {"number": s.number, "score": round(s.score, 4), "document_id": s.document_id,
             "source": s.source, "chunk_id": s.chunk_id, "shard_id": s.shard_id, "text": s.text,
-            "evidence": [s.text[e.start:e.end] for e in s.evidence]}
+            "evidence": s.evidence_text}
 
 
-def _support_lines(support, sources: list[router_pb2.Source]) -> list[str]:
+def _timings_json(timings) -> dict:
+    return {k: round(v, 1) for k, v in asdict(timings).items() if v}
+
+
+def _answer_json(a: Answer) -> dict:
+    return {
+        "answer": a.text, "abstained": a.abstained, "extractive": a.extractive, "cached": a.cached,
+        "citations": list(a.citations),
+        "support": [{"source": s.source, "text": s.text, "start": s.span.start, "end": s.span.end} for s in a.support],
+        "sources": [_source_json(s) for s in a.sources],
+        "coverage": asdict(a.coverage), "degraded": list(a.degraded),
+        "timings": _timings_json(a.timings),
+    }
+
+
+def _support_lines(support, sources: list[Source]) -> list[str]:
     names = {s.number: s.source for s in sources}
     return [f"  [{s.source}] {names.get(s.source, '')}: “{' '.join(s.text.split())[:200]}”" for s in support]
 
 
+def _partial(coverage) -> None:
+    if coverage.partial:
+        print(f"ragloom: partial results: shard(s) {', '.join(map(str, coverage.shards_failed))} did not answer",
+              file=sys.stderr)
+    for line in coverage.degraded:
+        print(f"ragloom: degraded: {line}", file=sys.stderr)
+
+
 def ask(args: argparse.Namespace) -> int:
-    stub = _stub(args)
+    rag = client(args)
     try:
         if args.json:
-            reply = stub.Ask(_ask_request(args), timeout=args.timeout)
-            print(json.dumps({
-                "answer": reply.answer, "abstained": reply.abstained, "extractive": reply.extractive,
-                "citations": list(reply.citations),
-                "support": [{"source": s.source, "text": s.text, "start": s.span.start, "end": s.span.end}
-                            for s in reply.support],
-                "sources": [_source_json(s) for s in reply.sources],
-                "timings": {k: round(v, 1) for k, v in _fields(reply.timings).items()},
-            }, indent=2))
+            print(json.dumps(_answer_json(rag.ask(args.question, **_ask_options(args))), indent=2))
             return 0
-        sources: list[router_pb2.Source] = []
+        sources: list[Source] = []
         done = None
-        for event in stub.AskStream(_ask_request(args), timeout=args.timeout):
-            kind = event.WhichOneof("event")
-            if kind == "sources":
-                sources = list(event.sources.sources)
-            elif kind == "token":
-                sys.stdout.write(event.token)
+        for event in rag.ask_stream(args.question, **_ask_options(args)):
+            if isinstance(event, Sources):
+                sources = list(event.sources)
+                _partial(event.coverage)
+            elif isinstance(event, Token):
+                sys.stdout.write(event.text)
                 sys.stdout.flush()
-            elif kind == "done":
-                done = event.done
-    except grpc.RpcError as exc:
+            elif isinstance(event, Done):
+                done = event
+    except RagloomError as exc:
         print()
-        return _fail(args, exc)
+        return fail(args, exc)
     cited = list(done.citations) if done else []
     if done and done.abstained:
         print("\n\nNot found in your documents. The closest passages:")
@@ -213,26 +215,18 @@ def ask(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fields(message) -> dict:
-    return {field.name: value for field, value in message.ListFields()}
-
-
 def search(args: argparse.Namespace) -> int:
-    request = router_pb2.SearchRequest(query=args.query)
-    if args.top_k is not None:
-        request.top_k = args.top_k
-    if getattr(args, "rerank", False):
-        request.rerank = True
     try:
-        reply = _stub(args).Search(request, timeout=args.timeout)
-    except grpc.RpcError as exc:
-        return _fail(args, exc)
+        result = client(args).search(args.query, top_k=args.top_k, rerank=args.rerank, **_scope(args))
+    except RagloomError as exc:
+        return fail(args, exc)
     hits = [{"score": round(h.score, 4), "document_id": h.document_id, "source": h.source,
-             "chunk_id": h.chunk_id, "shard_id": h.shard_id, "text": h.text,
-             "evidence": [h.text[e.start:e.end] for e in h.evidence]} for h in reply.hits]
+             "chunk_id": h.chunk_id, "shard_id": h.shard_id, "text": h.text, "evidence": h.evidence_text}
+            for h in result]
     if args.json:
         print(json.dumps(hits, indent=2))
         return 0
+    _partial(result.coverage)
     for i, h in enumerate(hits, 1):
         snippet = " ".join((h["evidence"][0] if h["evidence"] else h["text"]).split())[:160]
         print(f"{i:>2}. {h['score']:.3f}  {h['source']}\n    {snippet}…")
@@ -242,11 +236,11 @@ def search(args: argparse.Namespace) -> int:
 
 
 def delete(args: argparse.Namespace) -> int:
-    stub = _stub(args)
+    rag = client(args)
     for doc_id in args.document_ids:
         try:
-            reply = stub.DeleteDocument(router_pb2.DeleteDocumentRequest(document_id=doc_id), timeout=args.timeout)
-        except grpc.RpcError as exc:
-            return _fail(args, exc)
-        print(f"{doc_id}: removed {reply.removed_chunks} chunks")
+            removed = rag.delete(doc_id, tenant=args.tenant).removed_chunks
+        except RagloomError as exc:
+            return fail(args, exc)
+        print(f"{doc_id}: removed {removed} chunks")
     return 0

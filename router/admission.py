@@ -41,6 +41,18 @@ class Admission:
             self.inflight[kind] -= 1
 
 
+class Passage:
+    """One ask admitted by the gate; `release` (once) when it is done."""
+
+    def __init__(self, gate: "AskGate"):
+        self._gate: AskGate | None = gate
+
+    def release(self) -> None:
+        if self._gate is not None:
+            self._gate.in_flight -= 1
+            self._gate = None
+
+
 class AskGate:
     def __init__(self, parallel: Callable[[], int] = lambda: 1, weight: float = 0.3):
         #: How many generations the generator runs at once (asked of it; 0 = it does not say).
@@ -57,6 +69,13 @@ class AskGate:
     def check(self, remaining_s: float | None) -> None:
         """RESOURCE_EXHAUSTED now when the ask would finish after its caller's deadline."""
         refuse_if_late(self.expected_s(), remaining_s, f"router: {self.in_flight} asks ahead at the generator")
+
+    def admit(self, remaining_s: float | None) -> "Passage":
+        """`check`, and the ask counted as past the gate at once: a burst arriving together sees itself
+        (counting it only once its generation starts would let the whole burst through)."""
+        self.check(remaining_s)
+        self.in_flight += 1
+        return Passage(self)
 
     @contextmanager
     def passing(self) -> Iterator[None]:

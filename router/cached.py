@@ -87,12 +87,11 @@ class CachedRag:
         keep = generation is not None
 
         flight = f"{key}:{query.require_complete}"
-        if not self.flights.running(flight):
-            self.gate.check(deadline.remaining())
+        passage = None if self.flights.running(flight) else self.gate.admit(deadline.remaining())
 
         async def produce() -> AsyncIterator[AskEvent]:
             events = []
-            with self.gate.passing():
+            try:
                 async for event in self.rag.answer(query, deadline):
                     events.append(event)
                     if isinstance(event, AskDone):
@@ -102,9 +101,16 @@ class CachedRag:
                         if keep and not events[0].coverage.partial and not event.degraded:
                             await self.cache.set(key, serialise(events))
                     yield event
+            finally:
+                if passage is not None:
+                    passage.release()
 
-        async for event in self.flights.join(flight, produce):
-            yield event
+        try:
+            async for event in self.flights.join(flight, produce):
+                yield event
+        finally:
+            if passage is not None:  # also when the generation never started (released once either way)
+                passage.release()
 
     async def close(self) -> None:
         await self.rag.close()

@@ -42,3 +42,17 @@ def test_more_generations_at_once_mean_a_shorter_wait():
         assert gate.expected_s() == pytest.approx(2.0) and one_at_a_time == pytest.approx(8.0)
         parallel[0] = 0  # the generator does not say: no estimate
         assert gate.expected_s() is None
+
+
+def test_a_burst_admitted_together_counts_itself():
+    gate = AskGate(lambda: 1)
+    gate.record(total_ms=1000, generate_ms=1000)
+    passages = []
+    with pytest.raises(Overloaded):
+        for _ in range(10):  # 4 s of budget and 1 s each: a fifth in the same instant no longer fits
+            passages.append(gate.admit(4.0))
+    assert len(passages) == 4 and gate.in_flight == 4
+    for passage in passages:
+        passage.release()
+        passage.release()  # once only
+    assert gate.in_flight == 0
