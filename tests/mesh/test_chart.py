@@ -139,12 +139,6 @@ def test_image_and_chart_agree():
 
 # --------------------------------------------------------------------------- rendering
 
-@pytest.fixture(scope="module")
-def helm_bin() -> Path:
-    binary, reason = ct.helm_binary()
-    if binary is None:
-        pytest.skip(reason)
-    return binary
 
 
 VARIANTS = {

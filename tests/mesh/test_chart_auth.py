@@ -32,12 +32,6 @@ GATEWAY_SELECTOR = {"istio": "ragloom-gateway"}
 AUTH = ("--set", "auth.issuer=https://id.example", "--set", "auth.jwksUri=https://id.example/keys")
 
 
-@pytest.fixture(scope="module")
-def helm_bin() -> Path:
-    binary, reason = ct.helm_binary()
-    if binary is None:
-        pytest.skip(reason)
-    return binary
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,6 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def helm_bin() -> Path:
-    binary, reason = ct.helm_binary()
-    if binary is None:
-        pytest.skip(reason)
-    return binary
 
 
 @pytest.fixture(scope="module")

@@ -25,12 +25,6 @@ VARIANTS = {
 CEL_MACROS = {"has", "all", "exists", "exists_one", "map", "filter", "dyn"}
 
 
-@pytest.fixture(scope="module")
-def helm_bin() -> Path:
-    binary, reason = ct.helm_binary()
-    if binary is None:
-        pytest.skip(reason)
-    return binary
 
 
 @pytest.fixture(scope="module")

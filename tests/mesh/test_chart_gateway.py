@@ -20,12 +20,6 @@ ROUTER_PB = ct.CHART / "files" / "router.pb"
 GATEWAY_FILTERS = ("ragloom-grpc-json-transcoder", "ragloom-tenant-quotas", "ragloom-strip-identity-headers")
 
 
-@pytest.fixture(scope="module")
-def helm_bin() -> Path:
-    binary, reason = ct.helm_binary()
-    if binary is None:
-        pytest.skip(reason)
-    return binary
 
 
 @pytest.fixture(scope="module")

@@ -69,12 +69,6 @@ def checkov_binary() -> Path | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def helm_bin() -> Path:
-    binary, reason = ct.helm_binary()
-    if binary is None:
-        pytest.skip(reason)
-    return binary
 
 
 @pytest.fixture(scope="module")

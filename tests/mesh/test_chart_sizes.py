@@ -50,12 +50,6 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def helm_bin() -> Path:
-    binary, reason = ct.helm_binary()
-    if binary is None:
-        pytest.skip(reason)
-    return binary
 
 
 def compact_size(obj: dict) -> int:
