@@ -374,10 +374,12 @@ def run_up(spec: MeshSpec) -> int:
     prepare(planned)
     children, data_dir = planned.children, spec.data_dir
     print(f"ragloom: starting the mesh (data in {data_dir}, logs in {data_dir / 'logs'})", file=sys.stderr)
-    stop = {"signal": None}
+    stop = {"signal": None, "up": False}
 
     def on_signal(signum, _frame):
         stop["signal"] = signum
+        if not stop["up"]:  # still starting: give the start-up up now rather than after it finishes
+            raise KeyboardInterrupt
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -386,6 +388,10 @@ def run_up(spec: MeshSpec) -> int:
         except (RuntimeError, TimeoutError) as exc:
             print(f"ragloom: the mesh did not start: {exc}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            print("ragloom: start-up interrupted", file=sys.stderr)
+            return 130
+        stop["up"] = True
         public = planned.public.address
         lines = ["", "ragloom is up.", f"  public API, gRPC: {public}"]
         if spec.gateway:

@@ -115,3 +115,28 @@ def test_the_supervisor_restarts_a_dead_child_with_backoff_and_reports_a_crash_l
     supervisor.tick(now=102.2)
     assert "crash-looping: 3 exits" in out.getvalue() and "disk I/O error" in out.getvalue()
     assert supervisor.restarts == 3
+
+
+def test_a_signal_during_start_up_stops_the_mesh_at_once(tmp_path, monkeypatch):
+    """SIGTERM (or Ctrl-C) while the services are still starting gives the start-up up at once and stops
+    what started, rather than waiting for every service (up to --startup-timeout)."""
+    import os
+    import signal
+    import time
+
+    from mesh import launcher
+
+    stopped = []
+
+    def slow_start(children, timeout_s, quiet=False):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # a service that takes its time
+
+    monkeypatch.setattr(launcher, "start_all", slow_start)
+    monkeypatch.setattr(launcher, "stop_all", lambda children, grace_s=10.0: stopped.append(len(children)))
+    spec = MeshSpec(data_dir=tmp_path, auth=False, mtls=False, gateway=False, router_port=41000, base_port=41001)
+    before = signal.getsignal(signal.SIGTERM)
+    started = time.monotonic()
+    assert launcher.run_up(spec) == 130
+    assert time.monotonic() - started < 10 and stopped, "stopped at once, children included"
+    assert signal.getsignal(signal.SIGTERM) is before, "the shell's handlers are put back"
