@@ -27,6 +27,16 @@ from mesh.policy import Edge, TrafficPolicy
 
 ROUTER_SERVICE = "ragloom.router.v1.RouterService"
 
+#: The web console's files (package data of `mesh`), by the path the gateway serves each at.
+CONSOLE_FILES = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/console/console.js": ("console.js", "text/javascript; charset=utf-8"),
+    "/console/console.css": ("console.css", "text/css; charset=utf-8"),
+}
+# Same origin only: the console calls the API it is served with, and nothing else runs in the page.
+_CONSOLE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+                   "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
 
 def packaged_descriptor_set() -> Path:
     """The descriptor set of every ragloom proto (with imports) that Envoy's transcoder reads: package
@@ -35,6 +45,29 @@ def packaged_descriptor_set() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"the descriptor set is missing from the installed package: {path}")
     return path
+
+
+def console_dir() -> Path:
+    """The web console's static files, package data of `mesh`."""
+    path = Path(str(resources.files("mesh").joinpath("console")))
+    if not (path / "index.html").is_file():
+        raise FileNotFoundError(f"the console is missing from the installed package: {path}")
+    return path
+
+
+def _console_routes(folder: Path) -> list[dict]:
+    """GET (or HEAD) of each console file, answered by Envoy itself from the file (read when it loads the config)."""
+    routes = []
+    for path, (name, content_type) in CONSOLE_FILES.items():
+        headers = {"content-type": content_type, "cache-control": "no-cache", "content-security-policy": _CONSOLE_POLICY,
+                   "x-content-type-options": "nosniff", "referrer-policy": "no-referrer"}
+        routes.append({
+            "match": {"path": path, "headers": [{"name": ":method", "string_match": {"safe_regex": {"regex": "GET|HEAD"}}}]},
+            "direct_response": {"status": 200, "body": {"filename": str(folder / name)}},
+            "response_headers_to_add": [{"header": {"key": k, "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+                                        for k, v in headers.items()],
+        })
+    return routes
 
 
 def envoy_binary() -> str:
@@ -158,6 +191,7 @@ def _routes(policy: TrafficPolicy, action_for, canary: bool, canary_weight: int)
             ]}, **action}, **unbuffered})
         else:
             routes.append({"match": match, "route": {"cluster": "router-stable", **action}, **unbuffered})
+    routes += _console_routes(console_dir())
     # A REST call the transcoder mapped arrives above on its gRPC path (it clears the route cache);
     # what reaches these did not map.
     bindings = rest_bindings()
@@ -172,7 +206,7 @@ def _routes(policy: TrafficPolicy, action_for, canary: bool, canary_weight: int)
                        "response_headers_to_add": [{"header": {"key": "allow", "value": verbs}}]})
     paths = "; ".join(f"{b.verb} {b.template}" for b in bindings)
     routes.append({"match": {"prefix": "/"}, "direct_response": _json_reply(
-        404, 5, f"no such path. The REST API: {paths}; or gRPC {ROUTER_SERVICE}")})
+        404, 5, f"no such path. The REST API: {paths}; or gRPC {ROUTER_SERVICE}; the console: GET /")})
     return routes
 
 
@@ -359,7 +393,8 @@ def envoy_config(
                 "stat_prefix": "gateway",
                 "codec_type": "AUTO",  # HTTP/1.1 for REST and h2c for gRPC on one port
                 "stream_idle_timeout": "300s",
-                "route_config": {"name": "ragloom", "virtual_hosts": [
+                # The console's files are direct responses, larger than Envoy's default limit (4 KiB) for those.
+                "route_config": {"name": "ragloom", "max_direct_response_body_size_bytes": 1024 * 1024, "virtual_hosts": [
                     {"name": "ragloom", "domains": ["*"], "routes": routes}]},
                 "http_filters": http_filters,
                 # The gateway's own 403 is jwt_authn's for a token of another audience: that token is as

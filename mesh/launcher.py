@@ -395,7 +395,8 @@ def run_up(spec: MeshSpec) -> int:
         public = planned.public.address
         lines = ["", "ragloom is up.", f"  public API, gRPC: {public}"]
         if spec.gateway:
-            lines += [f"  public API, REST: http://{public}/v1/search  /v1/ask  /v1/documents",
+            lines += [f"  web console:      http://{public}/",
+                      f"  public API, REST: http://{public}/v1/search  /v1/ask  /v1/documents",
                       f"  gateway metrics:  {planned.gateway_metrics}"]
         lines.append(f"  mutual TLS:       {'on, CA in ' + str(data_dir / 'pki') if spec.mtls else 'off'}")
         if planned.signer_folder is not None:
