@@ -23,20 +23,9 @@ from pathlib import Path
 
 from fabric.tls import Identity
 from mesh.auth import Verifier
-from mesh.policy import Edge, TrafficPolicy
+from mesh.policy import Console, Edge, TrafficPolicy
 
 ROUTER_SERVICE = "ragloom.router.v1.RouterService"
-
-#: The web console's files (package data of `mesh`), by the path the gateway serves each at.
-CONSOLE_FILES = {
-    "/": ("index.html", "text/html; charset=utf-8"),
-    "/console/console.js": ("console.js", "text/javascript; charset=utf-8"),
-    "/console/console.css": ("console.css", "text/css; charset=utf-8"),
-}
-# Same origin only: the console calls the API it is served with, and nothing else runs in the page.
-_CONSOLE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
-                   "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-
 
 def packaged_descriptor_set() -> Path:
     """The descriptor set of every ragloom proto (with imports) that Envoy's transcoder reads: package
@@ -48,26 +37,21 @@ def packaged_descriptor_set() -> Path:
 
 
 def console_dir() -> Path:
-    """The web console's static files, package data of `mesh`."""
-    path = Path(str(resources.files("mesh").joinpath("console")))
+    """The web console's static files: package data of `mesh`, kept with the chart's files (its gateway serves them)."""
+    path = Path(str(resources.files("mesh").joinpath("chart", "files", "console")))
     if not (path / "index.html").is_file():
         raise FileNotFoundError(f"the console is missing from the installed package: {path}")
     return path
 
 
-def _console_routes(folder: Path) -> list[dict]:
+def _console_routes(console: Console, folder: Path) -> list[dict]:
     """GET (or HEAD) of each console file, answered by Envoy itself from the file (read when it loads the config)."""
-    routes = []
-    for path, (name, content_type) in CONSOLE_FILES.items():
-        headers = {"content-type": content_type, "cache-control": "no-cache", "content-security-policy": _CONSOLE_POLICY,
-                   "x-content-type-options": "nosniff", "referrer-policy": "no-referrer"}
-        routes.append({
-            "match": {"path": path, "headers": [{"name": ":method", "string_match": {"safe_regex": {"regex": "GET|HEAD"}}}]},
-            "direct_response": {"status": 200, "body": {"filename": str(folder / name)}},
-            "response_headers_to_add": [{"header": {"key": k, "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
-                                        for k, v in headers.items()],
-        })
-    return routes
+    return [{
+        "match": {"path": f.path, "headers": [{"name": ":method", "string_match": {"safe_regex": {"regex": "GET|HEAD"}}}]},
+        "direct_response": {"status": 200, "body": {"filename": str(folder / f.file)}},
+        "response_headers_to_add": [{"header": {"key": k, "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+                                    for k, v in (("content-type", f.content_type), *console.headers)],
+    } for f in console.files]
 
 
 def envoy_binary() -> str:
@@ -191,7 +175,8 @@ def _routes(policy: TrafficPolicy, action_for, canary: bool, canary_weight: int)
             ]}, **action}, **unbuffered})
         else:
             routes.append({"match": match, "route": {"cluster": "router-stable", **action}, **unbuffered})
-    routes += _console_routes(console_dir())
+    if policy.edge.console is not None:
+        routes += _console_routes(policy.edge.console, console_dir())
     # A REST call the transcoder mapped arrives above on its gRPC path (it clears the route cache);
     # what reaches these did not map.
     bindings = rest_bindings()
@@ -206,7 +191,7 @@ def _routes(policy: TrafficPolicy, action_for, canary: bool, canary_weight: int)
                        "response_headers_to_add": [{"header": {"key": "allow", "value": verbs}}]})
     paths = "; ".join(f"{b.verb} {b.template}" for b in bindings)
     routes.append({"match": {"prefix": "/"}, "direct_response": _json_reply(
-        404, 5, f"no such path. The REST API: {paths}; or gRPC {ROUTER_SERVICE}; the console: GET /")})
+        404, 5, f"no such path. The REST API: {paths}; or gRPC {ROUTER_SERVICE}")})
     return routes
 
 

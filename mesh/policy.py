@@ -143,6 +143,21 @@ class Auth:
 
 
 @dataclass(frozen=True)
+class ConsoleFile:
+    path: str  # where the gateway serves it, e.g. "/"
+    file: str  # its name in the chart's files/console
+    content_type: str
+
+
+@dataclass(frozen=True)
+class Console:
+    """The web console: static files the gateway answers GETs of itself, with the same headers everywhere."""
+
+    files: tuple[ConsoleFile, ...]
+    headers: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
 class Edge:
     auth: Auth
     #: Per-tenant token bucket: sustained rate, burst, how many tenants' buckets are kept; 0 rate = off.
@@ -151,6 +166,8 @@ class Edge:
     max_tenants: int
     #: Largest request body the gateway accepts.
     max_request_bytes: int
+    #: The web console the gateway serves; None when gateway.console.enabled is false.
+    console: Console | None = None
 
 
 def _edge(values: Mapping) -> Edge:
@@ -172,7 +189,17 @@ def _edge(values: Mapping) -> Edge:
         ),
         requests_per_second=rate, burst=burst, max_tenants=int(quotas.get("maxTenants", 10000)),
         max_request_bytes=int(limits.get("maxRequestBytes", 16 * 1024 * 1024)),
+        console=_console((values.get("gateway") or {}).get("console") or {}),
     )
+
+
+def _console(spec: Mapping) -> Console | None:
+    if not spec.get("enabled", False):
+        return None
+    files = tuple(ConsoleFile(str(f["path"]), str(f["file"]), str(f["contentType"])) for f in spec.get("files") or ())
+    if not files or any(not f.path.startswith("/") or "/" in f.file for f in files):
+        raise ValueError("gateway.console.files: each needs a path starting with / and a file name in files/console")
+    return Console(files, tuple((str(k).lower(), str(v)) for k, v in (spec.get("headers") or {}).items()))
 
 
 def load(*overlays: str | Path, values: str | Path = VALUES, namespace: str = DEFAULT_NAMESPACE) -> TrafficPolicy:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.gateway import CONSOLE_FILES
+from mesh import policy
 from mesh.spec import FIXED_PORTS
 from tests.support.ports import free_port_block
 
@@ -130,10 +130,11 @@ def ask(page, question: str) -> None:
 
 def test_console_is_served_small_and_fast_on_the_api_port(up, browser):
     sizes = {}
-    for path, (_, content_type) in CONSOLE_FILES.items():
+    for served in policy.load().edge.console.files:
+        path = served.path
         with urllib.request.urlopen(up.url + path, timeout=10) as reply:
             body = reply.read()
-            assert reply.headers["content-type"] == content_type
+            assert reply.headers["content-type"] == served.content_type
             assert "connect-src 'self'" in reply.headers["content-security-policy"]
             sizes[path] = len(body)
     assert sum(sizes.values()) < 200 * 1024, sizes  # everything the page loads

@@ -355,7 +355,7 @@ def _edges(objs, tp) -> set[tuple[str, str]]:
     for vs in of_kind(objs, "VirtualService"):
         if vs["spec"].get("gateways"):
             for route in vs["spec"]["http"]:
-                for dest in route["route"]:
+                for dest in route.get("route", ()):  # a direct response (the console) goes nowhere
                     edges.add((tp.principal(policy.GATEWAY), app_of(dest["destination"]["host"] + ":0")))
     return edges
 
@@ -435,7 +435,7 @@ def test_destination_rules_use_istio_mtls_and_have_the_routed_subsets(variant):
         assert policy_["outlierDetection"] and policy_["connectionPool"]["http"]["http2MaxRequests"] > 0
     pods = [t["metadata"]["labels"] for _, t in pod_specs(objs)]
     for vs in of_kind(objs, "VirtualService"):
-        for route in vs["spec"]["http"]:
+        for route in forwarded(vs):
             for dest in route["route"]:
                 host, subset = dest["destination"]["host"], dest["destination"]["subset"]
                 (labels,) = [s["labels"] for s in rules[host]["spec"]["subsets"] if s["name"] == subset]
@@ -443,8 +443,13 @@ def test_destination_rules_use_istio_mtls_and_have_the_routed_subsets(variant):
                 assert any(selector.items() <= p.items() for p in pods), (vs["metadata"]["name"], subset)
 
 
+def forwarded(vs) -> list[dict]:
+    """A VirtualService's routes that go to a service (not the gateway's direct responses: the console)."""
+    return [route for route in vs["spec"]["http"] if "route" in route]
+
+
 def _service_of(vs) -> str:
-    return vs["spec"]["http"][0]["route"][0]["destination"]["host"].split(".")[0]
+    return forwarded(vs)[0]["route"][0]["destination"]["host"].split(".")[0]
 
 
 def _uri_regex(route) -> str | None:
@@ -457,7 +462,7 @@ def _uri_regex(route) -> str | None:
 def _route_groups(vs) -> list[tuple[str | None, list[dict]]]:
     """A VirtualService's routes grouped by the gRPC paths they match, in order: (regex, routes)."""
     groups: list[tuple[str | None, list[dict]]] = []
-    for route in vs["spec"]["http"]:
+    for route in forwarded(vs):
         regex = _uri_regex(route)
         if groups and groups[-1][0] == regex:
             groups[-1][1].append(route)
@@ -552,7 +557,7 @@ def test_router_retries_follow_each_methods_idempotency(rendered):
     when the call never reached the router."""
     router_path = r"^/ragloom\.router\.v1\.RouterService/"
     for name in ("router", "router-gateway"):
-        routes = by_name(rendered["default"], "VirtualService", name)["spec"]["http"]
+        routes = forwarded(by_name(rendered["default"], "VirtualService", name))
         assert [(r["name"], r.get("match"), r["retries"]) for r in routes] == [
             ("router-reads", [{"uri": {"regex": router_path + "(Ask|AskStream|Search)$"}}],
              {"attempts": 2, "perTryTimeout": "300s", "retryOn": "unavailable,cancelled"}),

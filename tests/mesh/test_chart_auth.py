@@ -108,7 +108,9 @@ def test_the_gateway_denies_calls_without_a_token_or_a_tenant(on):
     assert no_token["from"] == [{"source": {"notRequestPrincipals": ["*"]}}]
     assert no_tenant["when"] == [{"key": "request.auth.claims[tenant]", "notValues": ["*"]}]
     for rule in (no_token, no_tenant):
-        assert rule["to"] == [{"operation": {"ports": ["8080"]}}]  # ragloom's listener, not the whole gateway
+        # ragloom's listener, not the whole gateway; the console's files need no token (the page asks for one)
+        assert rule["to"] == [{"operation": {"ports": ["8080"], "notPaths": ["/", "/console/console.js",
+                                                                             "/console/console.css"]}}]
     # The router still admits the gateway's identity only: the headers are trusted from it alone.
     router = by_name(on, "AuthorizationPolicy", "router")
     assert router["metadata"]["namespace"] == NAMESPACE and router["spec"]["action"] == "ALLOW"
@@ -141,7 +143,8 @@ def test_nothing_of_auth_without_it(off):
     assert not {("RequestAuthentication", "ragloom-jwt"), ("AuthorizationPolicy", "ragloom-require-jwt"),
                 ("EnvoyFilter", "ragloom-strip-identity-headers")} & names
     assert not of_kind(off, "RequestAuthentication")
-    assert [o["metadata"]["name"] for o in of_kind(off, "EnvoyFilter")] == ["ragloom-grpc-json-transcoder"]
+    assert [o["metadata"]["name"] for o in of_kind(off, "EnvoyFilter")] == ["ragloom-grpc-json-transcoder",
+                                                                           "ragloom-console-body-size"]
 
 
 def test_auth_settings_that_cannot_work_fail_the_render(helm_bin):

@@ -126,7 +126,8 @@ def test_everything_at_the_gateway_selects_the_charts_gateway(which, request):
                   or o["metadata"]["name"] == "ragloom-require-jwt"]
     assert {(o["kind"], o["metadata"]["name"]) for o in at_gateway} == {
         ("EnvoyFilter", n) for n in GATEWAY_FILTERS} | {("RequestAuthentication", "ragloom-jwt"),
-                                                       ("AuthorizationPolicy", "ragloom-require-jwt")}
+                                                       ("AuthorizationPolicy", "ragloom-require-jwt"),
+                                                       ("EnvoyFilter", "ragloom-console-body-size")}
     others = [o["spec"]["template"]["metadata"]["labels"] for o in rendered
               if o["kind"] in ("Deployment", "StatefulSet") and o["metadata"]["name"] != ct.GATEWAY_NAME]
     for obj in at_gateway:
@@ -189,3 +190,31 @@ def test_no_transcoding_no_descriptor(helm_bin):
     _, template = gateway_pods(objs)
     assert "volumes" not in template["spec"] and "checksum/descriptors" not in template["metadata"]["annotations"]
     assert not [o for o in objs if o["metadata"]["name"] in ("ragloom-gateway-descriptors", "ragloom-grpc-json-transcoder")]
+
+
+def test_the_gateway_serves_the_console_as_the_local_gateway_does(objs, helm_bin):
+    """The console's files, answered by the gateway itself before any route to the router, with the
+    headers the local gateway sends; Envoy's 4 KiB limit on direct responses raised past the largest;
+    no token needed for them (and only for them). Off: none of it."""
+    console = policy.load().edge.console
+    folder = ct.CHART / "files" / "console"
+    vs = one(objs, "VirtualService", "router-gateway")
+    served = [r for r in vs["spec"]["http"] if "directResponse" in r]
+    assert vs["spec"]["http"][:len(served)] == served  # first: the router's catch-all comes after
+    assert [(r["match"][0]["uri"]["exact"], r["match"][0]["method"]["regex"]) for r in served] == [
+        (f.path, "GET|HEAD") for f in console.files]
+    for route, f in zip(served, console.files):
+        assert route["directResponse"] == {"status": 200, "body": {"string": (folder / f.file).read_text()}}
+        assert route["headers"]["response"]["set"] == {"content-type": f.content_type, **dict(console.headers)}
+    (patch,) = one(objs, "EnvoyFilter", "ragloom-console-body-size")["spec"]["configPatches"]
+    assert patch["applyTo"] == "ROUTE_CONFIGURATION" and patch["patch"]["operation"] == "MERGE"
+    largest = max((folder / f.file).stat().st_size for f in console.files)
+    assert largest > 4096 and patch["patch"]["value"]["max_direct_response_body_size_bytes"] >= largest
+    for rule in one(objs, "AuthorizationPolicy", "ragloom-require-jwt")["spec"]["rules"]:
+        assert rule["to"][0]["operation"]["notPaths"] == [f.path for f in console.files]
+
+    off = ct.render(helm_bin, "--set", "gateway.console.enabled=false")
+    assert not [r for r in one(off, "VirtualService", "router-gateway")["spec"]["http"] if "directResponse" in r]
+    assert not [o for o in off if o["metadata"]["name"] == "ragloom-console-body-size"]
+    for rule in one(off, "AuthorizationPolicy", "ragloom-require-jwt")["spec"]["rules"]:
+        assert "notPaths" not in rule["to"][0]["operation"]
