@@ -13,6 +13,7 @@ process over the same embedder, shards and generator, so all run against the sam
     no-rerank    default without the reranker: the top fused passage is the evidence, no abstention gate
     no-verify    default without the sentence check (the abstention gate stays)
     any-paraphrase  default, but a paraphrase may add any number of words of its own (before that check)
+    new-words-N  default, but a sentence kept as the evidence's words may add at most N words of its own
     passages     default, but the model sees 4 whole passages as today
     model        default with --model-path's GGUF as the generator (only when given)
 
@@ -59,6 +60,8 @@ CONFIGS = {
     "no-rerank": ["--no-rerank"],
     "no-verify": ["--no-verify"],
     "any-paraphrase": ["--max-paraphrase-new-words", "-1"],
+    "new-words-0": ["--max-new-words", "0"],
+    "new-words-1": ["--max-new-words", "1"],
     "passages": ["--prompt", "passages"],
     # Never abstains: its answers and top scores show where the abstention thresholds belong.
     "calibrate": ["--abstain-below", "-1"],

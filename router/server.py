@@ -90,6 +90,8 @@ class Settings(ServiceSettings):
     max_paraphrase_new_words: int = option(
         2, "an answer sentence kept as a paraphrase of the evidence may bring at most this many content words of "
            "its own (negative: any number)")
+    max_new_words: int = option(
+        1, "so may an answer sentence kept because most of its words are the evidence's (negative: any number)")
     quote_min_score: float = option(
         0.0, "when no answer sentence can be verified: quote the evidence if the best passage scores at least "
              "this, else abstain")
@@ -325,7 +327,8 @@ class RouterService:
             rerank_search=s.search_rerank, prompt=s.prompt, verify=s.verify,
             abstain_below=s.abstain_below if s.abstain_below >= 0 else None, quote_min_score=s.quote_min_score,
             evidence=EvidenceConfig(sentences=s.evidence_sentences, tokens=s.evidence_tokens),
-            verifier=VerifierConfig(max_paraphrase_new_words=s.max_paraphrase_new_words),
+            verifier=VerifierConfig(max_paraphrase_new_words=s.max_paraphrase_new_words,
+                                    max_new_words=s.max_new_words),
             max_question_tokens=s.max_question_tokens, max_chunks_per_request=s.max_chunks_per_request,
         )
         shards = [

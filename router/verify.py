@@ -48,6 +48,9 @@ class VerifierConfig:
     min_support_similarity: float = 0.7
     # A paraphrase may bring at most this many content words of its own (negative: any number).
     max_paraphrase_new_words: int = 2
+    # So may a sentence kept because most of its words are the evidence's: "painted in 1931 by the local artist"
+    # is 5 of 7 words from "was painted teal in 1931" and a painter of its own (negative: any number).
+    max_new_words: int = 1
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,17 @@ class Verdict:
     overlap: float = 0.0
 
 
+# What a small model puts before its answer: "The answer is: …", "Based on the evidence, …".
+_PREAMBLE = re.compile(r"^\s*(?:(?:the |my )?answer(?: is)?|based on (?:the )?(?:evidence|passages?|sources?|text)|"
+                       r"according to (?:the )?(?:evidence|passages?|sources?|text))\s*[:,]\s*", re.I)
+
+
 def strip_markers(text: str) -> str:
-    return _MARKER.sub("", text).strip()
+    """The sentence without the model's [n] markers and without a preamble before what it says."""
+    text = _MARKER.sub("", text).strip()
+    if (rest := _PREAMBLE.sub("", text, count=1)) != text and rest:
+        text = rest[0].upper() + rest[1:]
+    return text
 
 
 def declines(text: str) -> bool:
@@ -133,17 +145,26 @@ class Verifier:
             return Verdict(clean, False, "adds nothing from the evidence to the question")
         overlap = len(distinct & (evidence_words | self._question)) / len(distinct)
         sim = similarity[i] if similarity is not None else 0.0
+        known = evidence_words | self._question
         if overlap >= self.config.min_overlap and (similarity is None or sim >= self.config.min_support_similarity):
+            own = _own_words(distinct, known)
+            if 0 <= self.config.max_new_words < len(own):
+                return Verdict(clean, False, f"adds words of its own to the evidence's: {', '.join(sorted(own))}",
+                               overlap=overlap)
             return Verdict(clean, True, "words in the evidence", evidence.number, evidence, overlap)
         if overlap >= self.config.min_paraphrase_overlap and sim >= self.config.min_similarity:
-            known = evidence_words | self._question
-            own = {w for w in distinct - known - FILLER if not any(_same_root(w, k) for k in known)}
+            own = _own_words(distinct, known)
             limit = self.config.max_paraphrase_new_words
             if 0 <= limit < len(own):
                 return Verdict(clean, False, f"a paraphrase adding words of its own: {', '.join(sorted(own))}",
                                overlap=overlap)
             return Verdict(clean, True, f"paraphrase (cosine {sim:.2f})", evidence.number, evidence, overlap)
         return Verdict(clean, False, f"only {overlap:.0%} of its words are in the evidence", overlap=overlap)
+
+
+def _own_words(said: set[str], known: set[str]) -> set[str]:
+    """Content words of a sentence that neither the evidence nor the question has (in any form)."""
+    return {w for w in said - known - FILLER if not any(_same_root(w, k) for k in known)}
 
 
 def _same_root(a: str, b: str) -> bool:

@@ -57,6 +57,11 @@ def test_sentences_are_split_as_they_stream_without_cutting_numbers_or_options()
     assert done == ["It overwrites 3.5 times.", "Use -n."] and rest == "Then it"
     assert split_sentences("First line\nsecond")[0] == ["First line"]
     assert strip_markers("Yes [1, 2] it does [3].") == "Yes it does."
+    # the preamble a small model puts before its answer is not part of it
+    assert strip_markers("The answer is: the lighthouse was painted in 1931. [1]") == "The lighthouse was painted in 1931."
+    assert strip_markers("Based on the evidence, drones are males.") == "Drones are males."
+    assert strip_markers("Answer: 3") == "3"
+    assert strip_markers("The answer is the default.") == "The answer is the default."  # no colon or comma: a claim
 
 
 def test_an_option_or_number_of_a_lesser_evidence_sentence_is_not_enough():
@@ -100,3 +105,15 @@ def test_a_paraphrase_that_adds_its_own_claim_to_the_evidence_is_dropped():
     assert verifier.check(right, [0.9]).supported
     loose = Verifier("How is sourdough bread leavened?", evidence, VerifierConfig(max_paraphrase_new_words=-1))
     assert loose.check(wrong, [0.85]).supported  # the check is what drops it
+
+
+def test_a_sentence_of_the_evidences_words_may_not_bring_a_claim_of_its_own():
+    """Most of its words are the evidence's, but "local artist" is a painter the evidence never named."""
+    evidence = [Sentence(1, Span(0, 10, 0.9), "The lighthouse at Quendra Bay was painted teal in 1931.")]
+    verifier = Verifier("Who painted the Quendra Bay lighthouse teal?", evidence)
+    invented = verifier.check("The answer is: The Quendra Bay lighthouse was painted in 1931 by the local artist. [1]")
+    assert not invented.supported and "local" in invented.reason and "artist" in invented.reason
+    assert verifier.check("The Quendra Bay lighthouse was painted teal in 1931 [1]").supported
+    # one word of its own is wording, not a claim
+    assert Verifier("When was the lighthouse painted?", evidence).check(
+        "The lighthouse at Quendra Bay was freshly painted teal in 1931.").supported
