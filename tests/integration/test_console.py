@@ -314,3 +314,16 @@ def test_stream_reader_splits_objects_at_any_chunk_boundary(page, up):
         return results;
     }""", text)
     assert all(r["objects"] == events and r["closed"] for r in seen)
+
+
+def test_a_marker_split_across_tokens_still_links_its_source(page, up):
+    open_console(page, up, up.token)
+    events = [{"sources": {"sources": [{"number": 2, "document_id": "d", "text": "Drones are males.", "score": 0.9,
+                                        "shard_id": 0, "evidence": []}], "coverage": {}}},
+              {"token": "Drones are males "}, {"token": "["}, {"token": "2"}, {"token": "]. Not [9]"},
+              {"done": {"citations": [2], "timings": {}}}]
+    page.route("**/v1/ask:stream", lambda route: route.fulfill(status=200, content_type="application/json",
+                                                               body=json.dumps(events)))
+    ask(page, "What are drones?")
+    assert page.text_content("#answer") == "Drones are males [2]. Not [9]"
+    assert page.locator("#answer a.cite").all_text_contents() == ["[2]"]  # [9] is no source: plain text

@@ -261,6 +261,7 @@ async function ask(question) {
   let firstText = 0;
   let sources = [];
   let numbers = new Set();
+  let held = ""; // the end of the text so far when it may be the start of a [n] marker
   let outcome = "cut";
   try {
     const body = { question, min_sequences: stored.get(SEQUENCES_KEY, {}) };
@@ -281,10 +282,16 @@ async function ask(question) {
         state.textContent = event.sources.cached ? "Replaying a cached answer…" : "Generating…";
       } else if (event.token !== undefined) {
         if (!firstText) firstText = performance.now();
-        answer.append(...answerNodes(event.token, numbers));
+        // Verified sentences arrive whole; raw tokens (verification off) may split a marker: "[", "2]".
+        const text = held + event.token;
+        const cut = text.search(/\[\d*$/);
+        held = cut < 0 ? "" : text.slice(cut);
+        answer.append(...answerNodes(cut < 0 ? text : text.slice(0, cut), numbers));
       } else if (event.done) {
         const done = event.done;
         outcome = "done";
+        answer.append(held);
+        held = "";
         markSupport(sources, done);
         for (const line of done.degraded || []) notice("warning", `Degraded: ${line}`);
         if (done.abstained) {
@@ -305,6 +312,7 @@ async function ask(question) {
     if (outcome !== "done") throw new ApiError(null, "The answer stream ended without its last message.");
     state.textContent = answer.classList.contains("abstained") ? "Abstained." : "Done.";
   } catch (error) {
+    answer.append(held);
     if (error.name === "AbortError") {
       state.textContent = "Stopped: the answer above is incomplete.";
     } else {
