@@ -188,6 +188,15 @@ function sourceCard(source) {
     element("p", { class: "passage" }, ...highlighted(source.text, best, "evidence")));
 }
 
+const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+
+/** Scrolls a card's passage (its height is capped) so that its first highlight is in view. */
+function revealMark(card) {
+  const passage = card.querySelector(".passage");
+  const mark = passage.querySelector("mark.support") || passage.querySelector("mark");
+  if (mark) passage.scrollTop = Math.max(0, mark.offsetTop - 24);
+}
+
 function markSupport(sources, done) {
   const cited = new Set(done.citations || []);
   const support = new Map();
@@ -202,6 +211,7 @@ function markSupport(sources, done) {
     card.querySelector(".badge").hidden = !cited.has(source.number);
     const spans = support.get(source.number);
     if (spans) card.querySelector(".passage").replaceChildren(...highlighted(source.text, spans, "support"));
+    revealMark(card);
   }
 }
 
@@ -271,6 +281,7 @@ async function ask(question) {
         sources = event.sources.sources || [];
         numbers = new Set(sources.map((s) => s.number));
         $("#sources").replaceChildren(...sources.map(sourceCard));
+        for (const card of $("#sources").children) revealMark(card);
         const coverage = event.sources.coverage || {};
         if (coverage.partial) {
           const failed = (coverage.shards_failed || []).join(", ");
@@ -382,8 +393,8 @@ async function upload(file) {
     const reply = await response.json();
     const result = reply.documents[0];
     remember(result, reply.sequences);
-    const replaced = result.replaced_chunks ? `, replacing ${result.replaced_chunks}` : "";
-    state.textContent = `added: ${result.chunks} chunks on shard ${result.shard_id}${replaced}`;
+    const replaced = result.replaced_chunks ? `, replacing ${plural(result.replaced_chunks, "chunk")}` : "";
+    state.textContent = `added: ${plural(result.chunks, "chunk")} on shard ${result.shard_id}${replaced}`;
     row.classList.add("ok");
   } catch (error) {
     state.textContent = error instanceof ApiError ? error.explained : String(error);
@@ -409,7 +420,7 @@ async function deleteDocument(id) {
     for (const [shard, sequence] of Object.entries(reply.sequences || {})) seen[shard] = String(sequence);
     stored.set(SEQUENCES_KEY, seen);
     const removed = Number(reply.removed_chunks || 0);
-    state.textContent = removed ? `Deleted ${id}: ${removed} chunks removed.` : `${id} was not there: nothing removed.`;
+    state.textContent = removed ? `Deleted ${id}: ${plural(removed, "chunk")} removed.` : `${id} was not there: nothing removed.`;
   } catch (error) {
     state.textContent = error instanceof ApiError ? error.explained : String(error);
   }
