@@ -4,6 +4,10 @@ Corpus and labels: bench/data/answers — real man pages of this machine (render
 questions written by hand from them, paraphrased away from the pages' wording, each with a reference
 answer pattern (a regex) and the page that holds it, plus questions no page answers.
 
+A second set (`--set prose`): the 40 prose documents and 120 questions of bench/data/retrieval (a third
+keyword, a third paraphrase, a third mixed; all answerable), each labelled with a verbatim answer passage;
+an answer is right when it holds most of the passage's key words (see load_prose).
+
 The real mesh runs once (2 shards, the packaged SmolLM2-135M); each configuration is one more router
 process over the same embedder, shards and generator, so all run against the same services in one run:
 
@@ -63,9 +67,14 @@ CONFIGS = {
     "new-words-0": ["--max-new-words", "0"],
     "new-words-1": ["--max-new-words", "1"],
     "passages": ["--prompt", "passages"],
+    "abstain-0.4": ["--abstain-below", "0.4"],
+    "abstain-0.4-quote-0.55": ["--abstain-below", "0.4", "--quote-min-score", "0.55"],
     # Never abstains: its answers and top scores show where the abstention thresholds belong.
     "calibrate": ["--abstain-below", "-1"],
 }
+
+
+PROSE = ROOT / "bench" / "data" / "retrieval"
 
 
 def normalise(text: str) -> str:
@@ -74,6 +83,37 @@ def normalise(text: str) -> str:
 
 def load_questions() -> list[dict]:
     return json.loads((DATA / "questions.json").read_text())
+
+
+def load_prose() -> tuple[dict[str, str], list[dict]]:
+    """The second labelled set: bench/data/retrieval's 40 prose documents and 120 questions (all answerable),
+    each labelled with a verbatim answer passage. An answer is right when it holds the passage's key: its
+    content words that the question does not have — at least 40 % of them, or every capitalised one (a
+    name answers a "who" with few words)."""
+    from fabric.text import content_words
+
+    pages = {p.stem: p.read_text() for p in sorted((PROSE / "docs").iterdir())}
+    questions = []
+    for q in json.loads((PROSE / "questions.json").read_text()):
+        asked = set(content_words(q["question"]))
+        key = [w for w in dict.fromkeys(content_words(q["answer"])) if w not in asked]
+        names = [w for w in dict.fromkeys(re.findall(r"\b[A-Z][a-z]+", q["answer"]))
+                 if w.lower() not in q["question"].lower()]
+        questions.append({"id": q["id"], "document": q["document"].removesuffix(".txt"), "question": q["question"],
+                          "evidence": q["answer"], "key": key, "names": names})
+    return pages, questions
+
+
+def is_right(answer: str, q: dict) -> bool:
+    """The answer holds the reference: the man pages' pattern, or the prose set's key."""
+    if "key" not in q:
+        return bool(re.search(q["answer"], answer, re.I))
+    from fabric.text import content_words
+
+    said = set(content_words(answer))
+    if q["names"] and all(name in answer for name in q["names"]):
+        return True
+    return bool(q["key"]) and sum(w in said for w in q["key"]) >= 0.4 * len(q["key"])
 
 
 def ingest(stub, pages: dict[str, str]) -> None:
@@ -86,7 +126,11 @@ def holds_answer(source, q: dict) -> bool:
     """The cited passage is from the right page and holds the answer (its evidence, or the pattern)."""
     if source.document_id != q["document"]:
         return False
-    return normalise(q["evidence"]) in normalise(source.text) or bool(re.search(q["answer"], source.text, re.I))
+    text, passage = normalise(source.text), normalise(q["evidence"])
+    if "key" in q:  # prose: the passage, or at a chunk boundary half of it
+        half = len(passage) // 2
+        return passage in text or passage[:half] in text or passage[half:] in text
+    return passage in text or bool(re.search(q["answer"], source.text, re.I))
 
 
 def ask(stub, question: str) -> dict:
@@ -115,7 +159,7 @@ def evaluate(stub, questions: list[dict], name: str, verbose: bool) -> tuple[dic
         r["top_score"] = r["sources"][0].score if r["sources"] else 0.0
         r["answerable"] = q["document"] is not None
         answerable = q["document"] is not None
-        r["correct"] = answerable and not r["abstained"] and bool(re.search(q["answer"], r["answer"], re.I))
+        r["correct"] = answerable and not r["abstained"] and is_right(r["answer"], q)
         cited = [s for s in r["sources"] if s.number in r["citations"]]
         r["cited_right"] = sum(holds_answer(s, q) for s in cited) if answerable else 0
         r["cited"] = len(cited) if answerable else 0
@@ -166,7 +210,10 @@ def extra_generator(mesh: LocalMesh, model_path: str, data: Path) -> Child:
 
 
 def run(args: argparse.Namespace) -> None:
-    questions = load_questions()
+    if args.set == "prose":
+        pages, questions = load_prose()
+    else:
+        pages, questions = corpus.load(), load_questions()
     if args.limit:
         answerable = [q for q in questions if q["document"]][: args.limit]
         unanswerable = [q for q in questions if not q["document"]][: max(1, args.limit // 4)]
@@ -177,12 +224,11 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit(f"unknown configuration(s) {unknown}; choose from {', '.join([*CONFIGS, 'model'])}")
     if args.model_path and "model" not in names:
         names.append("model")
-    pages = corpus.load()
     results, all_rows = {}, {}
     with tempfile.TemporaryDirectory() as tmp, LocalMesh(Path(tmp), shards=2) as mesh:
         data = Path(tmp)
         ingest(router_pb2_grpc.RouterServiceStub(grpc.insecure_channel(mesh.router)), pages)
-        print(f"ingested {len(pages)} man pages; {len(questions)} questions; configurations: {', '.join(names)}",
+        print(f"ingested {len(pages)} {args.set} documents; {len(questions)} questions; configurations: {', '.join(names)}",
               file=sys.stderr)
         for name in names:
             children = []
@@ -210,7 +256,7 @@ def run(args: argparse.Namespace) -> None:
     for name, f in results.items():
         print(f"{name:>13} {f['accuracy']:>8.1%} {f['citation_precision']:>9.1%} {f['abstention_unanswerable']:>7.1%} "
               f"{f['false_abstention']:>10.1%} {f['extractive']:>6.1%} {f['ttft_p50_ms']:>7.0f}ms {f['total_p50_ms']:>7.0f}ms")
-    figures: dict = {"questions": len(questions), "answerable": sum(1 for q in questions if q["document"]),
+    figures: dict = {"set": args.set, "questions": len(questions), "answerable": sum(1 for q in questions if q["document"]),
                      "baseline": "today", "configurations": results}
     if "today" in results and "default" in results:
         figures["accuracy_gain_points"] = round(100 * (results["default"]["accuracy"] - results["today"]["accuracy"]), 1)
@@ -340,6 +386,8 @@ def main() -> None:
     parser.add_argument("--configs", default="today,default,no-rerank,no-verify,passages",
                         help="comma-separated configurations to run (default: all but 'model')")
     parser.add_argument("--limit", type=int, default=0, help="only the first N answerable questions (and N/4 others)")
+    parser.add_argument("--set", choices=("man", "prose"), default="man",
+                        help="the labelled set: man pages (with unanswerable questions) or the prose documents")
     parser.add_argument("--model-path", default="", help="a GGUF model: adds the 'model' configuration")
     parser.add_argument("--verbose", action="store_true", help="print every answer")
     parser.add_argument("--dump", default="", help="write every answer of every configuration to this JSON file")

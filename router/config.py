@@ -37,7 +37,7 @@ class RagConfig:
     # Check every answer sentence against the evidence, dropping what is unsupported.
     verify: bool = True
     # Abstain when the best reranked score is below this (fitted on the labelled set); None: never abstain.
-    abstain_below: float | None = 0.55
+    abstain_below: float | None = 0.44
     # When no generated sentence is supported, the evidence is quoted if the best passage scores at least
     # this; below it the ask abstains (weak evidence and an answer that cannot be verified).
     quote_min_score: float = 0.0
