@@ -15,7 +15,9 @@ For each model variant (fp32 = `--model minilm`, int8 = `--model minilm-int8`):
   * gRPC: `python -m mesh serve embedder --workers 2 --threads 1` in its own process,
     called by 1 and by --clients concurrent grpc.aio clients (one channel each, one text
     per call) from this process;
-  * cosine agreement with sentence-transformers (mean, min), in bulk and through gRPC.
+  * cosine agreement with sentence-transformers (mean, min), in bulk and through gRPC;
+  * the server's CPU per call with --clients clients, on its event loop (gRPC, interceptor,
+    tokenising, batching, responses) and on its other threads (model runs, gRPC's threads).
 Ratios: against the baseline, and gRPC against the in-process batcher with the same
 number of single-text callers (same batching: the ratio is what gRPC costs).
 
@@ -127,6 +129,23 @@ class Server:
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(30)
+
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU seconds used so far by the server's main thread (the event loop: gRPC, interceptor, tokenising,
+        batching, responses) and by all its other threads (the model runs, gRPC's own threads)."""
+        loop = others = 0.0
+        task = Path(f"/proc/{self.process.pid}/task")
+        for thread in task.iterdir():
+            try:
+                fields = (thread / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            if thread.name == str(self.process.pid):
+                loop += seconds
+            else:
+                others += seconds
+        return loop, others
 
 
 async def concurrent_singles(texts: list[str], clients: int, embed_one) -> np.ndarray:
@@ -251,8 +270,15 @@ def main() -> None:
                 latest: dict = {}
 
                 def grpc_many() -> float:
+                    server = servers[v]  # noqa: B023
+                    loop0, others0 = server.cpu_seconds()
                     per_s, vectors, batching = asyncio.run(grpc_rate(target, texts, c))  # noqa: B023
-                    latest.update(batching=batching, cosine_grpc_vs_st=cosine(vectors, reference))  # noqa: B023
+                    loop1, others1 = server.cpu_seconds()
+                    calls = len(texts) + 4 * c  # the measured calls and the warm-up ones
+                    cpu = {"event_loop": round((loop1 - loop0) / calls * 1000, 3),
+                           "other_threads": round((others1 - others0) / calls * 1000, 3)}
+                    latest.update(batching=batching, cosine_grpc_vs_st=cosine(vectors, reference),  # noqa: B023
+                                  server_cpu_ms_per_call=cpu)
                     return per_s
 
                 if keep(f"{v}_grpc_{c}", grpc_many) >= best[f"{v}_grpc_{c}"]:
@@ -303,7 +329,8 @@ def main() -> None:
         }
         print(f"  {v}: cosine vs ST mean {agreement['mean']} min {agreement['min']}; gRPC / in-process batcher: "
               f"1 caller {figures[v]['grpc_vs_inproc_batcher']['1']}, {c} callers "
-              f"{figures[v]['grpc_vs_inproc_batcher'][str(c)]}; batching at {c} clients {grpc_detail[v]['batching']}")
+              f"{figures[v]['grpc_vs_inproc_batcher'][str(c)]}; batching at {c} clients {grpc_detail[v]['batching']}; "
+              f"server CPU ms per call {grpc_detail[v]['server_cpu_ms_per_call']}")
     print(json.dumps(figures))
 
 

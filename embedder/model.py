@@ -34,6 +34,9 @@ _MAX_CHARS_PER_TOKEN = 100
 # service runs on a CPU): 8 to 64 measured within noise with 64 concurrent callers, 16 best.
 # On a GPU padding is nearly free next to a run's launch cost (not measured here).
 _CPU_RUN_COST_TOKENS = 16
+# Graph fusions whose CPU kernels are slower than what they replace (onnxruntime 1.32, all-MiniLM-L6-v2
+# int8, one thread): SkipLayerNormalization ~45 us a 27-token text each, LayerNormalization + Add ~5.
+_SLOW_ON_CPU = ["SkipLayerNormFusion"]
 _GPU_RUN_COST_TOKENS = 2048
 
 
@@ -166,8 +169,10 @@ class OnnxEmbedder:
         # Spinning intra-op threads answer the next op sooner but burn the cores the event loop,
         # the tokenizer and neighbouring processes need.
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        chain = provider_chain(choose_provider(provider), device_id)
         self.session = ort.InferenceSession(
-            str(spec.onnx_path), options, providers=provider_chain(choose_provider(provider), device_id)
+            str(spec.onnx_path), options, providers=chain,
+            disabled_optimizers=_SLOW_ON_CPU if chain[0] == "CPUExecutionProvider" else None,
         )
         self.provider = self.session.get_providers()[0]
         on_gpu = self.provider in GPU_PROVIDERS

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import numpy as np
 
 from embedder import rerank
 from embedder.batcher import Batcher
@@ -35,7 +36,7 @@ class Settings(ServiceSettings):
 
     model: str = option(
         "minilm-int8",
-        "'minilm-int8' (int8, quantised once from the fp32 export: about twice as fast on a CPU, and as good at "
+        "'minilm-int8' (int8, quantised once from the fp32 export: about 2.4 times as fast on a CPU, and as good at "
         "retrieval on the labelled sets: nDCG@10 within 0.001), 'minilm' (fp32, exported once from the packaged "
         "weights) or a folder with model.onnx + tokenizer.json",
     )
@@ -274,8 +275,8 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         spec = self.service.model.spec
         return embedder_pb2.EmbedResponse(
             embeddings=[
-                embedder_pb2.Embedding(values=vector, token_count=count, truncated=cut)
-                for vector, count, cut in zip(result.vectors.tolist(), result.token_counts, result.truncated)
+                _embedding(vector, count, cut)
+                for vector, count, cut in zip(result.vectors, result.token_counts, result.truncated)
             ],
             dimension=spec.dimension,
             model=spec.name,
@@ -283,6 +284,29 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
                 total_tokens=sum(result.token_counts), queue_ms=result.queue_ms, inference_ms=result.inference_ms
             ),
         )
+
+
+def _embedding(vector: np.ndarray, token_count: int, truncated: bool) -> embedder_pb2.Embedding:
+    """One vector's proto, parsed from its wire form: a packed `repeated float` is the vector's
+    little-endian float32 bytes behind a tag and a length. ~0.7 us for 384 floats, against ~8 us
+    for handing protobuf a list of Python floats (most of the response's cost for a single text)."""
+    values = vector.astype("<f4", copy=False).tobytes()
+    embedding = embedder_pb2.Embedding.FromString(_VALUES_TAG + _varint(len(values)) + values)
+    embedding.token_count = token_count
+    embedding.truncated = truncated
+    return embedding
+
+
+_VALUES_TAG = bytes([embedder_pb2.Embedding.VALUES_FIELD_NUMBER << 3 | 2])  # wire type 2: length-delimited
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 def create_service(settings: Settings) -> EmbedderService:

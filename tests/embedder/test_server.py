@@ -46,6 +46,18 @@ async def test_embed_and_info(stub):
     assert info.max_queued_tokens > 0 and info.texts >= 4 and info.padded_tokens >= info.tokens > 0
 
 
+async def test_vectors_come_back_exactly_as_the_model_made_them(stub):
+    from embedder.server import resolve_model
+    from embedder.model import OnnxEmbedder
+
+    texts = ["a bee", "the lighthouse keeper trims the wick at dusk", "word " * 300]
+    reply = await stub.Embed(embedder_pb2.EmbedRequest(texts=texts), timeout=10)
+    local = OnnxEmbedder(resolve_model("minilm")).embed(texts)
+    np.testing.assert_allclose(_vectors(reply), local.vectors, atol=1e-6)
+    assert [e.token_count for e in reply.embeddings] == local.token_counts
+    assert [e.truncated for e in reply.embeddings] == local.truncated == [False, False, True]
+
+
 async def test_concurrent_callers_get_their_own_vectors(stub):
     texts = [f"sentence number {i} about {'bees' if i % 2 else 'lighthouses'}" + " and more" * (i % 7) for i in range(32)]
     alone = [_vectors(await stub.Embed(embedder_pb2.EmbedRequest(texts=[t]), timeout=20))[0] for t in texts]
