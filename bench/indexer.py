@@ -43,8 +43,14 @@ intrinsic dimension (a 24-d Gaussian mapped into 384-d plus noise: random 384-d 
 would need an ef of several hundred for recall 0.95). --before-calls-per-s takes a
 single-query figure measured on earlier code and reports the ratio to it; --before-root
 starts a second shard from a checkout of earlier code and measures it in the same rounds.
+The shards are called through a synchronous stub, the same for both (the cheapest honest
+client: an aio stub adds its own event loop's wake-ups, ~0.1 ms a call here).
 
-    .venv/bin/python bench/indexer.py --latency [--n 20000] [--queries 500] [--rounds 3]
+With --chroma, Chroma 1.5.9 (an embedded HNSW database users pick instead; bench/chroma.py, in its own
+venv made once) joins the same rounds on the same vectors: max_neighbors 16, ef_construction 200, its
+ef_search raised from the shard's ef until its recall@10 reaches 0.95 too.
+
+    .venv/bin/python bench/indexer.py --latency [--n 20000] [--queries 500] [--rounds 3] [--chroma]
 
 The first run embeds ~101k sentences (measured: 1943 s at 52 sentences/s on a shared
 2-core machine; ~300/s when it has the cores to itself); later runs reuse the cache,
@@ -345,10 +351,37 @@ def _percentiles(seconds: list[float]) -> tuple[float, float]:
     return ordered[len(ordered) // 2], ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
 
 
+class ChromaChild:
+    """Chroma (bench/chroma.py in its own venv) on the same vectors, one timed round per request."""
+
+    def __init__(self, corpus: np.ndarray, queries: np.ndarray, truth: np.ndarray, ef: int, folder: Path):
+        from bench import chroma
+
+        for name, array in (("vectors", corpus), ("queries", queries), ("truth", truth)):
+            np.save(folder / f"chroma-{name}.npy", array)
+        self.process = subprocess.Popen(
+            [str(chroma.setup()), str(ROOT / "bench" / "chroma.py"), "--vectors", str(folder / "chroma-vectors.npy"),
+             "--queries", str(folder / "chroma-queries.npy"), "--truth", str(folder / "chroma-truth.npy"),
+             "--ef", str(ef)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.ready = json.loads(self.process.stdout.readline())
+        print(f"chroma: {self.ready}", file=sys.stderr)
+
+    def round(self, batch: int) -> dict:
+        self.process.stdin.write(f"b{batch}\n")
+        self.process.stdin.flush()
+        return json.loads(self.process.stdout.readline())
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(60)
+
+
 async def latency_figures(
-    shards: dict[str, Shard], raw: RawIndex, corpus, queries, truth, efs, rounds, before: float
+    shards: dict[str, Shard], raw: RawIndex, corpus, queries, truth, efs, rounds, before: float,
+    chroma_in: Path | None = None,
 ) -> dict:
-    """Raw hnswlib and the shard(s) through gRPC at batch 1 and 32, same ef, rounds interleaved."""
+    """Raw hnswlib and the shard(s) through gRPC at batch 1 and 32, same ef, rounds interleaved; with
+    `chroma_in` (a scratch folder), Chroma too, at the ef that reaches the same recall target."""
     import grpc
 
     from ragloom.indexer.v1 import indexer_pb2, indexer_pb2_grpc
@@ -375,7 +408,12 @@ async def latency_figures(
                 found += labels.tolist()
             return found, seconds
 
-        async def shard_calls(batch: int, stub=stub) -> tuple[list[list[int]], list[float]]:
+        # Timed calls through a synchronous stub, the same for every shard: the cheapest honest client
+        # (an aio stub adds its own event loop's wake-ups to every call, ~0.1 ms here).
+        blocking = {name: grpc.insecure_channel(shard.address, options=options) for name, shard in shards.items()}
+        sync_stubs = {name: indexer_pb2_grpc.IndexerServiceStub(channel) for name, channel in blocking.items()}
+
+        def shard_calls(batch: int, stub) -> tuple[list[list[int]], list[float]]:
             requests = [
                 indexer_pb2.SearchRequest(queries=[indexer_pb2.Vector(values=q.tolist()) for q in queries[s : s + batch]],
                                           k=10, ef=ef)
@@ -384,22 +422,33 @@ async def latency_figures(
             found, seconds = [], []
             for request in requests:
                 started = time.perf_counter()
-                reply = await stub.Search(request, timeout=60)
+                reply = stub.Search(request, timeout=60)
                 seconds.append(time.perf_counter() - started)
                 found += [[int(h.chunk_id[1:]) for h in result.hits] for result in reply.results]
             return found, seconds
 
         callers = [("raw", raw_calls)] + [
-            (name, lambda batch, stub=stub: shard_calls(batch, stub)) for name, stub in stubs.items()
+            (name, lambda batch, stub=stub: shard_calls(batch, stub)) for name, stub in sync_stubs.items()
         ]
+        chroma = ChromaChild(corpus, queries, truth, ef, chroma_in) if chroma_in is not None else None
         for batch in (1, 32):  # warm-up: the shards' payload caches and every code path
             for _, calls in callers:
                 result = calls(batch)
                 if asyncio.iscoroutine(result):
                     await result
+            if chroma is not None:
+                chroma.round(batch)
         best: dict[str, dict] = {}
         for _ in range(rounds):
             for batch in (1, 32):
+                if chroma is not None:
+                    got = chroma.round(batch)
+                    key = f"chroma_b{batch}"
+                    if key not in best or got["calls_per_s"] > best[key]["calls_per_s"]:
+                        best[key] = {"_total": 0.0, "calls_per_s": got["calls_per_s"],
+                                     "queries_per_s": got["queries_per_s"], "p50_us": round(got["p50_ms"] * 1000, 1),
+                                     "p99_us": round(got["p99_ms"] * 1000, 1), "recall_at_10": chroma.ready["recall"],
+                                     "ef": chroma.ready["ef"]}
                 for name, calls in callers:
                     result = calls(batch)
                     found, seconds = await result if asyncio.iscoroutine(result) else result
@@ -414,12 +463,19 @@ async def latency_figures(
         for figures in best.values():
             del figures["_total"]
         stats = await stub.Stats(indexer_pb2.StatsRequest())
+        for channel in blocking.values():
+            channel.close()
+        if chroma is not None:
+            chroma.close()
     finally:
         for channel in channels.values():
             await channel.close()
     ratio = {f"shard_vs_raw_b{b}": round(best[f"shard_b{b}"]["calls_per_s"] / best[f"raw_b{b}"]["calls_per_s"], 3)
              for b in (1, 32)}
     figures = {"ef": ef, "ingest_s": round(ingest_s, 1), "live_chunks": stats.live_chunks, **best, **ratio}
+    if chroma is not None:
+        figures.update({f"shard_vs_chroma_b{b}": round(best[f"shard_b{b}"]["calls_per_s"] / best[f"chroma_b{b}"]["calls_per_s"],
+                                                       3) for b in (1, 32)})
     if "before" in shards:
         before = best["before_b1"]["calls_per_s"]
         figures["shard_vs_before_b32"] = round(best["shard_b32"]["calls_per_s"] / best["before_b32"]["calls_per_s"], 3)
@@ -451,12 +507,12 @@ def latency_main(args) -> None:
             for shard in shards.values():
                 shard.start()
             figures = asyncio.run(latency_figures(shards, raw, corpus, queries, truth, efs, args.rounds,
-                                                  args.before_calls_per_s))
+                                                  args.before_calls_per_s, Path(data) if args.chroma else None))
         finally:
             for shard in shards.values():
                 if shard.process and shard.process.poll() is None:
                     shard.stop()
-    for key in [f"{name}_b{batch}" for batch in (1, 32) for name in ("raw", *shards)]:
+    for key in [f"{name}_b{batch}" for batch in (1, 32) for name in ("raw", *shards, *(["chroma"] if args.chroma else []))]:
         print(f"{key:10s} {figures[key]}", file=sys.stderr)
     figures.update({
         "vectors": args.n, "queries": args.queries, "dimension": int(corpus.shape[1]), "data": vectors,
@@ -483,6 +539,8 @@ def main() -> None:
     parser.add_argument("--prepare", action="store_true", help="only embed and cache the corpus")
     parser.add_argument("--latency", action="store_true", help="only the per-call comparison at batch 1 and 32")
     parser.add_argument("--synthetic", action="store_true", help="latency mode on synthetic vectors even if cached ones exist")
+    parser.add_argument("--chroma", action="store_true",
+                        help="latency mode: Chroma too (bench/chroma.py; its venv is made once, see there)")
     parser.add_argument("--before-root", type=Path, default=None,
                         help="latency mode: a checkout of earlier code whose shard is measured alongside, interleaved")
     parser.add_argument("--before-calls-per-s", type=float, default=0.0,

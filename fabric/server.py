@@ -21,7 +21,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from fabric.errors import to_status
-from fabric.handlers import rewrap
+from fabric.handlers import HandlerCache, rewrap
 from fabric.metrics import GRPC_HANDLED, GRPC_IN_FLIGHT, GRPC_LATENCY, serve_metrics
 from opentelemetry.trace import Status, StatusCode
 
@@ -78,13 +78,23 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, service: str):
         self.service = service
         self.in_flight = GRPC_IN_FLIGHT.labels(service)
+        # Per call, only what must be: the wrapped handlers and the metric series are made once per method.
+        self._handlers = HandlerCache(lambda handler, method: rewrap(
+            handler, lambda b: self._wrap_unary(b, method), lambda b: self._wrap_stream(b, method)))
+        self._series: dict[str, _Series] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        return rewrap(handler, lambda b: self._wrap_unary(b, method), lambda b: self._wrap_stream(b, method))
+        return self._handlers.get(handler_call_details.method, await continuation(handler_call_details))
+
+    def series(self, method: str) -> "_Series":
+        found = self._series.get(method)
+        if found is None:
+            found = self._series[method] = _Series(self.service, method.rsplit("/", 1)[-1])
+        return found
 
     def _wrap_unary(self, behavior, method: str):
+        series = self.series(method)
+
         async def wrapped(request, context):
             if telemetry.enabled():
                 with telemetry.server_span(self.service, method, context.invocation_metadata()) as span:
@@ -92,7 +102,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             return await observed(request, context, None)
 
         async def observed(request, context, span):
-            call = _Observed(self, method, context, span)
+            call = _Observed(self.in_flight, series, context, span)
             try:
                 return await behavior(request, context)
             except grpc.aio.AbortError:
@@ -110,6 +120,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _wrap_stream(self, behavior, method: str):
+        series = self.series(method)
+
         async def wrapped(request, context):
             if telemetry.enabled():
                 with telemetry.server_span(self.service, method, context.invocation_metadata()) as span:
@@ -120,7 +132,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                     yield response
 
         async def observed(request, context, span):
-            call = _Observed(self, method, context, span)
+            call = _Observed(self.in_flight, series, context, span)
             try:
                 result = behavior(request, context)
                 if inspect.isawaitable(result):  # a handler that streams with context.write (grpc's Health/Watch)
@@ -151,21 +163,37 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         return status
 
 
+class _Series:
+    """One method's metric series (prometheus_client's `labels()` looks them up under a lock each time)."""
+
+    def __init__(self, service: str, method: str):
+        self.latency = GRPC_LATENCY.labels(service, method)
+        self._handled: dict[grpc.StatusCode, object] = {}
+        self._service, self._method = service, method
+
+    def handled(self, code: grpc.StatusCode):
+        counter = self._handled.get(code)
+        if counter is None:
+            counter = self._handled[code] = GRPC_HANDLED.labels(self._service, self._method, code.name)
+        return counter
+
+
 class _Observed:
     """One call's metrics: in flight from creation, counted and timed at done()."""
 
-    def __init__(self, interceptor: CallInterceptor, method: str, context, span=None):
-        self.interceptor, self.method, self.context, self.span = interceptor, method.rsplit("/", 1)[-1], context, span
+    __slots__ = ("in_flight", "series", "context", "span", "code", "start")
+
+    def __init__(self, in_flight, series: _Series, context, span=None):
+        self.in_flight, self.series, self.context, self.span = in_flight, series, context, span
         self.code: grpc.StatusCode | None = None
         self.start = time.perf_counter()
-        interceptor.in_flight.inc()
+        in_flight.inc()
 
     def done(self) -> None:
-        service = self.interceptor.service
-        self.interceptor.in_flight.dec()
+        self.in_flight.dec()
         code = self.code or _context_code(self.context) or grpc.StatusCode.OK
-        GRPC_HANDLED.labels(service, self.method, code.name).inc()
-        GRPC_LATENCY.labels(service, self.method).observe(time.perf_counter() - self.start)
+        self.series.handled(code).inc()
+        self.series.latency.observe(time.perf_counter() - self.start)
         if self.span is not None and self.span.is_recording():
             self.span.set_attribute("rpc.grpc.status_code", code.value[0])
             if code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):

@@ -11,6 +11,7 @@ AuthorizationPolicy would.
 from __future__ import annotations
 
 import datetime
+import functools
 import ipaddress
 import os
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from fabric.errors import PermissionDenied
-from fabric.handlers import rewrap
+from fabric.handlers import HandlerCache, rewrap
 
 
 def spiffe_id(service_account: str, namespace: str = "ragloom", trust_domain: str = "cluster.local") -> str:
@@ -131,15 +132,19 @@ def _write_private(path: Path, data: bytes) -> None:
 def peer_spiffe_ids(context: grpc.aio.ServicerContext) -> list[str]:
     """SPIFFE ids in the verified client certificate of this call (empty without TLS)."""
     auth = context.auth_context()
-    ids = []
-    for pem in auth.get("x509_pem_cert", []):
-        cert = x509.load_pem_x509_certificate(pem)
-        try:
-            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        except x509.ExtensionNotFound:
-            continue
-        ids.extend(u for u in san.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith("spiffe://"))
-    return ids
+    return [i for pem in auth.get("x509_pem_cert", []) for i in _spiffe_ids(pem)]
+
+
+@functools.lru_cache(maxsize=256)
+def _spiffe_ids(pem: bytes) -> tuple[str, ...]:
+    """The SPIFFE ids a certificate names. Kept by certificate: a caller's connection presents the same
+    one on every call, and parsing it took longer than the call it guarded."""
+    cert = x509.load_pem_x509_certificate(pem)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return ()
+    return tuple(u for u in san.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith("spiffe://"))
 
 
 class IdentityInterceptor(grpc.aio.ServerInterceptor):
@@ -149,18 +154,21 @@ class IdentityInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, allowed: list[str]):
         self.allowed = set(allowed)
+        self._handlers = HandlerCache(self._checked)
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None or not self.allowed or handler_call_details.method.startswith(self.OPEN):
             return handler
+        return self._handlers.get(handler_call_details.method, handler)
+
+    def _checked(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         allowed = self.allowed
 
         def check(context) -> None:
             ids = peer_spiffe_ids(context)
             if not allowed.intersection(ids):
-                raise PermissionDenied(f"caller {ids[0] if ids else 'without identity'} may not call "
-                                       f"{handler_call_details.method}")
+                raise PermissionDenied(f"caller {ids[0] if ids else 'without identity'} may not call {method}")
 
         def unary(behavior):
             async def checked(request, context):

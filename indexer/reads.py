@@ -44,20 +44,24 @@ def nearest(
     exact_search_max: int,
 ) -> list[Neighbours]:
     """The labels of the `k` nearest of `allowed` for each (checked) query, nearest first."""
-    k = min(k, len(allowed))
-    nothing = (np.empty(0, np.uint64), np.empty(0, np.float32))
-    if k == 0 or len(queries) == 0:
-        return [nothing for _ in range(len(queries))]
-
-    everything = len(allowed) == index.live
-    if not everything and len(allowed) <= exact_search_max:
-        return exact(db, queries, k, allowed)
-    neighbours = index.knn(queries, k, ef, None if everything else allowed.__contains__)
+    if len(allowed) != index.live and len(allowed) <= exact_search_max and min(k, len(allowed), len(queries)):
+        return exact(db, queries, min(k, len(allowed)), allowed)
+    neighbours = indexed(index, allowed, queries, k, ef)
     short = [i for i, found in enumerate(neighbours) if found is None]
     if short:
-        for i, found in zip(short, exact(db, queries[short], k, allowed)):
+        for i, found in zip(short, exact(db, queries[short], min(k, len(allowed)), allowed)):
             neighbours[i] = found
     return neighbours
+
+
+def indexed(index: VectorIndex, allowed: Set[int], queries: np.ndarray, k: int, ef: int) -> list[Neighbours]:
+    """`nearest` by hnswlib alone: None for a query it could not fill (`exact` answers those)."""
+    k = min(k, len(allowed))
+    if k == 0 or len(queries) == 0:
+        nothing = (np.empty(0, np.uint64), np.empty(0, np.float32))
+        return [nothing for _ in range(len(queries))]
+    everything = len(allowed) == index.live
+    return index.knn(queries, k, ef, None if everything else allowed.__contains__)
 
 
 def exact(db: sqlite3.Connection, queries: np.ndarray, k: int, labels: Set[int]) -> list[Neighbours]:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from pathlib import Path
 
 import numpy as np
@@ -204,6 +204,26 @@ class ShardStore:
         where = where or SearchFilter()
         return self.hits(self.nearest(queries, k, ef, where), where.tenant)
 
+    def quick_search(
+        self, queries: np.ndarray, k: int, ef: int, where: SearchFilter | None = None
+    ) -> list[list[HitRecord]] | None:
+        """`search` from the index and the payloads alone, or None where it needs more: a filter that
+        narrows the index (a Python callable inside hnswlib, or an exact search through the store's
+        connection), or a query hnswlib could not fill. Same results as `search` otherwise.
+
+        May run on any thread, provided no other call of this store runs meanwhile (the caller's
+        lock): it touches no SQLite connection but the calling thread's reader (payloads missing
+        from the cache)."""
+        where = where or SearchFilter()
+        queries = reads.check_queries(queries, k, self.dimension)
+        allowed = self._filters.allowed(where)
+        if len(allowed) != self._index.live:
+            return None
+        neighbours = reads.indexed(self._index, allowed, queries, k, ef)
+        if any(found is None for found in neighbours):
+            return None
+        return self.hits(neighbours, where.tenant)
+
     def nearest(self, queries: np.ndarray, k: int, ef: int, where: SearchFilter) -> list[Neighbours]:
         """The first half of `search`: the labels of the nearest allowed chunks, on the store's thread."""
         queries = reads.check_queries(queries, k, self.dimension)
@@ -232,6 +252,19 @@ class ShardStore:
             raise InvalidArgument("k", "must be positive")
         allowed = self._filters.allowed(where)
         return reads.lexical_hits(self._db, self._readers, allowed, queries, k, where.tenant, self.payloads)
+
+    def allowed(self, where: SearchFilter) -> Set[int]:
+        """The labels `where` lets through, for `lexical_search_of` (a set the store keeps: read it, never change it)."""
+        return self._filters.allowed(where)
+
+    def lexical_search_of(
+        self, allowed: Set[int], queries: Sequence[str], k: int, tenant: str
+    ) -> list[list[HitRecord]]:
+        """`lexical_search` among labels `allowed` returned, through the calling thread's own connection:
+        any thread may run it, beside the store's (a label removed meanwhile is left out, as in `hits`)."""
+        if k <= 0:
+            raise InvalidArgument("k", "must be positive")
+        return reads.lexical_hits(self._readers.connection(), self._readers, allowed, queries, k, tenant, self.payloads)
 
     def chunk_counts(self, document_ids: Sequence[str], tenant: str = "") -> dict[str, int]:
         """Chunks held for each of `document_ids` in `tenant` (0 for documents not here)."""

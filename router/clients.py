@@ -111,7 +111,8 @@ class ShardClient:
         """The shard's `k` nearest chunks to one query vector, best first, once it has applied its log
         through `min_sequence`."""
         request = indexer_pb2.SearchRequest(
-            queries=[indexer_pb2.Vector(values=vector)], k=k, ef=ef, shard_id=self.shard_id,
+            # A list converts ~5x faster than a numpy array (protobuf iterates the array's scalars).
+            queries=[indexer_pb2.Vector(values=np.asarray(vector, dtype=np.float32).tolist())], k=k, ef=ef, shard_id=self.shard_id,
             tenant=scope.tenant, tags=scope.tags, min_sequence=min_sequence,
         )
         with _naming(self.name, "Search", self.target):

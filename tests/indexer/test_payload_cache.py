@@ -121,10 +121,10 @@ def test_the_cache_is_bounded():
     assert len(disabled) == 0
 
 
-@pytest.mark.parametrize("one_hop_queries", [0, 64])
-async def test_through_grpc_replace_then_delete(tmp_path, one_hop_queries):
+@pytest.mark.parametrize("one_hop_queries,inline_search", [(0, 0), (64, 0), (64, 256)])
+async def test_through_grpc_replace_then_delete(tmp_path, one_hop_queries, inline_search):
     vectors = unit_vectors_8(3)
-    settings = settings_for(tmp_path, one_hop_queries=one_hop_queries)
+    settings = settings_for(tmp_path, one_hop_queries=one_hop_queries, inline_search=inline_search)
     async with running(settings) as channel:
         stub = indexer_pb2_grpc.IndexerServiceStub(channel)
 
