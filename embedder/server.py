@@ -37,7 +37,7 @@ class Settings(ServiceSettings):
     model: str = option(
         "minilm-int8",
         "'minilm-int8' (int8, quantised once from the fp32 export: about 2.4 times as fast on a CPU, and as good at "
-        "retrieval on the labelled sets: nDCG@10 within 0.001), 'minilm' (fp32, exported once from the packaged "
+        "retrieval on the labelled sets: nDCG@10 within 0.003), 'minilm' (fp32, exported once from the packaged "
         "weights) or a folder with model.onnx + tokenizer.json",
     )
     provider: str = option("auto", "ONNX Runtime execution provider: auto, Tensorrt, CUDA or CPU")
