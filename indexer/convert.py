@@ -80,11 +80,18 @@ def search_filter(request: indexer_pb2.SearchRequest) -> SearchFilter:
     )
 
 
-def search_response(results: list[list[HitRecord]], shard_id: int) -> indexer_pb2.SearchResponse:
-    # Built in place, empty maps and lists left alone: ~2.5x faster than Hit(...) messages copied in.
+def search_response(results: list[list[HitRecord]], shard_id: int,
+                    lexical: list[list[HitRecord]] = ()) -> indexer_pb2.SearchResponse:
     response = indexer_pb2.SearchResponse(shard_id=shard_id)
+    _add_results(response.results, results)
+    _add_results(response.lexical_results, lexical)
+    return response
+
+
+def _add_results(field, results: list[list[HitRecord]]) -> None:
+    # Built in place, empty maps and lists left alone: ~2.5x faster than Hit(...) messages copied in.
     for hits in results:
-        added = response.results.add().hits
+        added = field.add().hits
         for hit in hits:
             message = added.add(chunk_id=hit.chunk_id, document_id=hit.document_id, score=hit.score,
                                 text=hit.text, source=hit.source, tenant=hit.tenant)
@@ -92,7 +99,6 @@ def search_response(results: list[list[HitRecord]], shard_id: int) -> indexer_pb
                 message.metadata.update(hit.metadata)
             if hit.tags:
                 message.tags.extend(hit.tags)
-    return response
 
 
 def log_record(subject: str, sequence: int, data: bytes) -> LogRecord:

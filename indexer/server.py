@@ -306,38 +306,55 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):
             await self._service.caught_up(request.min_sequence, context.time_remaining())
         ef = request.ef or self._settings.default_ef
         where = convert.search_filter(request)
-        if len(queries) * max(ef, request.k) <= self._settings.inline_search and not where.narrows_tenant:
-            results = self._service.inline(ShardStore.quick_search, queries, request.k, ef, where)
+        if not request.texts:
+            return convert.search_response(await self._dense(queries, request.k, ef, where), self._settings.shard_id)
+        # Hybrid in one call: BM25 on a reader thread while the dense search runs.
+        self._check_texts("texts", request.texts)
+        lexical = asyncio.ensure_future(self._lexical(list(request.texts), request.k, where))
+        try:
+            await asyncio.sleep(0)  # lets BM25 reach its reader thread before a dense search on this loop
+            dense = await self._dense(queries, request.k, ef, where)
+        except BaseException:
+            lexical.cancel()
+            raise
+        return convert.search_response(dense, self._settings.shard_id, await lexical)
+
+    async def _dense(self, queries, k: int, ef: int, where) -> list:
+        if len(queries) * max(ef, k) <= self._settings.inline_search and not where.narrows_tenant:
+            results = self._service.inline(ShardStore.quick_search, queries, k, ef, where)
             if results is not None:
-                return convert.search_response(results, self._settings.shard_id)
+                return results
         if len(queries) <= self._settings.one_hop_queries:
             # Few queries: their payloads (mostly cached) cost less than a second thread hop.
-            results = await self._service.run(ShardStore.search, queries, request.k, ef, where)
-        else:
-            neighbours = await self._service.run(ShardStore.nearest, queries, request.k, ef, where)
-            # Payloads are read off the store's thread, which meanwhile takes the next search.
-            results = await self._service.read(ShardStore.hits, neighbours, where.tenant)
-        return convert.search_response(results, self._settings.shard_id)
+            return await self._service.run(ShardStore.search, queries, k, ef, where)
+        neighbours = await self._service.run(ShardStore.nearest, queries, k, ef, where)
+        # Payloads are read off the store's thread, which meanwhile takes the next search.
+        return await self._service.read(ShardStore.hits, neighbours, where.tenant)
+
+    async def _lexical(self, texts: list[str], k: int, where) -> list:
+        # The allowed labels taken while the store's thread is idle, BM25 on a reader thread: a dense
+        # search (hybrid retrieval sends both at once) need not wait behind it on the store's thread.
+        allowed = self._service.inline(ShardStore.allowed, where)
+        if allowed is not None:
+            return await self._service.read(ShardStore.lexical_search_of, allowed, texts, k, where.tenant)
+        return await self._service.run(ShardStore.lexical_search, texts, k, where)
 
     async def LexicalSearch(self, request: indexer_pb2.LexicalSearchRequest, context) -> indexer_pb2.SearchResponse:
         self._check_shard(request)
         self._check_batch("queries", request.queries)
         if not 0 < request.k <= self._settings.max_k:
             raise InvalidArgument("k", f"must be between 1 and {self._settings.max_k}, got {request.k}")
-        for i, query in enumerate(request.queries):
-            if not query.strip():
-                raise InvalidArgument(f"queries[{i}]", "must not be empty")
+        self._check_texts("queries", request.queries)
         where = convert.search_filter(request)
         await self._service.caught_up(_min_sequence(request), context.time_remaining())
-        # The allowed labels taken while the store's thread is idle, BM25 on a reader thread: a dense
-        # search (hybrid retrieval sends both at once) need not wait behind it on the store's thread.
-        allowed = self._service.inline(ShardStore.allowed, where)
-        if allowed is not None:
-            results = await self._service.read(ShardStore.lexical_search_of, allowed, list(request.queries),
-                                               request.k, where.tenant)
-        else:
-            results = await self._service.run(ShardStore.lexical_search, list(request.queries), request.k, where)
-        return convert.search_response(results, self._settings.shard_id)
+        return convert.search_response(await self._lexical(list(request.queries), request.k, where),
+                                       self._settings.shard_id)
+
+    def _check_texts(self, field: str, texts: Sequence[str]) -> None:
+        self._check_batch(field, texts)
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise InvalidArgument(f"{field}[{i}]", "must not be empty")
 
     async def Stats(self, request: indexer_pb2.StatsRequest, context) -> indexer_pb2.StatsResponse:
         stats = await self._service.run(ShardStore.stats)

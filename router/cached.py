@@ -31,13 +31,18 @@ class CachedQueryVectors:
     def __init__(self, embedder: EmbedderClient, cache: Cache):
         self.embedder, self.cache = embedder, cache
 
-    async def query(self, text: str, deadline: Deadline, tenant: str = "") -> np.ndarray:
+    async def cached(self, text: str, tenant: str = "") -> np.ndarray | None:
         # Per tenant: a hit is faster than a miss, so a shared entry would tell one tenant what another asked.
+        found = await self.cache.get(cache_key("embedding", query=text, tenant=tenant))
+        trace.get_current_span().set_attribute("ragloom.cache_hit", found is not None)
+        if found is not None and len(found) % 4 == 0:
+            return np.frombuffer(found, dtype=np.float32)[None, :]
+        return None
+
+    async def query(self, text: str, deadline: Deadline, tenant: str = "") -> np.ndarray:
         key = cache_key("embedding", query=text, tenant=tenant)
-        cached = await self.cache.get(key)
-        trace.get_current_span().set_attribute("ragloom.cache_hit", cached is not None)
-        if cached is not None and len(cached) % 4 == 0:
-            return np.frombuffer(cached, dtype=np.float32)[None, :]
+        if (vector := await self.cached(text, tenant)) is not None:
+            return vector
         DOWNSTREAM_CALLS.labels("embedder").inc()
         vector = await self.embedder.embed([text], deadline)
         await self.cache.set(key, vector[0].astype(np.float32).tobytes())

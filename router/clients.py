@@ -120,6 +120,21 @@ class ShardClient:
                                             metadata=outgoing_metadata())
         return self._hits(reply)
 
+    async def hybrid_search(self, vector: np.ndarray, query: str, k: int, ef: int, scope: Scope, deadline: Deadline,
+                            min_sequence: int | None = None) -> tuple[list[Hit], list[Hit]]:
+        """`search` and `lexical_search` in one call: (dense hits, BM25 hits). A shard from before
+        SearchRequest.texts answers the dense half only; its BM25 half is then asked for separately."""
+        request = indexer_pb2.SearchRequest(
+            queries=[indexer_pb2.Vector(values=np.asarray(vector, dtype=np.float32).tolist())], k=k, ef=ef,
+            shard_id=self.shard_id, tenant=scope.tenant, tags=scope.tags, min_sequence=min_sequence, texts=[query],
+        )
+        with _naming(self.name, "Search", self.target):
+            reply = await self._stub.Search(request, timeout=deadline.timeout(self.timeout_s),
+                                            metadata=outgoing_metadata())
+        if len(reply.lexical_results) != 1:
+            return self._hits(reply), await self.lexical_search(query, k, scope, deadline, min_sequence)
+        return self._hits(reply), self._hits(reply, lexical=True)
+
     async def lexical_search(self, query: str, k: int, scope: Scope, deadline: Deadline,
                              min_sequence: int | None = None) -> list[Hit]:
         """The shard's `k` best chunks for `query` by BM25, best first (as `search`: after `min_sequence`)."""
@@ -132,8 +147,9 @@ class ShardClient:
                                                    metadata=outgoing_metadata())
         return self._hits(reply)
 
-    def _hits(self, reply: indexer_pb2.SearchResponse) -> list[Hit]:
-        return [Hit(h.score, h.document_id, h.chunk_id, h.source, h.text, self.shard_id) for h in reply.results[0].hits]
+    def _hits(self, reply: indexer_pb2.SearchResponse, lexical: bool = False) -> list[Hit]:
+        result = (reply.lexical_results if lexical else reply.results)[0]
+        return [Hit(h.score, h.document_id, h.chunk_id, h.source, h.text, self.shard_id) for h in result.hits]
 
     async def close(self) -> None:
         await self._channel.close()

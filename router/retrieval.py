@@ -47,10 +47,16 @@ class QueryVectors(Protocol):
     async def query(self, text: str, deadline: Deadline, tenant: str = "") -> np.ndarray:
         """The (1, dim) embedding of one query, asked for `tenant` (a cache keeps tenants apart)."""
 
+    async def cached(self, text: str, tenant: str = "") -> np.ndarray | None:
+        """That embedding if it is at hand without the embedder, else None."""
+
 
 class Uncached:
     def __init__(self, embedder: EmbedderClient):
         self.embedder = embedder
+
+    async def cached(self, text: str, tenant: str = "") -> np.ndarray | None:
+        return None
 
     async def query(self, text: str, deadline: Deadline, tenant: str = "") -> np.ndarray:
         DOWNSTREAM_CALLS.labels("embedder").inc()
@@ -100,6 +106,15 @@ class Retriever:
         clock, embed_ms = Clock(), 0.0
         # Hybrid fuses two longer lists: a chunk ranked just below k by one method can win on the other.
         depth = k if mode != "hybrid" else min(max(2 * k, 20), self.config.max_top_k)
+        ef = max(self.config.ef, depth)
+        if mode == "hybrid" and (vector := await self.vectors.cached(query, scope.tenant)) is not None:
+            # The embedding at hand: both halves in one call per shard.
+            embed_ms = clock.lap()
+            (dense, lexical_hits), coverage = await self._fan_out(
+                "hybrid", lambda f: lambda c: c.hybrid_search(vector[0], query, depth, ef, scope, deadline,
+                                                               f.get(c.shard_id)),
+                floors, require_complete, deadline, parts=2)
+            return self._retrieved(fuse_reciprocal_rank([dense, lexical_hits]), coverage, mode, [], k, embed_ms, clock)
         lexical = (asyncio.ensure_future(self._fan_out(
             "lexical", lambda f: lambda c: c.lexical_search(query, depth, scope, deadline, f.get(c.shard_id)),
             floors, require_complete, deadline))
@@ -121,7 +136,6 @@ class Retriever:
                     mode = "lexical"
                 embed_ms = clock.lap()
                 if mode != "lexical":
-                    ef = max(self.config.ef, depth)
                     dense = await self._fan_out(
                         "dense", lambda f: lambda c: c.search(vector[0], depth, ef, scope, deadline, f.get(c.shard_id)),
                         floors, require_complete, deadline)
@@ -134,6 +148,11 @@ class Retriever:
             hits, coverage = fuse_reciprocal_rank([dense[0], lexical_result[0]]), dense[1].merge(lexical_result[1])
         else:
             hits, coverage = dense if mode == "dense" else lexical_result
+        return self._retrieved(hits, coverage, mode, degraded, k, embed_ms, clock)
+
+    @staticmethod
+    def _retrieved(hits: list[Hit], coverage: Coverage, mode: str, degraded: list[str], k: int, embed_ms: float,
+                   clock: Clock) -> Retrieved:
         coverage.retrieval, coverage.degraded = mode, [*coverage.degraded, *degraded]
         index_ms = clock.lap()
         STAGE_SECONDS.labels("embedding").observe(embed_ms / 1000)
@@ -141,8 +160,9 @@ class Retriever:
         return Retrieved(hits[:k], coverage, embed_ms, index_ms)
 
     async def _fan_out(self, kind: str, call, floors: Floors, require_complete: bool,
-                       deadline: Deadline) -> tuple[list[Hit], Coverage]:
-        """`call(floors)` on every shard (one replica each, failing over), merged best first, with who answered."""
+                       deadline: Deadline, parts: int = 1):
+        """`call(floors)` on every shard (one replica each, failing over), merged best first, with who answered.
+        With `parts` > 1 each shard answers that many lists (hybrid: dense and BM25), each merged on its own."""
         DOWNSTREAM_CALLS.labels("indexer").inc()
         wanted = floors.merged()
 
@@ -159,7 +179,7 @@ class Retriever:
                 return await group.read(call(floors.strict), deadline)
 
         replies = await asyncio.gather(*(one(g) for g in self.shards), return_exceptions=True)
-        coverage, hits = Coverage(), []
+        coverage, merged = Coverage(), [[] for _ in range(parts)]
         for group, reply in zip(self.shards, replies):
             if isinstance(reply, BaseException):
                 if not leaves_out(reply):
@@ -168,12 +188,14 @@ class Retriever:
                 PARTIAL_RESULTS.labels(str(group.shard_id)).inc()
                 continue
             coverage.answered.append(group.shard_id)
-            hits.extend(reply)
+            for hits, part in zip(merged, reply if parts > 1 else (reply,)):
+                hits.extend(part)
         if coverage.failed and (require_complete or not coverage.answered):
             raise Unavailable(f"shards {coverage.failed} did not answer in time; "
                               f"{len(coverage.answered)} of {len(self.shards)} did")
-        hits.sort(key=lambda h: h.score, reverse=True)
-        return hits, coverage
+        for hits in merged:
+            hits.sort(key=lambda h: h.score, reverse=True)
+        return (tuple(merged) if parts > 1 else merged[0]), coverage
 
     async def rerank(self, query: str, hits: list[Hit], deadline: Deadline) -> tuple[list[Hit], float]:
         """Candidates best first by how well they answer `query` (the embedder's Rerank), each with its best

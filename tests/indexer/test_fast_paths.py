@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import grpc
 import numpy as np
 import pytest
 
@@ -102,3 +103,24 @@ async def test_search_and_lexical_through_grpc_agree_with_and_without_the_fast_p
         assert "c3" not in [h.chunk_id for h in dense.results[0].hits]
         lexical = await stub.LexicalSearch(indexer_pb2.LexicalSearchRequest(queries=["words 7"], k=2, tags=["t"]))
         assert "c7" not in [h.chunk_id for h in lexical.results[0].hits]
+
+
+@pytest.mark.parametrize("inline_search", [0, 256])
+async def test_search_with_texts_answers_both_halves_of_hybrid_in_one_call(tmp_path, inline_search):
+    vs = vectors(40)
+    async with running(settings_for(tmp_path, inline_search=inline_search)) as channel:
+        stub = indexer_pb2_grpc.IndexerServiceStub(channel)
+        await stub.Upsert(indexer_pb2.UpsertRequest(chunks=[
+            indexer_pb2.Chunk(chunk_id=r.chunk_id, document_id=r.document_id, text=r.text, source=r.source,
+                              vector=r.vector.tolist(), tags=r.tags) for r in records(vs, tag="t")
+        ]))
+        query = indexer_pb2.Vector(values=vs[3].tolist())
+        both = await stub.Search(indexer_pb2.SearchRequest(queries=[query], k=3, tags=["t"], texts=["words 7"]))
+        dense = await stub.Search(indexer_pb2.SearchRequest(queries=[query], k=3, tags=["t"]))
+        lexical = await stub.LexicalSearch(indexer_pb2.LexicalSearchRequest(queries=["words 7"], k=3, tags=["t"]))
+        assert list(both.results) == list(dense.results)
+        assert list(both.lexical_results) == list(lexical.results) and both.lexical_results[0].hits[0].chunk_id == "c7"
+        assert not dense.lexical_results  # none asked, none sent
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Search(indexer_pb2.SearchRequest(queries=[query], k=3, texts=["  "]))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "texts[0]" in refused.value.details()

@@ -157,3 +157,33 @@ async def test_failover_judges_a_named_failure_as_it_judged_the_raw_call():
         finally:
             for replica in replicas.values():
                 await replica.client.close()
+
+
+async def test_hybrid_search_asks_a_shard_from_before_texts_for_its_bm25_half_separately():
+    """A shard that predates SearchRequest.texts ignores them and answers the dense half alone."""
+
+    def reply(chunk_id: str) -> indexer_pb2.SearchResponse:
+        response = indexer_pb2.SearchResponse(shard_id=0)
+        response.results.add().hits.add(chunk_id=chunk_id, document_id="d", score=1.0)
+        return response
+
+    class OldShard:
+        def __init__(self):
+            self.calls = []
+
+        async def Search(self, request, **_):
+            self.calls.append(("Search", list(request.texts)))
+            return reply("dense-hit")
+
+        async def LexicalSearch(self, request, **_):
+            self.calls.append(("LexicalSearch", list(request.queries)))
+            return reply("bm25-hit")
+
+    client = ShardClient(0, "127.0.0.1:1", 5)
+    client._stub = old = OldShard()
+    try:
+        dense, lexical = await client.hybrid_search(np.ones(4, dtype=np.float32), "bees", 3, 64, Scope(), Deadline(5))
+    finally:
+        await client.close()
+    assert [h.chunk_id for h in dense] == ["dense-hit"] and [h.chunk_id for h in lexical] == ["bm25-hit"]
+    assert old.calls == [("Search", ["bees"]), ("LexicalSearch", ["bees"])]

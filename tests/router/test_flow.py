@@ -280,3 +280,14 @@ async def test_this_routers_own_last_write_is_relaxed_when_no_replica_has_it_but
     _, coverage, _ = await flow.rag.search(SearchQuery("wild yeast sourdough", mode="lexical",
                                                        min_sequences={0: 9}), Deadline(10))
     assert not coverage.partial
+
+
+async def test_hybrid_with_the_query_embedding_cached_is_one_call_per_shard_with_the_same_hits():
+    flow = Flow()
+    await flow.ingest(("bees", BEES), ("bread", BREAD), ("lamps", LAMPS))
+    query = SearchQuery("wild yeast sourdough starter", top_k=3, mode="hybrid")
+    first, _, _ = await flow.rag.search(query, Deadline(10))  # embeds the query: two calls per shard
+    assert not any(getattr(s, "hybrid_calls", 0) for s in flow.shards)
+    again, coverage, _ = await flow.rag.search(query, Deadline(10))
+    assert [s.hybrid_calls for s in flow.shards] == [1, 1] and coverage.answered == [0, 1]
+    assert [(h.chunk_id, round(h.score, 6)) for h in again] == [(h.chunk_id, round(h.score, 6)) for h in first]

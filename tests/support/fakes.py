@@ -104,6 +104,11 @@ class FakeShard:
         self._check(min_sequence)
         return self._ranked(lambda text: words_vector(text) @ vector, k)
 
+    async def hybrid_search(self, vector, query, k, ef, scope, deadline, min_sequence=None) -> tuple[list[Hit], list[Hit]]:
+        self.hybrid_calls = getattr(self, "hybrid_calls", 0) + 1
+        return (await self.search(vector, k, ef, scope, deadline, min_sequence),
+                await self.lexical_search(query, k, scope, deadline, min_sequence))
+
     async def lexical_search(self, query, k, scope, deadline, min_sequence=None) -> list[Hit]:
         self._check(min_sequence)
         words = set(query.lower().split())

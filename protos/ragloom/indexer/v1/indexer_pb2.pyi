@@ -91,7 +91,7 @@ class DeleteResponse(_message.Message):
     def __init__(self, removed: _Optional[int] = ..., sequence: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("queries", "k", "ef", "shard_id", "tenant", "tags", "source", "source_prefix", "min_sequence")
+    __slots__ = ("queries", "k", "ef", "shard_id", "tenant", "tags", "source", "source_prefix", "min_sequence", "texts")
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     EF_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,7 @@ class SearchRequest(_message.Message):
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_PREFIX_FIELD_NUMBER: _ClassVar[int]
     MIN_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
     queries: _containers.RepeatedCompositeFieldContainer[Vector]
     k: int
     ef: int
@@ -110,7 +111,8 @@ class SearchRequest(_message.Message):
     source: str
     source_prefix: str
     min_sequence: int
-    def __init__(self, queries: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., k: _Optional[int] = ..., ef: _Optional[int] = ..., shard_id: _Optional[int] = ..., tenant: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., source_prefix: _Optional[str] = ..., min_sequence: _Optional[int] = ...) -> None: ...
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, queries: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., k: _Optional[int] = ..., ef: _Optional[int] = ..., shard_id: _Optional[int] = ..., tenant: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., source_prefix: _Optional[str] = ..., min_sequence: _Optional[int] = ..., texts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LexicalSearchRequest(_message.Message):
     __slots__ = ("queries", "k", "shard_id", "tenant", "tags", "source", "source_prefix", "min_sequence")
@@ -172,12 +174,14 @@ class QueryResult(_message.Message):
     def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("results", "shard_id")
+    __slots__ = ("results", "shard_id", "lexical_results")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    LEXICAL_RESULTS_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[QueryResult]
     shard_id: int
-    def __init__(self, results: _Optional[_Iterable[_Union[QueryResult, _Mapping]]] = ..., shard_id: _Optional[int] = ...) -> None: ...
+    lexical_results: _containers.RepeatedCompositeFieldContainer[QueryResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[QueryResult, _Mapping]]] = ..., shard_id: _Optional[int] = ..., lexical_results: _Optional[_Iterable[_Union[QueryResult, _Mapping]]] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
