@@ -39,9 +39,9 @@ class CachedQueryVectors:
             return np.frombuffer(found, dtype=np.float32)[None, :]
         return None
 
-    async def query(self, text: str, deadline: Deadline, tenant: str = "") -> np.ndarray:
+    async def query(self, text: str, deadline: Deadline, tenant: str = "", looked_up: bool = False) -> np.ndarray:
         key = cache_key("embedding", query=text, tenant=tenant)
-        if (vector := await self.cached(text, tenant)) is not None:
+        if not looked_up and (vector := await self.cached(text, tenant)) is not None:
             return vector
         DOWNSTREAM_CALLS.labels("embedder").inc()
         vector = await self.embedder.embed([text], deadline)

@@ -44,8 +44,9 @@ def fuse_reciprocal_rank(rankings: list[list[Hit]]) -> list[Hit]:
 class QueryVectors(Protocol):
     """Where a query's embedding comes from (the embedder, or a cache in front of it)."""
 
-    async def query(self, text: str, deadline: Deadline, tenant: str = "") -> np.ndarray:
-        """The (1, dim) embedding of one query, asked for `tenant` (a cache keeps tenants apart)."""
+    async def query(self, text: str, deadline: Deadline, tenant: str = "", looked_up: bool = False) -> np.ndarray:
+        """The (1, dim) embedding of one query, asked for `tenant` (a cache keeps tenants apart); `looked_up`:
+        `cached` has just said it is not at hand (a cache need not look again)."""
 
     async def cached(self, text: str, tenant: str = "") -> np.ndarray | None:
         """That embedding if it is at hand without the embedder, else None."""
@@ -58,7 +59,7 @@ class Uncached:
     async def cached(self, text: str, tenant: str = "") -> np.ndarray | None:
         return None
 
-    async def query(self, text: str, deadline: Deadline, tenant: str = "") -> np.ndarray:
+    async def query(self, text: str, deadline: Deadline, tenant: str = "", looked_up: bool = False) -> np.ndarray:
         DOWNSTREAM_CALLS.labels("embedder").inc()
         return await self.embedder.embed([text], deadline)
 
@@ -107,7 +108,8 @@ class Retriever:
         # Hybrid fuses two longer lists: a chunk ranked just below k by one method can win on the other.
         depth = k if mode != "hybrid" else min(max(2 * k, 20), self.config.max_top_k)
         ef = max(self.config.ef, depth)
-        if mode == "hybrid" and (vector := await self.vectors.cached(query, scope.tenant)) is not None:
+        looked_up = mode == "hybrid"
+        if looked_up and (vector := await self.vectors.cached(query, scope.tenant)) is not None:
             # The embedding at hand: both halves in one call per shard.
             embed_ms = clock.lap()
             (dense, lexical_hits), coverage = await self._fan_out(
@@ -125,7 +127,7 @@ class Retriever:
             if mode != "lexical":
                 try:
                     with span(_tracer, "embed query"):
-                        vector = await self.vectors.query(query, deadline, scope.tenant)
+                        vector = await self.vectors.query(query, deadline, scope.tenant, looked_up=looked_up)
                 except Exception as exc:
                     if mode != "hybrid" or not is_dependency_failure(exc):
                         raise

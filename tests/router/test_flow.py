@@ -286,8 +286,11 @@ async def test_hybrid_with_the_query_embedding_cached_is_one_call_per_shard_with
     flow = Flow()
     await flow.ingest(("bees", BEES), ("bread", BREAD), ("lamps", LAMPS))
     query = SearchQuery("wild yeast sourdough starter", top_k=3, mode="hybrid")
+    lookups, get = [], flow.cache.get
+    flow.cache.get = lambda key: lookups.append(key) or get(key)
     first, _, _ = await flow.rag.search(query, Deadline(10))  # embeds the query: two calls per shard
     assert not any(getattr(s, "hybrid_calls", 0) for s in flow.shards)
+    assert len(lookups) == 1  # the miss is looked up once, not again before embedding
     again, coverage, _ = await flow.rag.search(query, Deadline(10))
     assert [s.hybrid_calls for s in flow.shards] == [1, 1] and coverage.answered == [0, 1]
     assert [(h.chunk_id, round(h.score, 6)) for h in again] == [(h.chunk_id, round(h.score, 6)) for h in first]
