@@ -272,7 +272,7 @@ async function ask(question) {
   let sources = [];
   let numbers = new Set();
   let held = ""; // the end of the text so far when it may be the start of a [n] marker
-  let outcome = "cut";
+  let finished = false; // the stream's `done` arrived
   try {
     const body = { question, min_sequences: stored.get(SEQUENCES_KEY, {}) };
     const response = await call("POST", "/v1/ask:stream", body, controller.signal);
@@ -300,7 +300,7 @@ async function ask(question) {
         answer.append(...answerNodes(cut < 0 ? text : text.slice(0, cut), numbers));
       } else if (event.done) {
         const done = event.done;
-        outcome = "done";
+        finished = true;
         answer.append(held);
         held = "";
         markSupport(sources, done);
@@ -316,11 +316,10 @@ async function ask(question) {
         $("#timings").textContent = `first token ${ms(t.time_to_first_token_ms)} · total ${ms(t.total_ms)}` +
           ` (in this browser: ${ms((firstText || performance.now()) - started)} · ${ms(performance.now() - started)})`;
       } else if (event.error) {
-        outcome = "failed";
         throw new ApiError(null, `The answer failed midway: ${event.error.message || `gRPC status ${event.error.code}`}`);
       }
     }
-    if (outcome !== "done") throw new ApiError(null, "The answer stream ended without its last message.");
+    if (!finished) throw new ApiError(null, "The answer stream ended without its last message.");
     state.textContent = answer.classList.contains("abstained") ? "Abstained." : "Done.";
   } catch (error) {
     answer.append(held);
