@@ -22,7 +22,8 @@ EXIT_CODES = """exit status:
   2  refused as asked, retrying will not help: fix the request or the credentials
      (INVALID_ARGUMENT, FAILED_PRECONDITION, NOT_FOUND, PERMISSION_DENIED, UNAUTHENTICATED, OUT_OF_RANGE)
   3  overloaded, unreachable or too slow: try again later; for ingest, no router reached at all
-     (RESOURCE_EXHAUSTED, UNAVAILABLE, DEADLINE_EXCEEDED, ABORTED)"""
+     (RESOURCE_EXHAUSTED, UNAVAILABLE, DEADLINE_EXCEEDED, ABORTED)
+  141  the output's reader went away (e.g. `| head`); nothing more is printed"""
 
 
 #: What `ragloom status` can and cannot see, for its --help.
@@ -210,6 +211,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(getattr(commands, args.command)(args))
     except KeyboardInterrupt:
         sys.exit(130)
+    except BrokenPipeError:
+        # The reader went away (`ragloom ask … | head`): stop quietly, as other command-line tools do. Python
+        # would also report the pipe when it flushes stdout at exit; point stdout at nothing first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)  # 128 + SIGPIPE, what a shell reports for such a command
 
 
 def _token(args: argparse.Namespace) -> int:

@@ -255,3 +255,16 @@ def test_status_of_an_endpoint_without_health_or_router(tmp_path, capsys):
         main(["status", "--router", f"127.0.0.1:{free_port_block(1)}", "--token", "", "--data-dir", str(tmp_path),
               "--timeout", "5"])
     assert exited.value.code == 3 and "is the mesh running" in capsys.readouterr().err
+
+
+def test_output_piped_into_a_reader_that_has_gone_ends_quietly(router, tmp_path):
+    """`ragloom search … | head`, head done first: no BrokenPipeError traceback, the shell's SIGPIPE status."""
+    import subprocess
+    import sys
+
+    command = (f"{sys.executable} -m mesh search bees --router {router} --token '' --data-dir {tmp_path} --json; "
+               "echo \"exit $?\" >&2")
+    # `true` has exited long before Python has started, so the search's first write finds the pipe closed.
+    done = subprocess.run(["bash", "-c", f"{{ {command}; }} | true"], capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "exit 141" in done.stderr, done.stderr
