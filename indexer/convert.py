@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 
 import numpy as np
@@ -12,7 +13,7 @@ from fabric.errors import InvalidArgument
 from indexer.filters import SearchFilter
 from fabric.shardlog import is_part
 from indexer.logapply import LogDelete, LogPart, LogPut, LogRecord
-from indexer.records import ChunkRecord, HitRecord
+from indexer.records import ChunkRecord, HitRecord, Payload
 
 
 def chunk_record(chunk: indexer_pb2.Chunk) -> ChunkRecord:
@@ -63,12 +64,7 @@ def query_matrix(queries: Sequence[indexer_pb2.Vector], dimension: int) -> np.nd
 
 def _packed_header(dimension: int) -> bytes:
     """Field 1 (values), wire type 2 (packed), then the varint byte length of `dimension` floats."""
-    size, varint = 4 * dimension, bytearray()
-    while True:
-        byte, size = size & 0x7F, size >> 7
-        varint.append(byte | (0x80 if size else 0))
-        if not size:
-            return bytes([0x0A]) + bytes(varint)
+    return b"\x0a" + _varint(4 * dimension)
 
 
 def search_filter(request: indexer_pb2.SearchRequest) -> SearchFilter:
@@ -82,23 +78,49 @@ def search_filter(request: indexer_pb2.SearchRequest) -> SearchFilter:
 
 def search_response(results: list[list[HitRecord]], shard_id: int,
                     lexical: list[list[HitRecord]] = ()) -> indexer_pb2.SearchResponse:
-    response = indexer_pb2.SearchResponse(shard_id=shard_id)
-    _add_results(response.results, results)
-    _add_results(response.lexical_results, lexical)
-    return response
+    """The response for `results` (and BM25's `lexical`), assembled as bytes and parsed once.
+
+    Each chunk is encoded the first time a response carries it (memoised on its shared payload,
+    framed as a `QueryResult.hits` entry up to its score), so a hit costs a lookup, four bytes of
+    score and a join: building hits field by field cost ~1.8 us each here, ~12x more, which on a
+    batch of 32 queries was a third of the shard's time."""
+    parts = [_results(b"\x0a", results), _results(b"\x1a", lexical)]
+    if shard_id:
+        parts.append(b"\x10" + _varint(shard_id))
+    return indexer_pb2.SearchResponse.FromString(b"".join(parts))
 
 
-def _add_results(field, results: list[list[HitRecord]]) -> None:
-    # Built in place, empty maps and lists left alone: ~2.5x faster than Hit(...) messages copied in.
+def _results(tag: bytes, results: list[list[HitRecord]]) -> bytes:
+    """`results` as repeated QueryResult entries of the SearchResponse field `tag` introduces."""
+    framed = []
     for hits in results:
-        added = field.add().hits
-        for hit in hits:
-            message = added.add(chunk_id=hit.chunk_id, document_id=hit.document_id, score=hit.score,
-                                text=hit.text, source=hit.source, tenant=hit.tenant)
-            if hit.metadata:
-                message.metadata.update(hit.metadata)
-            if hit.tags:
-                message.tags.extend(hit.tags)
+        body = b"".join([_encoded(hit.payload) + _score(hit.score) for hit in hits])
+        framed.append(tag + _varint(len(body)) + body)
+    return b"".join(framed)
+
+
+_score = struct.Struct("<f").pack  # Hit.score, a float: four bytes after its tag
+
+
+def _encoded(payload: Payload) -> bytes:
+    """The chunk as one `QueryResult.hits` entry, all but the score's four bytes: the entry's tag and
+    length, the Hit's other fields, then the score's tag (field 3, 32-bit)."""
+    wire = payload.wire
+    if wire is None:
+        body = indexer_pb2.Hit(chunk_id=payload.chunk_id, document_id=payload.document_id, text=payload.text,
+                               source=payload.source, metadata=payload.metadata, tenant=payload.tenant,
+                               tags=payload.tags).SerializeToString()
+        wire = payload.wire = b"\x0a" + _varint(len(body) + 5) + body + b"\x1d"
+    return wire
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
 
 
 def log_record(subject: str, sequence: int, data: bytes) -> LogRecord:

@@ -21,8 +21,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 
-#: (tenant, chunk_id, document_id, text, source, metadata, tags) of one label.
-Payload = tuple
+from indexer.records import Payload
 
 
 class PayloadCache:

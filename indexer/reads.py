@@ -17,7 +17,7 @@ import numpy as np
 from fabric.errors import InvalidArgument
 from indexer import lexical
 from indexer.payloads import PayloadCache
-from indexer.records import HitRecord, decode_json
+from indexer.records import HitRecord, Payload, decode_json
 from indexer.sql import READ_BATCH, Readers, select
 from indexer.vectors import Neighbours, VectorIndex
 
@@ -94,38 +94,33 @@ def lexical_hits(
     """The `k` chunks of `allowed` that best match each query's words (BM25), best first."""
     ranked = [lexical.top(db, query, k, allowed) for query in queries]
     by_label = payloads(readers, tenant, {label for found in ranked for label, _ in found}, cache)
-    return [[_hit(by_label, label, score, tenant) for label, score in found if label in by_label] for found in ranked]
+    return [[HitRecord(by_label[label], score) for label, score in found if label in by_label] for found in ranked]
 
 
 def hits(
     readers: Readers, neighbours: list[Neighbours], tenant: str, cache: PayloadCache | None = None
 ) -> list[list[HitRecord]]:
     """The chunks behind the labels `nearest` found in `tenant`; a chunk deleted since is left out."""
-    found = [(labels.tolist(), distances.tolist()) for labels, distances in neighbours]
+    found = [(labels.tolist(), (1.0 - distances).tolist()) for labels, distances in neighbours]
     by_label = payloads(readers, tenant, {label for labels, _ in found for label in labels}, cache)
+    get = by_label.get
     return [
-        [_hit(by_label, label, 1.0 - distance, tenant) for label, distance in zip(labels, distances) if label in by_label]
-        for labels, distances in found
+        [HitRecord(payload, score) for payload, score in zip(map(get, labels), scores) if payload is not None]
+        for labels, scores in found
     ]
 
 
-def _hit(by_label: dict[int, tuple], label: int, score: float, tenant: str) -> HitRecord:
-    # Metadata and tags are copied: the cache's own must not be changed through a hit.
-    _, chunk_id, document_id, text, source, metadata, tags = by_label[label]
-    return HitRecord(chunk_id, document_id, score, text, source, dict(metadata) if metadata else {}, tenant,
-                     list(tags) if tags else [])
-
-
-def payloads(readers: Readers, tenant: str, labels: set[int], cache: PayloadCache | None = None) -> dict[int, tuple]:
-    """(tenant, chunk_id, document_id, text, source, metadata, tags) by label of those of `labels`
-    in `tenant`: from `cache` where it holds them, the rest through this thread's reader."""
+def payloads(readers: Readers, tenant: str, labels: set[int], cache: PayloadCache | None = None) -> dict[int, Payload]:
+    """The payloads by label of those of `labels` in `tenant`: from `cache` where it holds them, the
+    rest through this thread's reader."""
     if cache is not None:
         by_label, missing, generation = cache.lookup(labels)
     else:
         by_label, missing, generation = {}, list(labels), 0
     if missing:
         read = {
-            label: (row_tenant, chunk_id, document_id, text, source, decode_json(metadata), tuple(decode_json(tags)))
+            label: Payload(row_tenant, chunk_id, document_id, text, source, decode_json(metadata),
+                           tuple(decode_json(tags)))
             for label, row_tenant, chunk_id, document_id, text, source, metadata, tags in select(
                 readers.connection(),
                 "SELECT label, tenant, chunk_id, document_id, text, source, metadata, tags FROM chunks "
@@ -138,7 +133,7 @@ def payloads(readers: Readers, tenant: str, labels: set[int], cache: PayloadCach
         by_label.update(read)
     # The tenant check repeats the filter that chose the labels: isolation twice over. (In SQL it
     # would lead SQLite to scan the tenant's index instead of looking labels up by key.)
-    return {label: payload for label, payload in by_label.items() if payload[0] == tenant}
+    return {label: payload for label, payload in by_label.items() if payload.tenant == tenant}
 
 
 def chunk_counts(db: sqlite3.Connection, document_ids: Sequence[str], tenant: str) -> dict[str, int]:

@@ -31,18 +31,53 @@ class ChunkRecord:
     tags: Sequence[str] = ()
 
 
-@dataclass
-class HitRecord:
-    """A chunk found by a search; `score` is the cosine similarity to the query."""
+class Payload:
+    """What a search returns of one chunk besides its score: read from SQLite once, then shared by
+    every search that finds the chunk (and kept in the shard's payload cache). Never changed.
 
-    chunk_id: str
-    document_id: str
-    score: float
-    text: str
-    source: str
-    metadata: dict[str, str]
-    tenant: str = ""
-    tags: list[str] = field(default_factory=list)
+    `wire` is a memo for the serving layer: the chunk as it goes out in a response, encoded the first
+    time one carries it (indexer/convert.py), so a chunk found again costs a lookup, not an encoding.
+    The store never reads it."""
+
+    __slots__ = ("tenant", "chunk_id", "document_id", "text", "source", "metadata", "tags", "wire")
+
+    def __init__(self, tenant: str, chunk_id: str, document_id: str, text: str, source: str,
+                 metadata: dict[str, str], tags: tuple[str, ...]):
+        self.tenant, self.chunk_id, self.document_id = tenant, chunk_id, document_id
+        self.text, self.source, self.metadata, self.tags = text, source, metadata, tags
+        self.wire: bytes | None = None
+
+
+class HitRecord:
+    """A chunk found by a search; `score` is the cosine similarity to the query (BM25 for lexical).
+
+    Two references, made per hit: the chunk's fields are read through its shared `payload`
+    (`metadata` and `tags` as copies, so a hit cannot change what other searches return)."""
+
+    __slots__ = ("payload", "score")
+
+    def __init__(self, payload: Payload, score: float):
+        self.payload, self.score = payload, score
+
+    chunk_id = property(lambda self: self.payload.chunk_id)
+    document_id = property(lambda self: self.payload.document_id)
+    text = property(lambda self: self.payload.text)
+    source = property(lambda self: self.payload.source)
+    tenant = property(lambda self: self.payload.tenant)
+    metadata = property(lambda self: dict(self.payload.metadata))
+    tags = property(lambda self: list(self.payload.tags))
+
+    def _key(self) -> tuple:
+        p = self.payload
+        return p.chunk_id, p.document_id, self.score, p.text, p.source, p.metadata, p.tenant, tuple(p.tags)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, HitRecord) and self._key() == other._key()
+
+    __hash__ = None  # equal by value, and the score is a float: not a dict key
+
+    def __repr__(self) -> str:
+        return f"HitRecord(chunk_id={self.chunk_id!r}, document_id={self.document_id!r}, score={self.score!r})"
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,8 @@ class Settings(ServiceSettings):
     log_replicas: int = option(1, "replicas of the shard's stream when this replica creates it (3 in a cluster)")
     catchup_timeout_s: float = option(120.0, "longest a starting replica waits to catch up with its log before serving")
     apply_batch: int = option(256, "log entries applied in one transaction, at most")
-    payload_cache: int = option(100_000, "payloads of chunks found lately kept in memory, at most (0: none)")
+    payload_cache: int = option(100_000, "payloads of chunks found lately kept in memory, each with its encoded "
+                                        "hit (about twice its text), at most (0: none)")
     one_hop_queries: int = option(64, "a Search of at most this many queries reads its payloads on the store's "
                                       "thread in the same call as the index (one thread hop instead of two)")
     inline_search: int = option(256, "an unfiltered Search whose queries x max(ef, k) is at most this runs on the "
