@@ -94,7 +94,7 @@ def _results(tag: bytes, results: list[list[HitRecord]]) -> bytes:
     """`results` as repeated QueryResult entries of the SearchResponse field `tag` introduces."""
     framed = []
     for hits in results:
-        body = b"".join([_encoded(hit.payload) + _score(hit.score) for hit in hits])
+        body = b"".join([(hit.payload.wire or _encoded(hit.payload)) + _score(hit.score) for hit in hits])
         framed.append(tag + _varint(len(body)) + body)
     return b"".join(framed)
 
@@ -104,14 +104,12 @@ _score = struct.Struct("<f").pack  # Hit.score, a float: four bytes after its ta
 
 def _encoded(payload: Payload) -> bytes:
     """The chunk as one `QueryResult.hits` entry, all but the score's four bytes: the entry's tag and
-    length, the Hit's other fields, then the score's tag (field 3, 32-bit)."""
-    wire = payload.wire
-    if wire is None:
-        body = indexer_pb2.Hit(chunk_id=payload.chunk_id, document_id=payload.document_id, text=payload.text,
-                               source=payload.source, metadata=payload.metadata, tenant=payload.tenant,
-                               tags=payload.tags).SerializeToString()
-        wire = payload.wire = b"\x0a" + _varint(len(body) + 5) + body + b"\x1d"
-    return wire
+    length, the Hit's other fields, then the score's tag (field 3, 32-bit). Kept as `payload.wire`."""
+    body = indexer_pb2.Hit(chunk_id=payload.chunk_id, document_id=payload.document_id, text=payload.text,
+                           source=payload.source, metadata=payload.metadata, tenant=payload.tenant,
+                           tags=payload.tags).SerializeToString()
+    payload.wire = b"\x0a" + _varint(len(body) + 5) + body + b"\x1d"
+    return payload.wire
 
 
 def _varint(value: int) -> bytes:
