@@ -484,15 +484,17 @@ async def latency_figures(
     return figures
 
 
+def latency_corpus(n: int, queries: int, synthetic: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
+    """(corpus, queries, what they are): the cached man-page embeddings if `n` of them are cached
+    (and `synthetic` is not asked for), else synthetic vectors of low intrinsic dimension."""
+    if _cached(n, queries) is not None and not synthetic:
+        return (*embedded_corpus(n, queries), "man-page sentences, all-MiniLM-L6-v2")
+    return (*synthetic_corpus(n, queries), "synthetic: 24-d Gaussian mapped into 384-d plus noise, unit length")
+
+
 def latency_main(args) -> None:
     efs = sorted(int(e) for e in args.ef.split(","))
-    cached = _cached(args.n, args.queries)
-    if cached is not None and not args.synthetic:
-        corpus, queries = embedded_corpus(args.n, args.queries)
-        vectors = "man-page sentences, all-MiniLM-L6-v2"
-    else:
-        corpus, queries = synthetic_corpus(args.n, args.queries)
-        vectors = "synthetic: 24-d Gaussian mapped into 384-d plus noise, unit length"
+    corpus, queries, vectors = latency_corpus(args.n, args.queries, args.synthetic)
     truth = exact_top_k(corpus, queries, 10)
     raw = RawIndex(corpus, m=16, ef_construction=200)
     print(f"corpus {corpus.shape} ({vectors}); raw hnswlib built in {raw.build_s:.1f}s", file=sys.stderr)

@@ -40,8 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.indexer import RawIndex, Shard, _cached, _percentiles, embedded_corpus, ingest, recall  # noqa: E402
-from bench.indexer import exact_top_k, synthetic_corpus  # noqa: E402
+from bench.indexer import RawIndex, Shard, _percentiles, exact_top_k, ingest, latency_corpus, recall  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 TEXT = "synthetic sentence {}, about as long as a sentence of a man page is"
@@ -136,12 +135,7 @@ def main() -> None:
     from ragloom.indexer.v1 import indexer_pb2, indexer_pb2_grpc
     from tests.support.ports import free_port_block
 
-    if _cached(args.n, args.queries) is not None:
-        corpus, queries = embedded_corpus(args.n, args.queries)
-        data = "man-page sentences, all-MiniLM-L6-v2"
-    else:
-        corpus, queries = synthetic_corpus(args.n, args.queries)
-        data = "synthetic: 24-d Gaussian mapped into 384-d plus noise, unit length"
+    corpus, queries, data = latency_corpus(args.n, args.queries)
     truth = exact_top_k(corpus, queries, 10)
     raw = RawIndex(corpus, m=16, ef_construction=200)
     efs = sorted(int(e) for e in args.ef.split(","))
