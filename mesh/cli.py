@@ -9,9 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-import platformdirs
-
-from mesh.spec import SERVICES
+from mesh.spec import SERVICES, default_data_dir
 
 DEFAULT_ROUTER = "127.0.0.1:50051"
 
@@ -33,10 +31,6 @@ see which index shards answer and whether retrieval is degraded (e.g. the embedd
 The generator and the answer cache are not visible this way: no Ask is made, so nothing is generated.
 Exit status: 0 all answered, 1 some shard failed or a stage is degraded (or health not SERVING), else as
 for the other commands (2 refused, e.g. a bad token; 3 unreachable)."""
-
-
-def default_data_dir() -> Path:
-    return Path(platformdirs.user_data_dir("ragloom"))
 
 
 def _service_module(name: str):

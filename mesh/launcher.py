@@ -21,7 +21,7 @@ from fabric.tls import Identity, LocalCA, spiffe_id
 from mesh import policy
 from mesh.auth import AUDIENCE, ISSUER, Signer, Verifier
 from mesh.gateway import Upstream, admin_get, envoy_argv, envoy_config, write_config
-from mesh.spec import FIXED_PORTS, SERVICES, MeshSpec
+from mesh.spec import FIXED_PORTS, SERVICES, MeshSpec, default_data_dir
 
 
 @dataclass
@@ -408,8 +408,13 @@ def run_up(spec: MeshSpec) -> int:
         else:
             lines += ["", "  WARNING: authentication is OFF (--no-auth): anyone who can reach "
                       f"{public} may read, overwrite or delete any tenant's documents. Use it on a laptop only.", ""]
-        lines += ["  try: ragloom ingest --sample && ragloom ask \"How do honeybees tell each other where flowers are?\"",
-                  f"  (clients find the API at {public}: the default, or --router / RAGLOOM_ROUTER)",
+        # The CLI finds the development token in the default data folder; elsewhere it must be told.
+        folder = "" if Path(data_dir) == default_data_dir() else f" --data-dir {shlex.quote(str(data_dir))}"
+        lines += [f"  try: ragloom ingest{folder} --sample && "
+                  f"ragloom ask{folder} \"How do honeybees tell each other where flowers are?\"",
+                  f"  (clients find the API at {public}: the default, or --router / RAGLOOM_ROUTER"
+                  + (f"; this mesh's token with --data-dir {shlex.quote(str(data_dir))} or RAGLOOM_DATA_DIR)"
+                     if folder else ")"),
                   "Press Ctrl-C to stop."]
         print("\n".join(lines), flush=True)
         supervisor = Supervisor(children)

@@ -7,9 +7,17 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+import platformdirs
+
 SERVICES = ("embedder", "indexer", "generator", "router")
 #: embedder, generator, router, canary router, gateway metrics, NATS, NATS monitoring
 FIXED_PORTS = 7
+
+
+def default_data_dir() -> Path:
+    """Where `ragloom up` keeps its data, and where the CLI looks for the development token, unless
+    --data-dir / RAGLOOM_DATA_DIR say otherwise."""
+    return Path(platformdirs.user_data_dir("ragloom"))
 
 
 @dataclass(frozen=True)
