@@ -9,6 +9,7 @@ import grpc
 import numpy as np
 import pytest
 
+from indexer import convert
 from indexer.filters import SearchFilter
 from indexer.server import IndexerService
 from indexer.store import ChunkRecord, ShardStore
@@ -31,6 +32,10 @@ def store(tmp_path):
     s = ShardStore(tmp_path / "shard", DIM)
     yield s
     s.close()
+
+
+async def upsert(stub, chunks: list[ChunkRecord]) -> None:
+    await stub.Upsert(indexer_pb2.UpsertRequest(chunks=[convert.chunk_message(r) for r in chunks]))
 
 
 def ids(results) -> list[list[str]]:
@@ -87,10 +92,7 @@ async def test_search_and_lexical_through_grpc_agree_with_and_without_the_fast_p
     vs = vectors(40)
     async with running(settings_for(tmp_path, inline_search=inline_search)) as channel:
         stub = indexer_pb2_grpc.IndexerServiceStub(channel)
-        await stub.Upsert(indexer_pb2.UpsertRequest(chunks=[
-            indexer_pb2.Chunk(chunk_id=r.chunk_id, document_id=r.document_id, text=r.text, source=r.source,
-                              vector=r.vector.tolist(), tags=r.tags) for r in records(vs, tag="t")
-        ]))
+        await upsert(stub, records(vs, tag="t"))
         dense = await stub.Search(indexer_pb2.SearchRequest(queries=[indexer_pb2.Vector(values=vs[3].tolist())], k=3))
         assert dense.results[0].hits[0].chunk_id == "c3"
         tagged = await stub.Search(indexer_pb2.SearchRequest(queries=[indexer_pb2.Vector(values=vs[3].tolist())], k=3,
@@ -110,10 +112,7 @@ async def test_search_with_texts_answers_both_halves_of_hybrid_in_one_call(tmp_p
     vs = vectors(40)
     async with running(settings_for(tmp_path, inline_search=inline_search)) as channel:
         stub = indexer_pb2_grpc.IndexerServiceStub(channel)
-        await stub.Upsert(indexer_pb2.UpsertRequest(chunks=[
-            indexer_pb2.Chunk(chunk_id=r.chunk_id, document_id=r.document_id, text=r.text, source=r.source,
-                              vector=r.vector.tolist(), tags=r.tags) for r in records(vs, tag="t")
-        ]))
+        await upsert(stub, records(vs, tag="t"))
         query = indexer_pb2.Vector(values=vs[3].tolist())
         both = await stub.Search(indexer_pb2.SearchRequest(queries=[query], k=3, tags=["t"], texts=["words 7"]))
         dense = await stub.Search(indexer_pb2.SearchRequest(queries=[query], k=3, tags=["t"]))
