@@ -15,6 +15,7 @@ process over the same embedder, shards and generator, so all run against the sam
                  (the named baseline)
     default      rerank → best evidence sentences → verify each answer sentence → quote or abstain
     no-rerank    default without the reranker: the top fused passage is the evidence, no abstention gate
+    no-reserve   default, but the rerank candidates are the fused top 12 alone (no seats for each method's best 3)
     no-verify    default without the sentence check (the abstention gate stays)
     any-paraphrase  default, but a paraphrase may add any number of words of its own (before that check)
     new-words-N  default, but a sentence kept as the evidence's words may add at most N words of its own
@@ -62,6 +63,7 @@ CONFIGS = {
     "today": ["--no-rerank", "--no-verify", "--prompt", "passages", "--abstain-below", "-1", "--max-tokens", "256"],
     "default": [],
     "no-rerank": ["--no-rerank"],
+    "no-reserve": ["--rerank-reserved", "0"],  # the rerank candidates by fused rank alone
     "no-verify": ["--no-verify"],
     "any-paraphrase": ["--max-paraphrase-new-words", "-1"],
     "new-words-0": ["--max-new-words", "0"],

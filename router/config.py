@@ -30,6 +30,8 @@ class RagConfig:
     # Reranking: candidates retrieved and reranked for Ask (and for Search with rerank), and whether Ask and
     # Search rerank when the request does not say.
     rerank_candidates: int = 12
+    # Of those candidates (hybrid), each retrieval method's best this many, whatever their fused rank.
+    rerank_reserved: int = 3
     rerank_ask: bool = True
     rerank_search: bool = False
     # "evidence": the best sentences, numbered (the default); "passages": whole passages as before reranking.
@@ -46,5 +48,5 @@ class RagConfig:
 
     def pipeline_key(self) -> str:
         """What decides an answer beside the question: part of the answer cache's key."""
-        return (f"{self.rerank_ask}:{self.prompt}:{self.verify}:{self.abstain_below}:{self.quote_min_score}:"
+        return (f"{self.rerank_ask}:{self.rerank_candidates}:{self.rerank_reserved}:{self.prompt}:{self.verify}:{self.abstain_below}:{self.quote_min_score}:"
                 f"{self.evidence}:{self.verifier}")

@@ -92,7 +92,8 @@ class Rag:
         clock = Clock()
         depth = max(k, self.config.rerank_candidates) if rerank else k
         found = await self.retriever.retrieve(query.query, depth, query.scope, query.require_complete, deadline, query.mode,
-                                              self.floors(query.min_sequences))
+                                              self.floors(query.min_sequences),
+                                              reserved=self.config.rerank_reserved if rerank else 0)
         timings, hits = Timings(embed_ms=found.embed_ms, index_ms=found.index_ms), found.hits
         if rerank and hits:
             hits, timings.rerank_ms = await self.retriever.rerank(query.query, hits, deadline)
@@ -127,7 +128,8 @@ class Rag:
         k = query.top_k
         depth = max(k, config.rerank_candidates) if config.rerank_ask else k
         found = await self.retriever.retrieve(query.question, depth, query.scope, query.require_complete, deadline,
-                                              query.mode, self.floors(query.min_sequences))
+                                              query.mode, self.floors(query.min_sequences),
+                                              reserved=config.rerank_reserved if config.rerank_ask else 0)
         timings.embed_ms, timings.index_ms = found.embed_ms, found.index_ms
         hits, coverage = found.hits, found.coverage
         if not hits:

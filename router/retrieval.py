@@ -29,8 +29,13 @@ _tracer = tracer("ragloom.router")
 RRF_K = 60  # the constant of Cormack et al.'s reciprocal rank fusion
 
 
-def fuse_reciprocal_rank(rankings: list[list[Hit]]) -> list[Hit]:
-    """Reciprocal rank fusion: each list adds 1 / (RRF_K + rank) to a chunk's score; best first."""
+def fuse_reciprocal_rank(rankings: list[list[Hit]], k: int = 0, reserved: int = 0) -> list[Hit]:
+    """Reciprocal rank fusion: each list adds 1 / (RRF_K + rank) to a chunk's score; best first.
+
+    With `reserved`, the first `k` hold each list's best `reserved` whatever their fused rank, the rest of
+    them in fused order. Fusion rewards being in both lists, so a chunk one method ranks near the top and
+    the other never lists (a paraphrase sharing no word with the text BM25 reads) can fall below chunks
+    both list far down; a reranker's candidates should not lose it."""
     fused: dict[str, Hit] = {}
     scores: dict[str, float] = {}
     for ranking in rankings:
@@ -38,6 +43,16 @@ def fuse_reciprocal_rank(rankings: list[list[Hit]]) -> list[Hit]:
             fused.setdefault(hit.chunk_id, hit)
             scores[hit.chunk_id] = scores.get(hit.chunk_id, 0.0) + 1.0 / (RRF_K + rank)
     order = sorted(scores, key=lambda chunk_id: -scores[chunk_id])
+    if reserved and len(order) > k:
+        kept = {hit.chunk_id for ranking in rankings for hit in ranking[:reserved]}
+        first, others = [], k - len(kept)  # the seats left for the best of the rest
+        for chunk_id in order:
+            if chunk_id in kept or others > 0:
+                first.append(chunk_id)
+                others -= chunk_id not in kept
+        first = first[:k]
+        chosen = set(first)
+        order = first + [c for c in order if c not in chosen]
     return [replace(fused[c], score=scores[c]) for c in order]
 
 
@@ -97,9 +112,10 @@ class Retriever:
         self.vectors = vectors or Uncached(embedder)
 
     async def retrieve(self, query: str, k: int, scope: Scope, require_complete: bool, deadline: Deadline,
-                       mode: str = "", floors: Floors | None = None) -> Retrieved:
+                       mode: str = "", floors: Floors | None = None, reserved: int = 0) -> Retrieved:
         """Top-k chunks for `query`: dense (embedding), lexical (BM25) or hybrid (both, fused by reciprocal
-        rank), from replicas that have applied their shard's log through the `floors`."""
+        rank; with `reserved`, each method's best that many among the k), from replicas that have applied
+        their shard's log through the `floors`."""
         floors = floors or Floors()
         mode = mode or self.config.retrieval_mode
         if mode not in MODES:
@@ -116,7 +132,8 @@ class Retriever:
                 "hybrid", lambda f: lambda c: c.hybrid_search(vector[0], query, depth, ef, scope, deadline,
                                                                f.get(c.shard_id)),
                 floors, require_complete, deadline, parts=2)
-            return self._retrieved(fuse_reciprocal_rank([dense, lexical_hits]), coverage, mode, [], k, embed_ms, clock)
+            return self._retrieved(fuse_reciprocal_rank([dense, lexical_hits], k, reserved), coverage, mode, [], k,
+                                   embed_ms, clock)
         lexical = (asyncio.ensure_future(self._fan_out(
             "lexical", lambda f: lambda c: c.lexical_search(query, depth, scope, deadline, f.get(c.shard_id)),
             floors, require_complete, deadline))
@@ -147,7 +164,8 @@ class Retriever:
                 lexical.cancel()
             raise
         if mode == "hybrid":
-            hits, coverage = fuse_reciprocal_rank([dense[0], lexical_result[0]]), dense[1].merge(lexical_result[1])
+            hits = fuse_reciprocal_rank([dense[0], lexical_result[0]], k, reserved)
+            coverage = dense[1].merge(lexical_result[1])
         else:
             hits, coverage = dense if mode == "dense" else lexical_result
         return self._retrieved(hits, coverage, mode, degraded, k, embed_ms, clock)

@@ -77,6 +77,9 @@ class Settings(ServiceSettings):
     temperature: float = option(0.0, "sampling temperature when the request sets none")
     context_tokens: int = option(2048, "generator context window; sources are cut to fit it")
     rerank_candidates: int = option(12, "passages retrieved and reranked for an ask (or a search with rerank)")
+    rerank_reserved: int = option(
+        3, "of the rerank candidates (hybrid retrieval), the best this many of dense and of BM25 each, whatever "
+           "their fused rank: a passage one method ranks near the top is not lost to fusion")
     rerank: bool = option(True, "rerank the candidates of an ask by how well they answer (the embedder's Rerank)")
     search_rerank: bool = option(False, "rerank searches whose request does not say")
     prompt: str = option("evidence", "what the model is shown: 'evidence' (the best sentences) or 'passages' (whole passages)")
@@ -130,6 +133,8 @@ class Settings(ServiceSettings):
             raise ValueError("max_question_tokens and max_chunks_per_request must be positive")
         if self.rerank_candidates < 1 or self.evidence_sentences < 1 or self.evidence_tokens < 16:
             raise ValueError("rerank_candidates and evidence_sentences must be positive, evidence_tokens at least 16")
+        if not 0 <= self.rerank_reserved <= self.rerank_candidates:
+            raise ValueError("rerank_reserved must be between 0 and rerank_candidates")
 
 
 def _timings(t: Timings) -> router_pb2.Timings:
@@ -323,7 +328,8 @@ class RouterService:
         config = RagConfig(
             default_top_k=s.top_k, ask_top_k=s.ask_top_k, max_tokens=s.max_tokens,
             temperature=s.temperature, context_tokens=s.context_tokens,
-            retrieval_mode=s.retrieval_mode, rerank_candidates=s.rerank_candidates, rerank_ask=s.rerank,
+            retrieval_mode=s.retrieval_mode, rerank_candidates=s.rerank_candidates, rerank_reserved=s.rerank_reserved,
+            rerank_ask=s.rerank,
             rerank_search=s.search_rerank, prompt=s.prompt, verify=s.verify,
             abstain_below=s.abstain_below if s.abstain_below >= 0 else None, quote_min_score=s.quote_min_score,
             evidence=EvidenceConfig(sentences=s.evidence_sentences, tokens=s.evidence_tokens),

@@ -18,3 +18,23 @@ def test_reciprocal_rank_fusion_rewards_agreement():
 def test_coverage_merge_counts_a_shard_failed_by_either_retrieval():
     merged = Coverage([0, 1], []).merge(Coverage([0], [1]))
     assert merged.answered == [0] and merged.failed == [1] and merged.partial
+
+
+def test_reserved_seats_keep_each_lists_best_among_the_first_k():
+    # "w" is dense's second best but BM25 never lists it; chunks both lists hold lower down outscore it.
+    dense = [hit(c) for c in ("a#0", "w#0", "b#0", "c#0")]
+    lexical = [hit(c) for c in ("x#0", "a#0", "b#0", "c#0", "y#0")]
+    plain = [h.chunk_id for h in fuse_reciprocal_rank([dense, lexical])]
+    assert plain[:5] == ["a#0", "b#0", "c#0", "x#0", "w#0"]  # fusion alone leaves it out of the first 4
+    fused = [h.chunk_id for h in fuse_reciprocal_rank([dense, lexical], k=4, reserved=2)]
+    assert set(fused[:4]) == {"a#0", "w#0", "x#0", "b#0"}  # both lists' best 2, then the best of the rest
+    assert fused[:4] == [c for c in plain if c in fused[:4]]  # in fused order
+    assert sorted(fused) == sorted(plain)  # nothing lost, nothing doubled
+
+
+def test_reserved_seats_beyond_k_keep_the_fused_best_of_them():
+    dense = [hit(c) for c in ("a#0", "b#0", "c#0")]
+    lexical = [hit(c) for c in ("d#0", "e#0", "f#0")]
+    fused = [h.chunk_id for h in fuse_reciprocal_rank([dense, lexical], k=2, reserved=3)]
+    assert fused[:2] == ["a#0", "d#0"] and len(fused) == 6
+    assert fuse_reciprocal_rank([dense, lexical], k=10, reserved=3) == fuse_reciprocal_rank([dense, lexical])
