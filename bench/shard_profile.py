@@ -5,7 +5,9 @@ Baselines, each a grpc.aio server in its own process serving the same IndexerSer
 "floor", whose Search answers a canned response of the same hits at once (no search, no
 payloads): what any Python gRPC shard pays per call on this machine before doing anything; and
 "floor_knn", which first runs a raw hnswlib knn_query of the request's queries on the same corpus
-(M 16, ef_construction 200, the same ef): gRPC plus the search itself, nothing of ours. Against them: the shard of this checkout (`python -m mesh serve indexer`, 50k real
+(M 16, ef_construction 200, the same ef): gRPC plus the search itself, nothing of ours; and
+"floor_sync", the canned floor on a synchronous grpc.server (a thread pool, no event loop): whether
+Python gRPC's other server shape is cheaper per call. Against them: the shard of this checkout (`python -m mesh serve indexer`, 50k real
 MiniLM vectors when bench/indexer.py --prepare has cached them, else synthetic ones) and, with
 --before-root, the same shard from a checkout of earlier code. One call in flight through a
 synchronous stub, at batch 1 and 32, ef chosen as in bench/indexer.py --latency; rounds
@@ -62,10 +64,13 @@ def thread_cpu(pid: int) -> dict[str, float]:
     return groups
 
 
-def floor_server(port_out, stop, hits: int, corpus_path: str = "", ef: int = 0) -> None:
+def floor_server(port_out, stop, hits: int, corpus_path: str = "", ef: int = 0, sync: bool = False) -> None:
     """The floor: IndexerService whose Search returns `hits` canned hits per query at once; with
     `corpus_path`, after a raw hnswlib knn_query of the request's queries on that corpus (its
-    vectors decoded as the shard decodes them): gRPC plus the search itself, nothing of ours."""
+    vectors decoded as the shard decodes them): gRPC plus the search itself, nothing of ours.
+    `sync`: on a synchronous grpc.server rather than grpc.aio's."""
+    from concurrent import futures
+
     import grpc
 
     from ragloom.indexer.v1 import indexer_pb2, indexer_pb2_grpc
@@ -81,14 +86,30 @@ def floor_server(port_out, stop, hits: int, corpus_path: str = "", ef: int = 0) 
         index = RawIndex(np.load(corpus_path), m=16, ef_construction=200).index
         index.set_ef(ef)
 
+    def search(request):
+        batch = len(request.queries)
+        if index is not None:
+            index.knn_query(query_matrix(request.queries, index.dim), k=hits)
+        if batch not in canned:
+            canned[batch] = indexer_pb2.SearchResponse(results=[result] * batch)
+        return canned[batch]
+
     class Floor(indexer_pb2_grpc.IndexerServiceServicer):
         async def Search(self, request, context):
-            batch = len(request.queries)
-            if index is not None:
-                index.knn_query(query_matrix(request.queries, index.dim), k=hits)
-            if batch not in canned:
-                canned[batch] = indexer_pb2.SearchResponse(results=[result] * batch)
-            return canned[batch]
+            return search(request)
+
+    class SyncFloor(indexer_pb2_grpc.IndexerServiceServicer):
+        def Search(self, request, context):
+            return search(request)
+
+    if sync:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        indexer_pb2_grpc.add_IndexerServiceServicer_to_server(SyncFloor(), server)
+        port_out.put(server.add_insecure_port("127.0.0.1:0"))
+        server.start()
+        stop.wait()
+        server.stop(0)
+        return
 
     async def main() -> None:
         server = grpc.aio.server()
@@ -146,9 +167,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ragloom-profile-") as folder:
         np.save(Path(folder) / "corpus.npy", corpus)
         floors, servers = [], {}
-        for name, path in (("floor", ""), ("floor_knn", str(Path(folder) / "corpus.npy"))):
+        for name, path, sync in (("floor", "", False), ("floor_knn", str(Path(folder) / "corpus.npy"), False),
+                                 ("floor_sync", "", True)):
             port_out = multiprocessing.Queue()
-            floors.append(multiprocessing.Process(target=floor_server, args=(port_out, stop, 10, path, ef), daemon=True))
+            floors.append(multiprocessing.Process(target=floor_server, args=(port_out, stop, 10, path, ef, sync),
+                                                  daemon=True))
             floors[-1].start()
             servers[name] = (f"127.0.0.1:{port_out.get(timeout=120)}", floors[-1].pid)
         shards = {"shard": Shard(Path(folder) / "shard", 0, free_port_block(1), Path(folder))}
@@ -195,8 +218,9 @@ def main() -> None:
     for key in rounds:
         print(f"{key:10s} {figures[key]}", file=sys.stderr)
     figures["baseline"] = ("floor: a grpc.aio IndexerService answering canned hits at once; floor_knn: the same "
-                           "after a raw hnswlib knn_query of the queries (same corpus, M, ef); same protos, same "
-                           "client, rounds interleaved with the shards'")
+                           "after a raw hnswlib knn_query of the queries (same corpus, M, ef); floor_sync: the "
+                           "canned floor on a synchronous grpc.server; same protos, same client, rounds "
+                           "interleaved with the shards'")
     print(json.dumps(figures))
 
 
