@@ -12,6 +12,11 @@ cosine. A text's score is its best sentence's, plus `context_weight` · cos(quer
 passage about the subject beats a stray sentence that happens to match. The weights were fitted on the
 labelled man-page set (bench/answers.py --fit); see the README.
 
+A text's relevance is its score without the answer-type bonus: holding a number makes a sentence the
+likelier answer to "how many" among sentences about the question, but is no sign that it is about the
+question at all ("how long should an egg be boiled?" against a man page's "the zero number of seconds
+…"), so the router's abstention reads the relevance.
+
 This is the scorer behind the `Rerank` RPC: a cross-encoder can replace it without the router knowing.
 """
 
@@ -58,6 +63,8 @@ class Ranked:
     index: int
     score: float
     spans: list[Span]
+    #: The score without the answer-type bonus: how closely the text is about the query, whatever it holds.
+    relevance: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -118,16 +125,20 @@ def _normalise(v: np.ndarray) -> np.ndarray:
 
 def rank(features: Features, n_texts: int, weights: Weights = Weights(), spans_per_text: int = 3) -> list[Ranked]:
     """Texts best first, each with its `spans_per_text` best sentences."""
-    sentence_scores = (weights.dense * features.dense + weights.lexical * features.lexical
-                       + weights.answer_type * features.typed)
+    relevance = weights.dense * features.dense + weights.lexical * features.lexical
+    sentence_scores = relevance + weights.answer_type * features.typed
     per_text: list[list[Span]] = [[] for _ in range(n_texts)]
-    for (i, start, end), score in zip(features.sentences, sentence_scores.tolist()):
+    best_relevance = [-math.inf] * n_texts
+    for (i, start, end), score, about in zip(features.sentences, sentence_scores.tolist(), relevance.tolist()):
         per_text[i].append(Span(start, end, score))
+        best_relevance[i] = max(best_relevance[i], about)
     ranked = []
     for i, spans in enumerate(per_text):
         spans.sort(key=lambda s: -s.score)
         best = spans[0].score if spans else 0.0
-        ranked.append(Ranked(i, best + weights.context * float(features.context[i]), _disjoint(spans, spans_per_text)))
+        context = weights.context * float(features.context[i])
+        about = best_relevance[i] if spans else 0.0
+        ranked.append(Ranked(i, best + context, _disjoint(spans, spans_per_text), about + context))
     ranked.sort(key=lambda r: (-r.score, r.index))
     return ranked
 

@@ -262,7 +262,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         return embedder_pb2.RerankResponse(
             results=[
                 embedder_pb2.RerankResult(
-                    index=r.index, score=r.score,
+                    index=r.index, score=r.score, relevance=r.relevance,
                     spans=[embedder_pb2.Span(start=s.start, end=s.end, score=s.score) for s in r.spans],
                 )
                 for r in ranked

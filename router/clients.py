@@ -65,13 +65,14 @@ class EmbedderClient:
 
     async def rerank(self, query: str, texts: Sequence[str], deadline: Deadline,
                      titles: Sequence[str] = ()) -> list[Scored]:
-        """The embedder's verdict on each text (index into `texts`, score, best sentences), best first."""
+        """The embedder's verdict on each text (index into `texts`, score, best sentences, relevance), best first."""
         with _naming("embedder", "Rerank"):
             reply = await self._stub.Rerank(
                 embedder_pb2.RerankRequest(query=query, texts=texts, titles=titles),
                 timeout=deadline.timeout(self.timeout_s), metadata=outgoing_metadata(),
             )
-        return [Scored(r.index, r.score, tuple(Span(s.start, s.end, s.score) for s in r.spans)) for r in reply.results]
+        return [Scored(r.index, r.score, tuple(Span(s.start, s.end, s.score) for s in r.spans),
+                       r.relevance if r.HasField("relevance") else None) for r in reply.results]
 
     async def close(self) -> None:
         await self._channel.close()

@@ -38,7 +38,7 @@ class RagConfig:
     prompt: str = "evidence"
     # Check every answer sentence against the evidence, dropping what is unsupported.
     verify: bool = True
-    # Abstain when the best reranked score is below this (fitted on the labelled set); None: never abstain.
+    # Abstain when no reranked candidate's relevance reaches this (fitted on the labelled sets); None: never.
     abstain_below: float | None = 0.44
     # When no generated sentence is supported, the evidence is quoted if the best passage scores at least
     # this; below it the ask abstains (weak evidence and an answer that cannot be verified).

@@ -55,6 +55,9 @@ class Hit:
     shard_id: int
     #: After reranking: the passage's sentences that best answer the question, best first.
     evidence: tuple[Span, ...] = ()
+    #: After reranking: how closely the passage is about the question, whatever it holds (the reranker's
+    #: score without its bonus for holding a number or an option); None where the reranker gives none.
+    relevance: float | None = None
 
 
 @dataclass

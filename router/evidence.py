@@ -28,6 +28,8 @@ class Scored:
     index: int
     score: float
     spans: tuple[Span, ...] = ()
+    #: How closely the candidate is about the question, whatever it holds; None where the reranker says not.
+    relevance: float | None = None
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ class EvidenceConfig:
 
 def combine(scored: Sequence[Scored], prior_weight: float) -> list[Scored]:
     """Candidates best first by reranker score + prior_weight / (1 + retrieval rank)."""
-    combined = [Scored(s.index, s.score + prior_weight / (1 + s.index), s.spans) for s in scored]
+    combined = [Scored(s.index, s.score + prior_weight / (1 + s.index), s.spans, s.relevance) for s in scored]
     return sorted(combined, key=lambda s: (-s.score, s.index))
 
 

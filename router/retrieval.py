@@ -229,7 +229,7 @@ class Retriever:
         ranked = combine(scored, self.config.evidence.prior_weight)
         elapsed = clock.lap()
         STAGE_SECONDS.labels("rerank").observe(elapsed / 1000)
-        return [replace(hits[r.index], score=r.score, evidence=r.spans) for r in ranked], elapsed
+        return [replace(hits[r.index], score=r.score, evidence=r.spans, relevance=r.relevance) for r in ranked], elapsed
 
 
 def why(exc: BaseException) -> str:

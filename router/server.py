@@ -87,9 +87,9 @@ class Settings(ServiceSettings):
     evidence_tokens: int = option(160, "token budget of the evidence in the prompt")
     verify: bool = option(True, "check each answer sentence against the evidence; drop what is unsupported")
     abstain_below: float = option(
-        0.44, "abstain when the best reranked passage scores below this (fitted on two labelled sets, 142 man-page "
-              "and 120 prose questions: under 10 % of the answerable ones of either fall below it); a negative "
-              "value never abstains")
+        0.44, "abstain when no reranked passage's relevance (its score without the bonus for holding a number or "
+              "an option) reaches this (fitted on two labelled sets, 142 man-page and 120 prose questions: under "
+              "10 % of the answerable ones of either fall below it); a negative value never abstains")
     max_paraphrase_new_words: int = option(
         2, "an answer sentence kept as a paraphrase of the evidence may bring at most this many content words of "
            "its own (negative: any number)")

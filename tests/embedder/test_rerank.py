@@ -72,6 +72,20 @@ def test_the_best_sentence_is_the_one_that_answers(served):
     assert "By default, it makes three passes" in best and "specified files" not in best, best
 
 
+def test_relevance_is_the_score_without_the_bonus_for_holding_what_is_asked(served):
+    # "How long" asks for a duration: a sentence with a number gains the answer-type bonus, which ranks
+    # it among sentences about the question but says nothing of whether it is about the question.
+    texts = ["The zero number of seconds is interpreted as --nonblock.",
+             "Soft-boiled eggs are simmered for about six minutes, then cooled in cold water."]
+    reply = _call(served, embedder_pb2.RerankRequest(query="How long should a soft-boiled egg be cooked?",
+                                                     texts=texts, titles=["flock 1", "breakfast"]))
+    by_index = {r.index: r for r in reply.results}
+    assert all(r.HasField("relevance") for r in reply.results)
+    off, on = by_index[0], by_index[1]
+    assert off.score - off.relevance > 0.2  # the number lifted the score, not the relevance
+    assert on.relevance > off.relevance + 0.2 and reply.results[0].index == 1
+
+
 @pytest.mark.parametrize("request_kwargs, field", [
     (dict(query="bees", texts=[]), "texts"),
     (dict(query="bees", texts=["a", "b", "c", "d", "e"]), "texts"),

@@ -22,8 +22,9 @@ class Words:
 
 
 class FakeEmbedder:
-    def __init__(self, best_score):
+    def __init__(self, best_score, relevance=None):
         self.best_score = best_score
+        self.relevance = relevance
         self.reranked = []
 
     async def embed(self, texts, deadline):
@@ -38,7 +39,9 @@ class FakeEmbedder:
         self.titles = list(titles)
         spans = {SHRED: (Span(49, 113, 0.9), Span(0, 48, 0.8)), OTHER: (Span(0, len(OTHER), 0.3),)}
         order = sorted(range(len(texts)), key=lambda i: texts[i] != SHRED)
-        return [Scored(i, self.best_score if texts[i] == SHRED else 0.2, spans[texts[i]]) for i in order]
+        return [Scored(i, self.best_score if texts[i] == SHRED else 0.2, spans[texts[i]],
+                       None if self.relevance is None else (self.relevance if texts[i] == SHRED else 0.1))
+                for i in order]
 
     async def close(self):
         pass
@@ -81,8 +84,8 @@ class FakeGenerator:
         pass
 
 
-def make_rag(generator, best_score=0.9, **config):
-    embedder = FakeEmbedder(best_score)
+def make_rag(generator, best_score=0.9, relevance=None, **config):
+    embedder = FakeEmbedder(best_score, relevance)
     rag = Rag(RagConfig(**config), Words(), embedder, [FakeShards()], generator)
     return CachedRag(rag, Cache(MemoryBackend())), embedder
 
@@ -122,6 +125,18 @@ async def test_weak_evidence_abstains_without_generating():
     sources, text, done = await ask(rag, "Who won the 1998 football world cup?")
     assert done.abstained and text == ABSTENTION and not generator.requests and not done.citations
     assert [n for n, _ in sources.sources] == [1, 2]  # the closest passages are still listed
+
+
+async def test_abstention_reads_relevance_not_the_bonus_for_holding_a_number():
+    # A high score that is all answer-type bonus (it holds a number; it is not about the question) abstains.
+    generator = FakeGenerator("never used")
+    rag, _ = make_rag(generator, best_score=0.9, relevance=0.2)
+    _, text, done = await ask(rag, "How long should a soft-boiled egg be cooked?")
+    assert done.abstained and text == ABSTENTION and not generator.requests
+    # The same score with the relevance to match answers.
+    rag, _ = make_rag(FakeGenerator("By default it overwrites 3 times."), best_score=0.9, relevance=0.8)
+    _, text, done = await ask(rag)
+    assert not done.abstained and "3" in text
 
 
 async def test_the_pipeline_of_today_is_one_setting_away():

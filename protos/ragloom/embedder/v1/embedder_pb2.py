@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"ragloom/embedder/v1/embedder.proto\x12\x13ragloom.embedder.v1\"U\n\rRerankRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x16\n\x0espans_per_text\x18\x03 \x01(\r\x12\x0e\n\x06titles\x18\x04 \x03(\t\"1\n\x04Span\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\x12\r\n\x05score\x18\x03 \x01(\x02\"V\n\x0cRerankResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05score\x18\x02 \x01(\x02\x12(\n\x05spans\x18\x03 \x03(\x0b\x32\x19.ragloom.embedder.v1.Span\"~\n\x0eRerankResponse\x12\x32\n\x07results\x18\x01 \x03(\x0b\x32!.ragloom.embedder.v1.RerankResult\x12\r\n\x05model\x18\x02 \x01(\t\x12)\n\x05usage\x18\x03 \x01(\x0b\x32\x1a.ragloom.embedder.v1.Usage\"6\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x17\n\x0freject_overlong\x18\x02 \x01(\x08\"C\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12\x13\n\x0btoken_count\x18\x02 \x01(\r\x12\x11\n\ttruncated\x18\x03 \x01(\x08\"\x90\x01\n\rEmbedResponse\x12\x32\n\nembeddings\x18\x01 \x03(\x0b\x32\x1e.ragloom.embedder.v1.Embedding\x12\x11\n\tdimension\x18\x02 \x01(\r\x12\r\n\x05model\x18\x03 \x01(\t\x12)\n\x05usage\x18\x04 \x01(\x0b\x32\x1a.ragloom.embedder.v1.Usage\"E\n\x05Usage\x12\x14\n\x0ctotal_tokens\x18\x01 \x01(\r\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x01\"\r\n\x0bInfoRequest\"\xe2\x02\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tdimension\x18\x02 \x01(\r\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\x0f\n\x07threads\x18\x05 \x01(\r\x12\x17\n\x0fmax_batch_texts\x18\x06 \x01(\r\x12\x0f\n\x07variant\x18\x07 \x01(\t\x12\x13\n\x0bmax_wait_ms\x18\x08 \x01(\x01\x12\x18\n\x10max_batch_tokens\x18\t \x01(\r\x12\x16\n\x0emax_batch_rows\x18\n \x01(\r\x12\x19\n\x11max_queued_tokens\x18\x0b \x01(\r\x12\x0c\n\x04runs\x18\x0c \x01(\x04\x12\r\n\x05texts\x18\r \x01(\x04\x12\x0e\n\x06tokens\x18\x0e \x01(\x04\x12\x15\n\rpadded_tokens\x18\x0f \x01(\x04\x12\x0f\n\x07workers\x18\x10 \x01(\r\x12\x18\n\x10max_rerank_texts\x18\x11 \x01(\r2\xef\x02\n\x0f\x45mbedderService\x12S\n\x05\x45mbed\x12!.ragloom.embedder.v1.EmbedRequest\x1a\".ragloom.embedder.v1.EmbedResponse\"\x03\x90\x02\x01\x12]\n\x0b\x45mbedStream\x12!.ragloom.embedder.v1.EmbedRequest\x1a\".ragloom.embedder.v1.EmbedResponse\"\x03\x90\x02\x01(\x01\x30\x01\x12P\n\x04Info\x12 .ragloom.embedder.v1.InfoRequest\x1a!.ragloom.embedder.v1.InfoResponse\"\x03\x90\x02\x01\x12V\n\x06Rerank\x12\".ragloom.embedder.v1.RerankRequest\x1a#.ragloom.embedder.v1.RerankResponse\"\x03\x90\x02\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"ragloom/embedder/v1/embedder.proto\x12\x13ragloom.embedder.v1\"U\n\rRerankRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x16\n\x0espans_per_text\x18\x03 \x01(\r\x12\x0e\n\x06titles\x18\x04 \x03(\t\"1\n\x04Span\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\x12\r\n\x05score\x18\x03 \x01(\x02\"|\n\x0cRerankResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05score\x18\x02 \x01(\x02\x12(\n\x05spans\x18\x03 \x03(\x0b\x32\x19.ragloom.embedder.v1.Span\x12\x16\n\trelevance\x18\x04 \x01(\x02H\x00\x88\x01\x01\x42\x0c\n\n_relevance\"~\n\x0eRerankResponse\x12\x32\n\x07results\x18\x01 \x03(\x0b\x32!.ragloom.embedder.v1.RerankResult\x12\r\n\x05model\x18\x02 \x01(\t\x12)\n\x05usage\x18\x03 \x01(\x0b\x32\x1a.ragloom.embedder.v1.Usage\"6\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x17\n\x0freject_overlong\x18\x02 \x01(\x08\"C\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12\x13\n\x0btoken_count\x18\x02 \x01(\r\x12\x11\n\ttruncated\x18\x03 \x01(\x08\"\x90\x01\n\rEmbedResponse\x12\x32\n\nembeddings\x18\x01 \x03(\x0b\x32\x1e.ragloom.embedder.v1.Embedding\x12\x11\n\tdimension\x18\x02 \x01(\r\x12\r\n\x05model\x18\x03 \x01(\t\x12)\n\x05usage\x18\x04 \x01(\x0b\x32\x1a.ragloom.embedder.v1.Usage\"E\n\x05Usage\x12\x14\n\x0ctotal_tokens\x18\x01 \x01(\r\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x01\"\r\n\x0bInfoRequest\"\xe2\x02\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tdimension\x18\x02 \x01(\r\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\x0f\n\x07threads\x18\x05 \x01(\r\x12\x17\n\x0fmax_batch_texts\x18\x06 \x01(\r\x12\x0f\n\x07variant\x18\x07 \x01(\t\x12\x13\n\x0bmax_wait_ms\x18\x08 \x01(\x01\x12\x18\n\x10max_batch_tokens\x18\t \x01(\r\x12\x16\n\x0emax_batch_rows\x18\n \x01(\r\x12\x19\n\x11max_queued_tokens\x18\x0b \x01(\r\x12\x0c\n\x04runs\x18\x0c \x01(\x04\x12\r\n\x05texts\x18\r \x01(\x04\x12\x0e\n\x06tokens\x18\x0e \x01(\x04\x12\x15\n\rpadded_tokens\x18\x0f \x01(\x04\x12\x0f\n\x07workers\x18\x10 \x01(\r\x12\x18\n\x10max_rerank_texts\x18\x11 \x01(\r2\xef\x02\n\x0f\x45mbedderService\x12S\n\x05\x45mbed\x12!.ragloom.embedder.v1.EmbedRequest\x1a\".ragloom.embedder.v1.EmbedResponse\"\x03\x90\x02\x01\x12]\n\x0b\x45mbedStream\x12!.ragloom.embedder.v1.EmbedRequest\x1a\".ragloom.embedder.v1.EmbedResponse\"\x03\x90\x02\x01(\x01\x30\x01\x12P\n\x04Info\x12 .ragloom.embedder.v1.InfoRequest\x1a!.ragloom.embedder.v1.InfoResponse\"\x03\x90\x02\x01\x12V\n\x06Rerank\x12\".ragloom.embedder.v1.RerankRequest\x1a#.ragloom.embedder.v1.RerankResponse\"\x03\x90\x02\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,21 +44,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SPAN']._serialized_start=146
   _globals['_SPAN']._serialized_end=195
   _globals['_RERANKRESULT']._serialized_start=197
-  _globals['_RERANKRESULT']._serialized_end=283
-  _globals['_RERANKRESPONSE']._serialized_start=285
-  _globals['_RERANKRESPONSE']._serialized_end=411
-  _globals['_EMBEDREQUEST']._serialized_start=413
-  _globals['_EMBEDREQUEST']._serialized_end=467
-  _globals['_EMBEDDING']._serialized_start=469
-  _globals['_EMBEDDING']._serialized_end=536
-  _globals['_EMBEDRESPONSE']._serialized_start=539
-  _globals['_EMBEDRESPONSE']._serialized_end=683
-  _globals['_USAGE']._serialized_start=685
-  _globals['_USAGE']._serialized_end=754
-  _globals['_INFOREQUEST']._serialized_start=756
-  _globals['_INFOREQUEST']._serialized_end=769
-  _globals['_INFORESPONSE']._serialized_start=772
-  _globals['_INFORESPONSE']._serialized_end=1126
-  _globals['_EMBEDDERSERVICE']._serialized_start=1129
-  _globals['_EMBEDDERSERVICE']._serialized_end=1496
+  _globals['_RERANKRESULT']._serialized_end=321
+  _globals['_RERANKRESPONSE']._serialized_start=323
+  _globals['_RERANKRESPONSE']._serialized_end=449
+  _globals['_EMBEDREQUEST']._serialized_start=451
+  _globals['_EMBEDREQUEST']._serialized_end=505
+  _globals['_EMBEDDING']._serialized_start=507
+  _globals['_EMBEDDING']._serialized_end=574
+  _globals['_EMBEDRESPONSE']._serialized_start=577
+  _globals['_EMBEDRESPONSE']._serialized_end=721
+  _globals['_USAGE']._serialized_start=723
+  _globals['_USAGE']._serialized_end=792
+  _globals['_INFOREQUEST']._serialized_start=794
+  _globals['_INFOREQUEST']._serialized_end=807
+  _globals['_INFORESPONSE']._serialized_start=810
+  _globals['_INFORESPONSE']._serialized_end=1164
+  _globals['_EMBEDDERSERVICE']._serialized_start=1167
+  _globals['_EMBEDDERSERVICE']._serialized_end=1534
 # @@protoc_insertion_point(module_scope)

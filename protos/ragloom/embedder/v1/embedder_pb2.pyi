@@ -29,14 +29,16 @@ class Span(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...
 
 class RerankResult(_message.Message):
-    __slots__ = ("index", "score", "spans")
+    __slots__ = ("index", "score", "spans", "relevance")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     SPANS_FIELD_NUMBER: _ClassVar[int]
+    RELEVANCE_FIELD_NUMBER: _ClassVar[int]
     index: int
     score: float
     spans: _containers.RepeatedCompositeFieldContainer[Span]
-    def __init__(self, index: _Optional[int] = ..., score: _Optional[float] = ..., spans: _Optional[_Iterable[_Union[Span, _Mapping]]] = ...) -> None: ...
+    relevance: float
+    def __init__(self, index: _Optional[int] = ..., score: _Optional[float] = ..., spans: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., relevance: _Optional[float] = ...) -> None: ...
 
 class RerankResponse(_message.Message):
     __slots__ = ("results", "model", "usage")
