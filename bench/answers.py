@@ -346,11 +346,13 @@ def fit(args: argparse.Namespace) -> None:
     print(file=sys.stderr)
 
     def evaluate(weights: rerank.Weights, subset) -> tuple[float, list[float], list[float]]:
-        """Share of answerable questions whose best sentence (of the best passage) holds the answer."""
+        """Share of answerable questions whose best sentence (of the best passage) holds the answer, and the
+        relevance the router's abstention reads (the best candidate's) of the answerable and the others."""
         hits, good, bad = 0, [], []
         for q, texts, docs, f in subset:
-            top = rerank.rank(f, len(texts), weights, spans_per_text=1)[0]
-            (bad if q["document"] is None else good).append(top.score)
+            ranked = rerank.rank(f, len(texts), weights, spans_per_text=1)
+            top = ranked[0]
+            (bad if q["document"] is None else good).append(max(r.relevance for r in ranked))
             if q["document"] is not None:
                 sentence = texts[top.index][top.spans[0].start : top.spans[0].end]
                 hits += docs[top.index] == q["document"] and bool(re.search(q["answer"], sentence, re.I))
