@@ -48,5 +48,5 @@ class RagConfig:
 
     def pipeline_key(self) -> str:
         """What decides an answer beside the question: part of the answer cache's key."""
-        return (f"{self.rerank_ask}:{self.rerank_candidates}:{self.rerank_reserved}:{self.prompt}:{self.verify}:{self.abstain_below}:{self.quote_min_score}:"
-                f"{self.evidence}:{self.verifier}")
+        return (f"{self.rerank_ask}:{self.rerank_candidates}:{self.rerank_reserved}:{self.prompt}:{self.verify}:"
+                f"{self.abstain_below}:{self.quote_min_score}:{self.evidence}:{self.verifier}")
