@@ -276,7 +276,8 @@ def run(args: argparse.Namespace) -> None:
 def fit(args: argparse.Namespace) -> None:
     """Fits the reranker's weights and the abstention threshold on the labelled set, in process (no mesh):
     candidates as the router gets them (dense over title-prefixed chunks + BM25, fused by reciprocal rank,
-    12 of them), features by the embedder's own scorer, a grid over the weights, two folds by page.
+    12 of them, each method's best 3 among them), features by the embedder's own scorer, a grid over the
+    weights, two folds by page.
     Also compares fp32 with int8 retrieval quality (nDCG@10 of dense search over the same chunks)."""
     import numpy as np
 
@@ -285,7 +286,10 @@ def fit(args: argparse.Namespace) -> None:
     from embedder.server import resolve_model
     from fabric.text import content_words
     from router.chunking import Chunker
+    from router.config import RagConfig
+    from router.domain import Hit
     from router.parsing import normalise_whitespace, title_for
+    from router.retrieval import fuse_reciprocal_rank
     from router.server import _packaged_tokenizer
 
     questions = load_questions()
@@ -334,11 +338,9 @@ def fit(args: argparse.Namespace) -> None:
     cases = []
     for n, q in enumerate(questions):
         v = model.embed([q["question"]]).vectors[0]
-        fused: dict[int, float] = {}
-        for ranking in (np.argsort(-(chunk_vectors @ v))[:40], np.argsort(-bm25(q["question"]))[:40]):
-            for r, i in enumerate(ranking):
-                fused[int(i)] = fused.get(int(i), 0.0) + 1 / (61 + r)
-        order = sorted(fused, key=lambda i: -fused[i])[:12]
+        rankings = [[Hit(0.0, chunks[i][0], str(int(i)), "", "", 0) for i in ranking[:40]]
+                    for ranking in (np.argsort(-(chunk_vectors @ v)), np.argsort(-bm25(q["question"])))]
+        order = [int(h.chunk_id) for h in fuse_reciprocal_rank(rankings, 12, RagConfig.rerank_reserved)[:12]]
         texts = [chunks[i][1] for i in order]
         f = asyncio.run(rerank.features(q["question"], texts, embed, [titles[i] for i in order]))
         cases.append((q, texts, [chunks[i][0] for i in order], f))
@@ -347,12 +349,12 @@ def fit(args: argparse.Namespace) -> None:
 
     def evaluate(weights: rerank.Weights, subset) -> tuple[float, list[float], list[float]]:
         """Share of answerable questions whose best sentence (of the best passage) holds the answer, and the
-        relevance the router's abstention reads (the best candidate's) of the answerable and the others."""
+        relevance the router's abstention reads (the best of the sources') of the answerable and the others."""
         hits, good, bad = 0, [], []
         for q, texts, docs, f in subset:
             ranked = rerank.rank(f, len(texts), weights, spans_per_text=1)
             top = ranked[0]
-            (bad if q["document"] is None else good).append(max(r.relevance for r in ranked))
+            (bad if q["document"] is None else good).append(max(r.relevance for r in ranked[:RagConfig.ask_top_k]))
             if q["document"] is not None:
                 sentence = texts[top.index][top.spans[0].start : top.spans[0].end]
                 hits += docs[top.index] == q["document"] and bool(re.search(q["answer"], sentence, re.I))

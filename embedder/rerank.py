@@ -63,8 +63,9 @@ class Ranked:
     index: int
     score: float
     spans: list[Span]
-    #: The score without the answer-type bonus: how closely the text is about the query, whatever it holds.
-    relevance: float = 0.0
+    #: The score without the answer-type bonus: how closely the text is about the query, whatever it holds
+    #: (None from a scorer without such a bonus: its score says it).
+    relevance: float | None = None
 
 
 @dataclass(frozen=True)

@@ -262,8 +262,9 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         return embedder_pb2.RerankResponse(
             results=[
                 embedder_pb2.RerankResult(
-                    index=r.index, score=r.score, relevance=r.relevance,
+                    index=r.index, score=r.score,
                     spans=[embedder_pb2.Span(start=s.start, end=s.end, score=s.score) for s in r.spans],
+                    **({} if r.relevance is None else {"relevance": r.relevance}),
                 )
                 for r in ranked
             ],

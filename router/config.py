@@ -38,7 +38,7 @@ class RagConfig:
     prompt: str = "evidence"
     # Check every answer sentence against the evidence, dropping what is unsupported.
     verify: bool = True
-    # Abstain when no reranked candidate's relevance reaches this (fitted on the labelled sets); None: never.
+    # Abstain when no source's relevance (reranked) reaches this (fitted on the labelled sets); None: never.
     abstain_below: float | None = 0.44
     # When no generated sentence is supported, the evidence is quoted if the best passage scores at least
     # this; below it the ask abstains (weak evidence and an answer that cannot be verified).

@@ -148,7 +148,7 @@ class Rag:
                 answer.degrade("rerank", f"rerank: the embedder failed ({why(exc)}); retrieval order, no abstention")
         sources = [(i + 1, hit) for i, hit in enumerate(hits[:k])]
 
-        if reranked and config.abstain_below is not None and relevance(hits) < config.abstain_below:
+        if reranked and config.abstain_below is not None and relevance(hits[:k]) < config.abstain_below:
             yield AskSources(sources, coverage)
             yield answer.emit(ABSTENTION)
             yield _finish(answer, abstained=True)
@@ -243,9 +243,9 @@ class Rag:
 
 
 def relevance(hits: list[Hit]) -> float:
-    """How closely the reranked candidates come to being about the question: the best one's relevance
-    (its score without the bonus for holding a number or an option), or its score where the reranker
-    gives no relevance."""
+    """How closely the reranked `hits` (the sources an answer would come from) come to being about the
+    question: the best one's relevance (its score without the bonus for holding a number or an option),
+    or its score where the reranker gives no relevance."""
     return max(hit.score if hit.relevance is None else hit.relevance for hit in hits)
 
 

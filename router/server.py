@@ -79,7 +79,8 @@ class Settings(ServiceSettings):
     rerank_candidates: int = option(12, "passages retrieved and reranked for an ask (or a search with rerank)")
     rerank_reserved: int = option(
         3, "of the rerank candidates (hybrid retrieval), the best this many of dense and of BM25 each, whatever "
-           "their fused rank: a passage one method ranks near the top is not lost to fusion")
+           "their fused rank: a passage one method ranks near the top is not lost to fusion (at most half the "
+           "candidates)")
     rerank: bool = option(True, "rerank the candidates of an ask by how well they answer (the embedder's Rerank)")
     search_rerank: bool = option(False, "rerank searches whose request does not say")
     prompt: str = option("evidence", "what the model is shown: 'evidence' (the best sentences) or 'passages' (whole passages)")
@@ -87,7 +88,7 @@ class Settings(ServiceSettings):
     evidence_tokens: int = option(160, "token budget of the evidence in the prompt")
     verify: bool = option(True, "check each answer sentence against the evidence; drop what is unsupported")
     abstain_below: float = option(
-        0.44, "abstain when no reranked passage's relevance (its score without the bonus for holding a number or "
+        0.44, "abstain when no source's relevance (its reranked score without the bonus for holding a number or "
               "an option) reaches this (fitted on two labelled sets, 142 man-page and 120 prose questions: under "
               "10 % of the answerable ones of either fall below it); a negative value never abstains")
     max_paraphrase_new_words: int = option(
@@ -133,8 +134,9 @@ class Settings(ServiceSettings):
             raise ValueError("max_question_tokens and max_chunks_per_request must be positive")
         if self.rerank_candidates < 1 or self.evidence_sentences < 1 or self.evidence_tokens < 16:
             raise ValueError("rerank_candidates and evidence_sentences must be positive, evidence_tokens at least 16")
-        if not 0 <= self.rerank_reserved <= self.rerank_candidates:
-            raise ValueError("rerank_reserved must be between 0 and rerank_candidates")
+        if not 0 <= 2 * self.rerank_reserved <= self.rerank_candidates:
+            raise ValueError("rerank_reserved must be between 0 and half of rerank_candidates (dense and BM25 "
+                             "each get that many seats)")
 
 
 def _timings(t: Timings) -> router_pb2.Timings:

@@ -86,6 +86,18 @@ def test_relevance_is_the_score_without_the_bonus_for_holding_what_is_asked(serv
     assert on.relevance > off.relevance + 0.2 and reply.results[0].index == 1
 
 
+def test_a_scorer_without_an_answer_type_bonus_leaves_relevance_unset(monkeypatch, served):
+    import embedder.rerank
+
+    async def plain(query, texts, embed, weights=None, spans_per_text=3, titles=()):
+        return [embedder.rerank.Ranked(i, 1.0 - i / 10, []) for i in range(len(texts))]
+
+    monkeypatch.setattr(embedder.rerank, "rerank", plain)
+    reply = _call(served, embedder_pb2.RerankRequest(query="bees", texts=["one text", "another"]))
+    assert [r.index for r in reply.results] == [0, 1]
+    assert not any(r.HasField("relevance") for r in reply.results)  # the router then reads the score
+
+
 @pytest.mark.parametrize("request_kwargs, field", [
     (dict(query="bees", texts=[]), "texts"),
     (dict(query="bees", texts=["a", "b", "c", "d", "e"]), "texts"),

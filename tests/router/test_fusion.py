@@ -1,5 +1,8 @@
+import pytest
+
 from router.domain import Coverage, Hit
 from router.retrieval import fuse_reciprocal_rank
+from router.server import Settings
 
 
 def hit(chunk_id: str, score: float = 0.0) -> Hit:
@@ -38,3 +41,14 @@ def test_reserved_seats_beyond_k_keep_the_fused_best_of_them():
     fused = [h.chunk_id for h in fuse_reciprocal_rank([dense, lexical], k=2, reserved=3)]
     assert fused[:2] == ["a#0", "d#0"] and len(fused) == 6
     assert fuse_reciprocal_rank([dense, lexical], k=10, reserved=3) == fuse_reciprocal_rank([dense, lexical])
+
+
+@pytest.mark.parametrize("candidates, reserved, ok", [(12, 3, True), (12, 6, True), (12, 7, False), (4, 0, True),
+                                                      (12, -1, False)])
+def test_reserved_seats_must_fit_both_methods_among_the_candidates(candidates, reserved, ok):
+    settings = Settings(rerank_candidates=candidates, rerank_reserved=reserved)
+    if ok:
+        settings.validate()
+    else:
+        with pytest.raises(ValueError, match="rerank_reserved"):
+            settings.validate()
