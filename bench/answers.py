@@ -64,6 +64,7 @@ CONFIGS = {
     "default": [],
     "no-rerank": ["--no-rerank"],
     "no-reserve": ["--rerank-reserved", "0"],  # the rerank candidates by fused rank alone
+    "no-reread": ["--reread-sentences", "0"],  # the reranker's order, not re-read by the generator's model
     "no-verify": ["--no-verify"],
     "any-paraphrase": ["--max-paraphrase-new-words", "-1"],
     "new-words-0": ["--max-new-words", "0"],

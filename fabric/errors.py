@@ -50,6 +50,12 @@ class FailedPrecondition(RagloomError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class Unimplemented(RagloomError):
+    """This server cannot do what was asked (a generator backend that cannot score, say)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
 class Overloaded(RagloomError):
     """Too much work in flight; the caller should back off and retry."""
 

@@ -114,6 +114,9 @@ def to_params(request: generator_pb2.GenerateRequest, default_max_tokens: int) -
     )
 
 
+#: Most contexts one Score request may hold.
+MAX_SCORE_CONTEXTS = 64
+
 TIME_TO_FIRST_TOKEN = Histogram(
     "ragloom_generator_time_to_first_token_seconds", "From request to the first generated token",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60),
@@ -161,6 +164,16 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                     finish_reason=_FINISH_REASONS[item.finish_reason],
                     usage=_usage(clock.finish(item), queue_ms=SLOT_WAIT.get() * 1000),
                 )
+
+    async def Score(self, request, context):
+        contexts = list(request.contexts)
+        if not 1 <= len(contexts) <= MAX_SCORE_CONTEXTS:
+            raise InvalidArgument("contexts", f"1 to {MAX_SCORE_CONTEXTS} contexts, got {len(contexts)}")
+        if not request.continuation.strip():
+            raise InvalidArgument("continuation", "must not be empty")
+        found = await self.backend.score(contexts, request.continuation)
+        return generator_pb2.ScoreResponse(mean_logprob=found.mean_logprob,
+                                           continuation_tokens=found.continuation_tokens, tokens=found.tokens)
 
     async def Info(self, request, context):
         model, context_tokens = self.backend.info()

@@ -194,5 +194,15 @@ class GeneratorClient:
         finally:
             call.cancel()  # our caller went away: stop the generator spending compute
 
+    async def score(self, contexts: Sequence[str], continuation: str, deadline: Deadline,
+                    timeout_s: float | None = None) -> list[float]:
+        """The generator's model's mean log-probability of `continuation` after each of `contexts`, in order
+        (within `timeout_s`, when given, as well as the deadline)."""
+        request = generator_pb2.ScoreRequest(contexts=contexts, continuation=continuation)
+        timeout = deadline.timeout(self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s))
+        with _naming("generator", "Score"):
+            reply = await self._stub.Score(request, timeout=timeout, metadata=outgoing_metadata())
+        return list(reply.mean_logprob)
+
     async def close(self) -> None:
         await self._channel.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from router.evidence import EvidenceConfig
+from router.reread import RereadConfig
 from router.verify import VerifierConfig
 
 
@@ -44,9 +45,12 @@ class RagConfig:
     # this; below it the ask abstains (weak evidence and an answer that cannot be verified).
     quote_min_score: float = 0.0
     evidence: EvidenceConfig = field(default_factory=EvidenceConfig)
+    # The generator's model re-reads the best evidence sentences before the answer is built from them.
+    reread: RereadConfig = field(default_factory=RereadConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
 
     def pipeline_key(self) -> str:
         """What decides an answer beside the question: part of the answer cache's key."""
         return (f"{self.rerank_ask}:{self.rerank_candidates}:{self.rerank_reserved}:{self.prompt}:{self.verify}:"
-                f"{self.abstain_below}:{self.quote_min_score}:{self.evidence}:{self.verifier}")
+                f"{self.abstain_below}:{self.quote_min_score}:{self.evidence}:{self.verifier}:"
+                f"{self.reread.sentences}:{self.reread.weight}")

@@ -19,7 +19,8 @@ PARTIAL_RESULTS = Counter(
 )
 STAGE_SECONDS = Histogram(
     "ragloom_router_stage_seconds", "Time in each stage of a request: embedding (the query), retrieval (all shards), "
-    "rerank (the candidates), generation (first token to last)", ["stage"], buckets=LATENCY_BUCKETS,
+    "rerank (the candidates), reread (the best sentences, by the generator's model), generation (first token to "
+    "last)", ["stage"], buckets=LATENCY_BUCKETS,
 )
 TIME_TO_FIRST_TOKEN = Histogram(
     "ragloom_router_time_to_first_token_seconds", "From the start of an ask to the first answer text sent (verified), as users feel it",

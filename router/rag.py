@@ -13,11 +13,13 @@ import re
 import time
 from collections.abc import AsyncIterator
 
+import grpc
 import numpy as np
 
 from fabric.client import Deadline
-from fabric.errors import FailedPrecondition, InvalidArgument, is_dependency_failure
+from fabric.errors import FailedPrecondition, InvalidArgument, code_of, is_dependency_failure
 from fabric.telemetry import span, tracer
+from router import reread
 from router.chunking import Chunker
 from router.clients import EmbedderClient, GeneratorClient
 from router.clock import Clock
@@ -146,13 +148,14 @@ class Rag:
                     raise
                 # The retrieval order stands; without rerank scores there is no evidence to abstain on.
                 answer.degrade("rerank", f"rerank: the embedder failed ({why(exc)}); retrieval order, no abstention")
-        sources = [(i + 1, hit) for i, hit in enumerate(hits[:k])]
-
         if reranked and config.abstain_below is not None and relevance(hits[:k]) < config.abstain_below:
-            yield AskSources(sources, coverage)
+            yield AskSources([(i + 1, hit) for i, hit in enumerate(hits[:k])], coverage)
             yield answer.emit(ABSTENTION)
             yield _finish(answer, abstained=True)
             return
+        if reranked and config.reread.sentences:
+            hits = await self._reread(query.question, hits, deadline, answer)
+        sources = [(i + 1, hit) for i, hit in enumerate(hits[:k])]
 
         with span(_tracer, "build prompt") as current:
             if config.prompt == "passages":
@@ -217,6 +220,31 @@ class Rag:
             answer.support = [Support(s.number, s.span, s.text) for s in quoted(evidence)]
             answer.citations = [answer.support[0].source]
         yield _finish(answer)
+
+    async def _reread(self, question: str, hits: list[Hit], deadline: Deadline, sent: "_Answer") -> list[Hit]:
+        """`hits` re-ordered by the generator's model reading their best sentences (router/reread.py); as they
+        are when the generator cannot score (UNIMPLEMENTED: said nowhere, it is the backend's nature) or fails."""
+        config = self.config.reread
+        read = reread.pool(hits, config.sentences)
+        if len(read) < 2:
+            return hits
+        clock = Clock()
+        try:
+            with span(_tracer, "reread", **{"ragloom.sentences": len(read)}):
+                DOWNSTREAM_CALLS.labels("generator").inc()
+                logprobs = await self.generator.score(reread.prompts(hits, read), question, deadline,
+                                                      timeout_s=config.timeout_s)
+        except Exception as exc:
+            if code_of(exc) is grpc.StatusCode.UNIMPLEMENTED:
+                return hits
+            if not is_dependency_failure(exc):
+                raise
+            sent.degrade("reread", f"reread: the generator failed ({why(exc)}); the reranker's order")
+            return hits
+        finally:
+            sent.timings.reread_ms = clock.lap()
+            STAGE_SECONDS.labels("reread").observe(sent.timings.reread_ms / 1000)
+        return reread.rescore(hits, read, logprobs, config.weight)
 
     async def _attribute(self, answer: str, sources: list[tuple[int, Hit]], deadline: Deadline,
                          sent: "_Answer") -> list[int]:

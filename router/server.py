@@ -29,6 +29,7 @@ from router.domain import (
 from router.evidence import EvidenceConfig, Span
 from router.ingest import LogWrites
 from router.rag import Rag
+from router.reread import RereadConfig
 from router.verify import VerifierConfig
 from router.shardlog import ShardLog
 from router.topology import Breaker, Replica, ShardGroup, parse_topology
@@ -84,6 +85,12 @@ class Settings(ServiceSettings):
     rerank: bool = option(True, "rerank the candidates of an ask by how well they answer (the embedder's Rerank)")
     search_rerank: bool = option(False, "rerank searches whose request does not say")
     prompt: str = option("evidence", "what the model is shown: 'evidence' (the best sentences) or 'passages' (whole passages)")
+    reread_sentences: int = option(
+        4, "the best evidence sentences (across the candidates) the generator's model re-reads, scoring how likely "
+           "the question is written about each (its Score RPC), before the answer is built from them; 0 = off")
+    reread_weight: float = option(0.5, "score a re-read sentence loses per nat (per question token) of likelihood below "
+                                       "the best-read one's (fitted on the two labelled sets)")
+    reread_timeout_s: float = option(3.0, "longest the re-reading may take; past it the reranker's order stands")
     evidence_sentences: int = option(3, "most evidence sentences in the prompt")
     evidence_tokens: int = option(160, "token budget of the evidence in the prompt")
     verify: bool = option(True, "check each answer sentence against the evidence; drop what is unsupported")
@@ -134,6 +141,8 @@ class Settings(ServiceSettings):
             raise ValueError("max_question_tokens and max_chunks_per_request must be positive")
         if self.rerank_candidates < 1 or self.evidence_sentences < 1 or self.evidence_tokens < 16:
             raise ValueError("rerank_candidates and evidence_sentences must be positive, evidence_tokens at least 16")
+        if self.reread_sentences < 0 or self.reread_weight < 0 or self.reread_timeout_s <= 0:
+            raise ValueError("reread_sentences and reread_weight must not be negative, reread_timeout_s must be positive")
         if not 0 <= 2 * self.rerank_reserved <= self.rerank_candidates:
             raise ValueError("rerank_reserved must be between 0 and half of rerank_candidates (dense and BM25 "
                              "each get that many seats)")
@@ -335,6 +344,7 @@ class RouterService:
             rerank_search=s.search_rerank, prompt=s.prompt, verify=s.verify,
             abstain_below=s.abstain_below if s.abstain_below >= 0 else None, quote_min_score=s.quote_min_score,
             evidence=EvidenceConfig(sentences=s.evidence_sentences, tokens=s.evidence_tokens),
+            reread=RereadConfig(s.reread_sentences, s.reread_weight, s.reread_timeout_s),
             verifier=VerifierConfig(max_paraphrase_new_words=s.max_paraphrase_new_words,
                                     max_new_words=s.max_new_words),
             max_question_tokens=s.max_question_tokens, max_chunks_per_request=s.max_chunks_per_request,

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from fabric.errors import Overloaded
+from fabric.errors import Overloaded, Unimplemented
 from fabric.shedding import Ewma, expected_finish_s, refuse_if_late
 
 ROLES = ("system", "user", "assistant")
@@ -57,6 +57,16 @@ class Finished:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Likelihoods:
+    """What `Backend.score` found: per context, in request order, the mean natural-log probability of the
+    continuation's tokens after it; the continuation's length and all the tokens read, in tokens."""
+
+    mean_logprob: list[float]
+    continuation_tokens: int
+    tokens: int
 
 
 @dataclass(frozen=True)
@@ -178,6 +188,11 @@ class Backend(ABC):
 
         Closing the iterator early (the caller went away) must stop the work promptly.
         """
+
+    async def score(self, contexts: list[str], continuation: str) -> Likelihoods:
+        """How likely the model finds `continuation` after each of `contexts` (see likelihood.py); a
+        backend that cannot read its model's probabilities says so (UNIMPLEMENTED)."""
+        raise Unimplemented(f"the {self.name} backend cannot score text")
 
 
 #: Every backend: name → "module:Class". Only the chosen one's module is imported.

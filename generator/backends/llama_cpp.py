@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from generator.backends.base import Backend, CommonOptions, Delta, Finished, FinishReason, GenerationParams, Slots
+from generator.backends.base import (Backend, CommonOptions, Delta, Finished, FinishReason, GenerationParams,
+                                     Likelihoods, Slots)
+from generator.backends.likelihood import LlamaLikelihood
 from fabric.errors import InvalidArgument, Unavailable
 from fabric.resources import usable_cpus
 from fabric.settings import option
@@ -118,6 +120,9 @@ class LlamaCppBackend(Backend):
         self._executors = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{i}")
                            for i in range(self.parallel)]
         self._contexts: list[llama_cpp.Llama] = []
+        # Scoring (the Score RPC) has a context of its own, on a thread of its own, beside the generations.
+        self._likelihood = LlamaLikelihood(self.model_path, self.batch_threads)
+        self._scoring = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-score")
         self._free: asyncio.Queue[int] = asyncio.Queue()
         self._tokens_sampled = 0
         self._count_lock = threading.Lock()
@@ -146,6 +151,7 @@ class LlamaCppBackend(Backend):
         # One after another: with verbose=False llama-cpp-python points fds 1 and 2 at /dev/null while it
         # loads and puts them back after, which two loads at once would leave pointing there for good.
         self._contexts = [await loop.run_in_executor(e, self._load) for e in self._executors]
+        await loop.run_in_executor(self._scoring, self._likelihood.load)
         for i in range(self.parallel):
             self._free.put_nowait(i)
         log.info("loaded %s: %d context(s) of %d tokens, %d thread(s) each, %d for prompts", self.model_path.name,
@@ -170,12 +176,19 @@ class LlamaCppBackend(Backend):
         contexts, self._contexts = self._contexts, []
         loop = asyncio.get_running_loop()
         # Each queued behind any generation still winding down on its worker thread.
-        await asyncio.gather(*(loop.run_in_executor(e, llm.close) for e, llm in zip(self._executors, contexts)))
-        for executor in self._executors:
+        await asyncio.gather(*(loop.run_in_executor(e, llm.close) for e, llm in zip(self._executors, contexts)),
+                             loop.run_in_executor(self._scoring, self._likelihood.close))
+        for executor in (*self._executors, self._scoring):
             executor.shutdown(wait=False)
 
     def info(self) -> tuple[str, int]:
         return self.model_path.name, self.context_tokens
+
+    async def score(self, contexts: list[str], continuation: str) -> Likelihoods:
+        if not self._contexts:
+            raise Unavailable("the model is not loaded yet")
+        return await asyncio.get_running_loop().run_in_executor(self._scoring, self._likelihood.score, contexts,
+                                                                continuation)
 
     async def stream(self, params: GenerationParams) -> AsyncIterator[Delta | Finished]:
         if not self._contexts:

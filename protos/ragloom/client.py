@@ -243,6 +243,7 @@ class Timings:
     rerank_ms: float = 0.0
     verify_ms: float = 0.0
     generator_queue_ms: float = 0.0
+    reread_ms: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -211,3 +211,12 @@ async def test_grpc_cancel_hangs_up_upstream(fake, stub):
     await asyncio.wait_for(fake.hung_up.wait(), timeout=2)
     assert time.monotonic() - started < 1
     assert fake.sent < 20
+
+
+async def test_score_is_unimplemented_for_a_server_that_gives_no_prompt_probabilities(stub):
+    # The router reads UNIMPLEMENTED as "keep the reranker's order", not as a failure.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Score(generator_pb2.ScoreRequest(contexts=["a passage"], continuation="why?"), timeout=5)
+
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "openai" in caught.value.details()

@@ -147,3 +147,54 @@ async def test_a_cancelled_call_stops_the_generation(server, stub):
 
     assert replies[-1].usage.completion_tokens == 1
     assert backend.tokens_sampled - at_cancel <= 3
+
+
+PASSAGES = ["For more distant patches she performs the waggle dance, a run straight ahead while waggling.",
+            "The cells hold developing brood and stores of pollen and honey.",
+            "Wasps build nests of chewed wood pulp."]
+QUESTION = "How do honeybees tell each other where the flowers are?"
+
+
+def reading(passage: str) -> str:
+    return f"Passage: honeybee: {passage}\nPlease write a question based on this passage.\nQuestion: "
+
+
+async def test_score_reads_the_question_as_likeliest_after_the_passage_it_is_about(stub):
+    reply = await stub.Score(generator_pb2.ScoreRequest(contexts=[reading(p) for p in PASSAGES], continuation=QUESTION),
+                             timeout=30)
+
+    waggle, cells, wasps = reply.mean_logprob
+    assert waggle > cells and waggle > wasps and all(lp < 0 for lp in reply.mean_logprob)
+    assert reply.continuation_tokens >= 8 and reply.tokens > 3 * reply.continuation_tokens
+    # Each context is scored on its own: alone, the same figure as among the others.
+    alone = await stub.Score(generator_pb2.ScoreRequest(contexts=[reading(PASSAGES[1])], continuation=QUESTION),
+                             timeout=30)
+    assert alone.mean_logprob[0] == pytest.approx(cells, abs=0.05)
+
+
+async def test_more_contexts_than_one_batch_holds_are_scored_alike_in_order(stub):
+    contexts = [f"Passage: item {i}.\nQuestion: " for i in range(18)]  # 16 sequences fit one decode
+    reply = await stub.Score(generator_pb2.ScoreRequest(contexts=contexts, continuation="What is item 3?"), timeout=60)
+
+    assert len(reply.mean_logprob) == 18
+    alone = await stub.Score(generator_pb2.ScoreRequest(contexts=contexts[17:], continuation="What is item 3?"),
+                             timeout=30)
+    assert reply.mean_logprob[17] == pytest.approx(alone.mean_logprob[0], abs=0.05)
+    assert reply.mean_logprob[3] == max(reply.mean_logprob)  # the question names item 3
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (generator_pb2.ScoreRequest(continuation="why?"), "contexts"),
+        (generator_pb2.ScoreRequest(contexts=["a"] * 65, continuation="why?"), "contexts"),
+        (generator_pb2.ScoreRequest(contexts=["a passage"], continuation=" "), "continuation"),
+        (generator_pb2.ScoreRequest(contexts=["word " * 3000], continuation="why?"), "contexts[0]"),
+    ],
+)
+async def test_bad_score_requests_are_invalid_argument_naming_the_field(stub, request_, field):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Score(request_, timeout=30)
+
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith(f"{field}: ")

@@ -106,6 +106,8 @@ def test_answer_streams_sources_then_tokens_then_citations(router, corpus):
     assert done.support and all(s.source in done.citations for s in done.support)
     assert all(sources[s.source - 1].text[s.span.start:s.span.end] == s.text for s in done.support)
     assert done.timings.time_to_first_token_ms > 0 and done.timings.rerank_ms > 0
+    # The generator's model re-read the best sentences (its Score, through the mesh) and nothing degraded.
+    assert done.timings.reread_ms > 0 and not done.degraded
 
 
 def _numbers(text):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fabric.errors import Behind, Unavailable
+from fabric.errors import Behind, Unavailable, Unimplemented
 from router.domain import Generated, Hit
 from router.evidence import Scored, Span
 from router.topology import ShardGroup
@@ -157,6 +157,9 @@ class FakeGenerator:
         for piece in self.pieces:
             yield Generated(piece)
         yield Generated("", completion_tokens=len(self.pieces))
+
+    async def score(self, contexts, continuation, deadline, timeout_s=None):
+        raise Unimplemented("this fake generator cannot score")  # as a backend without probabilities
 
     async def close(self):
         pass

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$ragloom/generator/v1/generator.proto\x12\x14ragloom.generator.v1\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xdc\x01\n\x0fGenerateRequest\x12/\n\x08messages\x18\x01 \x03(\x0b\x32\x1d.ragloom.generator.v1.Message\x12\x17\n\nmax_tokens\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x03\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xb8\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1e\n\x16time_to_first_token_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\x12\x1e\n\x16inter_token_latency_ms\x18\x05 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x06 \x01(\x01\x12\x10\n\x08queue_ms\x18\x07 \x01(\x01\"\x87\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x39\n\rfinish_reason\x18\x02 \x01(\x0e\x32\".ragloom.generator.v1.FinishReason\x12*\n\x05usage\x18\x03 \x01(\x0b\x32\x1b.ragloom.generator.v1.Usage\"\r\n\x0bInfoRequest\"X\n\x0cInfoResponse\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_tokens\x18\x03 \x01(\r\x12\x10\n\x08parallel\x18\x04 \x01(\r*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xc8\x01\n\x10GeneratorService\x12`\n\x08Generate\x12%.ragloom.generator.v1.GenerateRequest\x1a&.ragloom.generator.v1.GenerateResponse\"\x03\x90\x02\x01\x30\x01\x12R\n\x04Info\x12!.ragloom.generator.v1.InfoRequest\x1a\".ragloom.generator.v1.InfoResponse\"\x03\x90\x02\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$ragloom/generator/v1/generator.proto\x12\x14ragloom.generator.v1\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xdc\x01\n\x0fGenerateRequest\x12/\n\x08messages\x18\x01 \x03(\x0b\x32\x1d.ragloom.generator.v1.Message\x12\x17\n\nmax_tokens\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x03\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xb8\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1e\n\x16time_to_first_token_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\x12\x1e\n\x16inter_token_latency_ms\x18\x05 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x06 \x01(\x01\x12\x10\n\x08queue_ms\x18\x07 \x01(\x01\"\x87\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x39\n\rfinish_reason\x18\x02 \x01(\x0e\x32\".ragloom.generator.v1.FinishReason\x12*\n\x05usage\x18\x03 \x01(\x0b\x32\x1b.ragloom.generator.v1.Usage\"6\n\x0cScoreRequest\x12\x10\n\x08\x63ontexts\x18\x01 \x03(\t\x12\x14\n\x0c\x63ontinuation\x18\x02 \x01(\t\"R\n\rScoreResponse\x12\x14\n\x0cmean_logprob\x18\x01 \x03(\x02\x12\x1b\n\x13\x63ontinuation_tokens\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x01(\r\"\r\n\x0bInfoRequest\"X\n\x0cInfoResponse\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_tokens\x18\x03 \x01(\r\x12\x10\n\x08parallel\x18\x04 \x01(\r*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\x9f\x02\n\x10GeneratorService\x12`\n\x08Generate\x12%.ragloom.generator.v1.GenerateRequest\x1a&.ragloom.generator.v1.GenerateResponse\"\x03\x90\x02\x01\x30\x01\x12U\n\x05Score\x12\".ragloom.generator.v1.ScoreRequest\x1a#.ragloom.generator.v1.ScoreResponse\"\x03\x90\x02\x01\x12R\n\x04Info\x12!.ragloom.generator.v1.InfoRequest\x1a\".ragloom.generator.v1.InfoResponse\"\x03\x90\x02\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATORSERVICE'].methods_by_name['Generate']._loaded_options = None
   _globals['_GENERATORSERVICE'].methods_by_name['Generate']._serialized_options = b'\220\002\001'
+  _globals['_GENERATORSERVICE'].methods_by_name['Score']._loaded_options = None
+  _globals['_GENERATORSERVICE'].methods_by_name['Score']._serialized_options = b'\220\002\001'
   _globals['_GENERATORSERVICE'].methods_by_name['Info']._loaded_options = None
   _globals['_GENERATORSERVICE'].methods_by_name['Info']._serialized_options = b'\220\002\001'
-  _globals['_FINISHREASON']._serialized_start=757
-  _globals['_FINISHREASON']._serialized_end=852
+  _globals['_FINISHREASON']._serialized_start=897
+  _globals['_FINISHREASON']._serialized_end=992
   _globals['_MESSAGE']._serialized_start=62
   _globals['_MESSAGE']._serialized_end=102
   _globals['_GENERATEREQUEST']._serialized_start=105
@@ -45,10 +47,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGE']._serialized_end=512
   _globals['_GENERATERESPONSE']._serialized_start=515
   _globals['_GENERATERESPONSE']._serialized_end=650
-  _globals['_INFOREQUEST']._serialized_start=652
-  _globals['_INFOREQUEST']._serialized_end=665
-  _globals['_INFORESPONSE']._serialized_start=667
-  _globals['_INFORESPONSE']._serialized_end=755
-  _globals['_GENERATORSERVICE']._serialized_start=855
-  _globals['_GENERATORSERVICE']._serialized_end=1055
+  _globals['_SCOREREQUEST']._serialized_start=652
+  _globals['_SCOREREQUEST']._serialized_end=706
+  _globals['_SCORERESPONSE']._serialized_start=708
+  _globals['_SCORERESPONSE']._serialized_end=790
+  _globals['_INFOREQUEST']._serialized_start=792
+  _globals['_INFOREQUEST']._serialized_end=805
+  _globals['_INFORESPONSE']._serialized_start=807
+  _globals['_INFORESPONSE']._serialized_end=895
+  _globals['_GENERATORSERVICE']._serialized_start=995
+  _globals['_GENERATORSERVICE']._serialized_end=1282
 # @@protoc_insertion_point(module_scope)

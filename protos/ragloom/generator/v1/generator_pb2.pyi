@@ -68,6 +68,24 @@ class GenerateResponse(_message.Message):
     usage: Usage
     def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
 
+class ScoreRequest(_message.Message):
+    __slots__ = ("contexts", "continuation")
+    CONTEXTS_FIELD_NUMBER: _ClassVar[int]
+    CONTINUATION_FIELD_NUMBER: _ClassVar[int]
+    contexts: _containers.RepeatedScalarFieldContainer[str]
+    continuation: str
+    def __init__(self, contexts: _Optional[_Iterable[str]] = ..., continuation: _Optional[str] = ...) -> None: ...
+
+class ScoreResponse(_message.Message):
+    __slots__ = ("mean_logprob", "continuation_tokens", "tokens")
+    MEAN_LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    CONTINUATION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    mean_logprob: _containers.RepeatedScalarFieldContainer[float]
+    continuation_tokens: int
+    tokens: int
+    def __init__(self, mean_logprob: _Optional[_Iterable[float]] = ..., continuation_tokens: _Optional[int] = ..., tokens: _Optional[int] = ...) -> None: ...
+
 class InfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -40,6 +40,11 @@ class GeneratorServiceStub:
                 request_serializer=ragloom_dot_generator_dot_v1_dot_generator__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=ragloom_dot_generator_dot_v1_dot_generator__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Score = channel.unary_unary(
+                '/ragloom.generator.v1.GeneratorService/Score',
+                request_serializer=ragloom_dot_generator_dot_v1_dot_generator__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=ragloom_dot_generator_dot_v1_dot_generator__pb2.ScoreResponse.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/ragloom.generator.v1.GeneratorService/Info',
                 request_serializer=ragloom_dot_generator_dot_v1_dot_generator__pb2.InfoRequest.SerializeToString,
@@ -53,6 +58,15 @@ class GeneratorServiceServicer:
 
     def Generate(self, request, context):
         """Generates a reply, streaming text as it is produced; the last message carries finish_reason and usage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Score(self, request, context):
+        """How likely the model finds one continuation after each of several contexts: the mean log-probability
+        of the continuation's tokens (lm-evaluation-harness's loglikelihood). The router reads it to ask which
+        evidence sentence a question is about. UNIMPLEMENTED from a backend that cannot score.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -72,6 +86,11 @@ def add_GeneratorServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=ragloom_dot_generator_dot_v1_dot_generator__pb2.GenerateRequest.FromString,
                     response_serializer=ragloom_dot_generator_dot_v1_dot_generator__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=ragloom_dot_generator_dot_v1_dot_generator__pb2.ScoreRequest.FromString,
+                    response_serializer=ragloom_dot_generator_dot_v1_dot_generator__pb2.ScoreResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
@@ -107,6 +126,33 @@ class GeneratorService:
             '/ragloom.generator.v1.GeneratorService/Generate',
             ragloom_dot_generator_dot_v1_dot_generator__pb2.GenerateRequest.SerializeToString,
             ragloom_dot_generator_dot_v1_dot_generator__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ragloom.generator.v1.GeneratorService/Score',
+            ragloom_dot_generator_dot_v1_dot_generator__pb2.ScoreRequest.SerializeToString,
+            ragloom_dot_generator_dot_v1_dot_generator__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,

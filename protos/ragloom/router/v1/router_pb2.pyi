@@ -112,7 +112,7 @@ class Source(_message.Message):
     def __init__(self, number: _Optional[int] = ..., document_id: _Optional[str] = ..., chunk_id: _Optional[str] = ..., source: _Optional[str] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., shard_id: _Optional[int] = ..., evidence: _Optional[_Iterable[_Union[Span, _Mapping]]] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("embed_ms", "index_ms", "generate_ms", "time_to_first_token_ms", "total_ms", "parse_ms", "rerank_ms", "verify_ms", "generator_queue_ms")
+    __slots__ = ("embed_ms", "index_ms", "generate_ms", "time_to_first_token_ms", "total_ms", "parse_ms", "rerank_ms", "verify_ms", "generator_queue_ms", "reread_ms")
     EMBED_MS_FIELD_NUMBER: _ClassVar[int]
     INDEX_MS_FIELD_NUMBER: _ClassVar[int]
     GENERATE_MS_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +122,7 @@ class Timings(_message.Message):
     RERANK_MS_FIELD_NUMBER: _ClassVar[int]
     VERIFY_MS_FIELD_NUMBER: _ClassVar[int]
     GENERATOR_QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    REREAD_MS_FIELD_NUMBER: _ClassVar[int]
     embed_ms: float
     index_ms: float
     generate_ms: float
@@ -131,7 +132,8 @@ class Timings(_message.Message):
     rerank_ms: float
     verify_ms: float
     generator_queue_ms: float
-    def __init__(self, embed_ms: _Optional[float] = ..., index_ms: _Optional[float] = ..., generate_ms: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., parse_ms: _Optional[float] = ..., rerank_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., generator_queue_ms: _Optional[float] = ...) -> None: ...
+    reread_ms: float
+    def __init__(self, embed_ms: _Optional[float] = ..., index_ms: _Optional[float] = ..., generate_ms: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., parse_ms: _Optional[float] = ..., rerank_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., generator_queue_ms: _Optional[float] = ..., reread_ms: _Optional[float] = ...) -> None: ...
 
 class AskResponse(_message.Message):
     __slots__ = ("answer", "sources", "citations", "timings", "completion_tokens", "coverage", "cached", "abstained", "support", "extractive", "degraded")
