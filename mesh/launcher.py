@@ -10,12 +10,12 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fabric.client import wait_healthy
+from fabric.probe import http_ready
 from fabric.settings import ENV_PREFIX
 from fabric.tls import Identity, LocalCA, spiffe_id
 from mesh import policy
@@ -323,11 +323,9 @@ class Supervisor:
 async def _wait_http_ready(url: str, timeout_s: float) -> None:
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
-        try:
-            await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=1).read())
+        if await asyncio.to_thread(http_ready, url, 1.0):
             return
-        except OSError:
-            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)
     raise TimeoutError(f"{url} not ready after {timeout_s:.0f}s")
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
+from fabric.probe import http_ready
 from mesh.launcher import nats_server_binary, nats_server_config
 from tests.support.ports import free_port_block
 
@@ -32,11 +32,9 @@ class NatsProcess:
         deadline = time.monotonic() + timeout_s
         url = f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true"
         while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(url, timeout=1).read()
+            if http_ready(url, 1.0):
                 return self
-            except OSError:
-                time.sleep(0.05)
+            time.sleep(0.05)
         raise RuntimeError(f"nats-server did not start: {(self.folder / 'nats.log').read_text()[-2000:]}")
 
     def kill(self) -> None:
@@ -85,14 +83,10 @@ class NatsCluster:
         deadline = time.monotonic() + 30
         for node in procs:
             url = f"http://127.0.0.1:{node.monitor_port}/healthz?js-enabled-only=true"
-            while True:
-                try:
-                    urllib.request.urlopen(url, timeout=1).read()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"nats node did not start: {(node.folder / 'nats.log').read_text()[-2000:]}")
-                    time.sleep(0.1)
+            while not http_ready(url, 1.0):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"nats node did not start: {(node.folder / 'nats.log').read_text()[-2000:]}")
+                time.sleep(0.1)
         return self
 
     def stop(self) -> None:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 
 import pytest
 
+from fabric.probe import connect
 from tests.support.ports import free_port_block
 
 
@@ -38,7 +38,7 @@ class RedisProcess:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                connect("127.0.0.1", self.port, 0.2).close()
                 return
             except OSError:
                 time.sleep(0.05)
