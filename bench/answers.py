@@ -2,10 +2,13 @@
 
 Corpus and labels: bench/data/answers — real man pages of this machine (rendered by bench/corpus.py) and
 questions written by hand from them, paraphrased away from the pages' wording, each with a reference
-answer pattern (a regex) and the page that holds it, plus questions no page answers.
+answer pattern (a regex) and the page that holds it, plus questions no page answers: 22 written with the set
+(7 off-topic, 15 near misses) and 40 near misses, one for each page (near_misses.json: an option the command
+does not have).
 
 A second set (`--set prose`): the 40 prose documents and 120 questions of bench/data/retrieval (a third
-keyword, a third paraphrase, a third mixed; all answerable), each labelled with a verbatim answer passage;
+keyword, a third paraphrase, a third mixed), each labelled with a verbatim answer passage, and 40
+unanswerable near misses, one about each document (unanswerable.json: a figure the article never gives);
 an answer is right when it holds most of the passage's key words (see load_prose).
 
 The real mesh runs once (2 shards, the packaged SmolLM2-135M); each configuration is one more router
@@ -65,6 +68,10 @@ CONFIGS = {
     "no-rerank": ["--no-rerank"],
     "no-reserve": ["--rerank-reserved", "0"],  # the rerank candidates by fused rank alone
     "no-reread": ["--reread-sentences", "0"],  # the reranker's order, not re-read by the generator's model
+    "no-lift": ["--reread-abstain-below", "-1"],  # re-read, but never abstaining on the reading's lift
+    # Never abstains on the lift, and reads each ask's lift from the router's log: the figures at every
+    # lift threshold, from one run (an answer the gate lets through does not depend on the threshold).
+    "lift-curve": ["--reread-abstain-below", "-1", "--log-level", "DEBUG"],
     "no-verify": ["--no-verify"],
     "any-paraphrase": ["--max-paraphrase-new-words", "-1"],
     "new-words-0": ["--max-new-words", "0"],
@@ -85,14 +92,22 @@ def normalise(text: str) -> str:
 
 
 def load_questions() -> list[dict]:
-    return json.loads((DATA / "questions.json").read_text())
+    return json.loads((DATA / "questions.json").read_text()) + load_near_misses(DATA / "near_misses.json")
+
+
+def load_near_misses(path: Path) -> list[dict]:
+    """Unanswerable questions asked about a document of the set ("about") that it does not answer: an option
+    the command does not have, a figure the article never gives; "absent" is a pattern of what the answer
+    would need, found nowhere in that document (tests/test_bench_data.py checks the prose ones)."""
+    return [{"id": q["id"], "document": None, "question": q["question"], "answer": None, "evidence": None,
+             "about": q["about"]} for q in json.loads(path.read_text())]
 
 
 def load_prose() -> tuple[dict[str, str], list[dict]]:
-    """The second labelled set: bench/data/retrieval's 40 prose documents and 120 questions (all answerable),
-    each labelled with a verbatim answer passage. An answer is right when it holds the passage's key: its
-    content words that the question does not have — at least 40 % of them, or every capitalised one (a
-    name answers a "who" with few words)."""
+    """The second labelled set: bench/data/retrieval's 40 prose documents, its 120 answerable questions, each
+    labelled with a verbatim answer passage, and its 40 unanswerable ones. An answer is right when it holds the
+    passage's key: its content words that the question does not have — at least 40 % of them, or every
+    capitalised one (a name answers a "who" with few words)."""
     from fabric.text import content_words
 
     pages = {p.stem: p.read_text() for p in sorted((PROSE / "docs").iterdir())}
@@ -104,7 +119,7 @@ def load_prose() -> tuple[dict[str, str], list[dict]]:
                  if w.lower() not in q["question"].lower()]
         questions.append({"id": q["id"], "document": q["document"].removesuffix(".txt"), "question": q["question"],
                           "evidence": q["answer"], "key": key, "names": names})
-    return pages, questions
+    return pages, questions + load_near_misses(PROSE / "unanswerable.json")
 
 
 def is_right(answer: str, q: dict) -> bool:
@@ -154,10 +169,21 @@ def ask(stub, question: str) -> dict:
             "ttft_ms": ((first or end) - start) * 1000, "total_ms": (end - start) * 1000}
 
 
-def evaluate(stub, questions: list[dict], name: str, verbose: bool) -> tuple[dict, list[dict]]:
+LIFT = re.compile(r"reread: lift (-?[0-9.]+) nats")
+
+
+def evaluate(stub, questions: list[dict], name: str, verbose: bool,
+             log: Path | None = None) -> tuple[dict, list[dict]]:
+    """Every question asked in turn; with `log` (the router's, at DEBUG), each ask's lift read from it too."""
     rows = []
     for i, q in enumerate(questions):
+        logged = log.stat().st_size if log else 0
         r = ask(stub, q["question"])
+        if log:
+            with log.open("rb") as f:
+                f.seek(logged)
+                found = LIFT.search(f.read().decode(errors="replace"))
+            r["lift"] = float(found.group(1)) if found else None
         r["id"] = q["id"]
         r["top_score"] = r["sources"][0].score if r["sources"] else 0.0
         r["answerable"] = q["document"] is not None
@@ -186,6 +212,20 @@ def evaluate(stub, questions: list[dict], name: str, verbose: bool) -> tuple[dic
         "total_p50_ms": round(statistics.median(r["total_ms"] for r in rows), 1),
     }
     return figures, rows
+
+
+def lift_curve(questions: list[dict], rows: list[dict], thresholds=(0, 2, 3, 4, 5, 6, 7, 8, 10)) -> dict:
+    """Accuracy, false abstention and abstention on unanswerable questions had the ask abstained below each
+    lift threshold (rows from the lift-curve configuration)."""
+    curve = {}
+    for t in thresholds:
+        gated = [r["lift"] is not None and r["lift"] < t and not r["abstained"] for r in rows]
+        ans = [(r, g) for q, r, g in zip(questions, rows, gated) if q["document"] is not None]
+        unans = [(r, g) for q, r, g in zip(questions, rows, gated) if q["document"] is None]
+        curve[str(t)] = {"accuracy": _share(sum(r["correct"] and not g for r, g in ans), len(ans)),
+                         "false_abstention": _share(sum(r["abstained"] or g for r, g in ans), len(ans)),
+                         "abstention_unanswerable": _share(sum(r["abstained"] or g for r, g in unans), len(unans))}
+    return curve
 
 
 def _share(n: int, d: int) -> float:
@@ -249,7 +289,10 @@ def run(args: argparse.Namespace) -> None:
                 asyncio.run(wait_ready(children, 300, quiet=True))
                 stub = router_pb2_grpc.RouterServiceStub(grpc.insecure_channel(children[-1].address))
                 ask(stub, "warm-up: what does ls do?")
-                results[name], all_rows[name] = evaluate(stub, questions, name, args.verbose)
+                log = children[-1].log_path if "--log-level" in CONFIGS.get(name, []) else None
+                results[name], all_rows[name] = evaluate(stub, questions, name, args.verbose, log)
+                if name == "lift-curve":
+                    results[name]["by_threshold"] = lift_curve(questions, all_rows[name])
             finally:
                 stop_all(children)
             print(f"{name:>10}: {results[name]}", file=sys.stderr, flush=True)

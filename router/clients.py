@@ -15,7 +15,7 @@ import numpy as np
 from fabric.client import Deadline, channel
 from fabric.errors import DependencyFailed
 from fabric.telemetry import outgoing_metadata
-from router.domain import ChunkWrite, Generated, Hit, Scope
+from router.domain import ChunkWrite, Generated, Hit, Likelihoods, Scope
 from router.evidence import Scored, Span
 from ragloom.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from ragloom.generator.v1 import generator_pb2, generator_pb2_grpc
@@ -195,14 +195,14 @@ class GeneratorClient:
             call.cancel()  # our caller went away: stop the generator spending compute
 
     async def score(self, contexts: Sequence[str], continuation: str, deadline: Deadline,
-                    timeout_s: float | None = None) -> list[float]:
+                    timeout_s: float | None = None) -> Likelihoods:
         """The generator's model's mean log-probability of `continuation` after each of `contexts`, in order
         (within `timeout_s`, when given, as well as the deadline)."""
         request = generator_pb2.ScoreRequest(contexts=contexts, continuation=continuation)
         timeout = deadline.timeout(self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s))
         with _naming("generator", "Score"):
             reply = await self._stub.Score(request, timeout=timeout, metadata=outgoing_metadata())
-        return list(reply.mean_logprob)
+        return Likelihoods(list(reply.mean_logprob), reply.continuation_tokens)
 
     async def close(self) -> None:
         await self._channel.close()

@@ -53,4 +53,4 @@ class RagConfig:
         """What decides an answer beside the question: part of the answer cache's key."""
         return (f"{self.rerank_ask}:{self.rerank_candidates}:{self.rerank_reserved}:{self.prompt}:{self.verify}:"
                 f"{self.abstain_below}:{self.quote_min_score}:{self.evidence}:{self.verifier}:"
-                f"{self.reread.sentences}:{self.reread.weight}")
+                f"{self.reread.sentences}:{self.reread.weight}:{self.reread.abstain_below}")

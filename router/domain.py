@@ -192,3 +192,13 @@ class Generated:
     completion_tokens: int | None = None
     #: On the last reply: milliseconds the request waited for the generator to be free.
     queue_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Likelihoods:
+    """The generator's reading of one continuation after several contexts (its Score RPC)."""
+
+    #: Per context, in order: the mean natural-log probability of the continuation's tokens.
+    mean_logprob: list[float]
+    #: Tokens of the continuation: mean × this is the continuation's whole log-likelihood.
+    continuation_tokens: int

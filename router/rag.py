@@ -154,7 +154,13 @@ class Rag:
             yield _finish(answer, abstained=True)
             return
         if reranked and config.reread.sentences:
-            hits = await self._reread(query.question, hits, deadline, answer)
+            hits, lift = await self._reread(query.question, hits, deadline, answer)
+            if lift is not None and config.reread.abstain_below is not None and lift < config.reread.abstain_below:
+                # The sentence the answer would be built from explains the question no better than its title.
+                yield AskSources([(i + 1, hit) for i, hit in enumerate(hits[:k])], coverage)
+                yield answer.emit(ABSTENTION)
+                yield _finish(answer, abstained=True)
+                return
         sources = [(i + 1, hit) for i, hit in enumerate(hits[:k])]
 
         with span(_tracer, "build prompt") as current:
@@ -221,30 +227,40 @@ class Rag:
             answer.citations = [answer.support[0].source]
         yield _finish(answer)
 
-    async def _reread(self, question: str, hits: list[Hit], deadline: Deadline, sent: "_Answer") -> list[Hit]:
-        """`hits` re-ordered by the generator's model reading their best sentences (router/reread.py); as they
-        are when the generator cannot score (UNIMPLEMENTED: said nowhere, it is the backend's nature) or fails."""
+    async def _reread(self, question: str, hits: list[Hit], deadline: Deadline,
+                      sent: "_Answer") -> tuple[list[Hit], float | None]:
+        """`hits` re-ordered by the generator's model reading their best sentences (router/reread.py), with the
+        lift of the sentence now first; as they are, and no lift, when the generator cannot score
+        (UNIMPLEMENTED: said nowhere, it is the backend's nature) or fails."""
         config = self.config.reread
         read = reread.pool(hits, config.sentences)
         if len(read) < 2:
-            return hits
+            return hits, None
         clock = Clock()
+        contexts = reread.prompts(hits, read)
         try:
-            with span(_tracer, "reread", **{"ragloom.sentences": len(read)}):
+            with span(_tracer, "reread", **{"ragloom.sentences": len(read)}) as current:
                 DOWNSTREAM_CALLS.labels("generator").inc()
-                logprobs = await self.generator.score(reread.prompts(hits, read), question, deadline,
-                                                      timeout_s=config.timeout_s)
+                reading = await self.generator.score(contexts + reread.baselines(hits, read), question, deadline,
+                                                     timeout_s=config.timeout_s)
+                logprobs = reading.mean_logprob[: len(read)]
+                out = reread.rescore(hits, read, logprobs, config.weight)
+                lift = reread.lift(hits, read, logprobs, reading.mean_logprob[len(read):],
+                                   reading.continuation_tokens, out[0])
+                if lift is not None:
+                    current.set_attribute("ragloom.lift", lift)
+                    log.debug("reread: lift %.2f nats (abstain below %s)", lift, config.abstain_below)
         except Exception as exc:
             if code_of(exc) is grpc.StatusCode.UNIMPLEMENTED:
-                return hits
+                return hits, None
             if not is_dependency_failure(exc):
                 raise
             sent.degrade("reread", f"reread: the generator failed ({why(exc)}); the reranker's order")
-            return hits
+            return hits, None
         finally:
             sent.timings.reread_ms = clock.lap()
             STAGE_SECONDS.labels("reread").observe(sent.timings.reread_ms / 1000)
-        return reread.rescore(hits, read, logprobs, config.weight)
+        return out, lift
 
     async def _attribute(self, answer: str, sources: list[tuple[int, Hit]], deadline: Deadline,
                          sent: "_Answer") -> list[int]:

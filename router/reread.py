@@ -12,6 +12,14 @@ drop, and a candidate is re-ordered by its best sentence as before.
 
 Measured offline on both labelled sets (the README's run I): the sentence the answer is built from holds
 the answer more often on both. A generator that cannot score (UNIMPLEMENTED) leaves the order as it is.
+
+The same reading says when the evidence does not answer at all. A question about an option a command does
+not have ("Which shred option encrypts the file with AES?") finds sentences about the command, and the
+reranker cannot tell them from answers; but none of them makes that question much likelier than the
+command's name alone does. So the `lift` of the sentence the answer would be built from is the question's
+log-likelihood after it less that after its title read alone (what the topic explains), in nats over the
+whole question: a pointwise mutual information of question and sentence, given the document. Below
+`abstain_below` the ask abstains (the README's run J).
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ class RereadConfig:
     weight: float = 0.5
     #: Longest the reading may take; past it the reranker's order stands.
     timeout_s: float = 3.0
+    #: Abstain when the chosen sentence's `lift` (nats over the question) is below this; None: never.
+    abstain_below: float | None = 5.0
 
 
 def pool(hits: Sequence[Hit], n: int) -> list[tuple[int, Span]]:
@@ -52,6 +62,35 @@ def prompts(hits: Sequence[Hit], read: Sequence[tuple[int, Span]]) -> list[str]:
         title = title_for(hit.source)
         out.append(PROMPT.format(passage=f"{title}: {text}" if title else text))
     return out
+
+
+def baselines(hits: Sequence[Hit], read: Sequence[tuple[int, Span]]) -> list[str]:
+    """What the model reads when the sentence is left out: each title among the read spans' alone, in order of
+    first appearance (one prompt for an untitled source)."""
+    return [PROMPT.format(passage=title) for title in _titles(hits, read)]
+
+
+def _titles(hits: Sequence[Hit], read: Sequence[tuple[int, Span]]) -> list[str]:
+    return list(dict.fromkeys(title_for(hits[i].source) for i, _ in read))
+
+
+def lift(hits: Sequence[Hit], read: Sequence[tuple[int, Span]], logprobs: Sequence[float],
+         baseline_logprobs: Sequence[float], tokens: int, chosen: Hit) -> float | None:
+    """How much the sentence the answer is built from (`chosen`'s best span, once rescored) raises the
+    question's log-likelihood over its title read alone, in nats over the question's `tokens`. None when that
+    span was not read (nothing to judge it by)."""
+    if not read or not chosen.evidence:
+        return None
+    top = chosen.evidence[0]
+    mine = [lp for (i, span), lp in zip(read, logprobs)
+            if hits[i].chunk_id == chosen.chunk_id and (span.start, span.end) == (top.start, top.end)]
+    if not mine:
+        return None
+    own_title = title_for(chosen.source)
+    titled = dict(zip(_titles(hits, read), baseline_logprobs))
+    if own_title not in titled:
+        return None
+    return tokens * (mine[0] - titled[own_title])
 
 
 def rescore(hits: Sequence[Hit], read: Sequence[tuple[int, Span]], logprobs: Sequence[float],

@@ -91,6 +91,10 @@ class Settings(ServiceSettings):
     reread_weight: float = option(0.5, "score a re-read sentence loses per nat (per question token) of likelihood below "
                                        "the best-read one's (fitted on the two labelled sets)")
     reread_timeout_s: float = option(3.0, "longest the re-reading may take; past it the reranker's order stands")
+    reread_abstain_below: float = option(
+        5.0, "abstain when the re-read sentence the answer would be built from makes the question likelier than "
+             "its document's title read alone by less than this many nats (fitted as --abstain-below: under 10 % "
+             "of the answerable questions of either labelled set fall below it); a negative value never abstains")
     evidence_sentences: int = option(3, "most evidence sentences in the prompt")
     evidence_tokens: int = option(160, "token budget of the evidence in the prompt")
     verify: bool = option(True, "check each answer sentence against the evidence; drop what is unsupported")
@@ -141,8 +145,9 @@ class Settings(ServiceSettings):
             raise ValueError("max_question_tokens and max_chunks_per_request must be positive")
         if self.rerank_candidates < 1 or self.evidence_sentences < 1 or self.evidence_tokens < 16:
             raise ValueError("rerank_candidates and evidence_sentences must be positive, evidence_tokens at least 16")
-        if self.reread_sentences < 0 or self.reread_weight < 0 or self.reread_timeout_s <= 0:
-            raise ValueError("reread_sentences and reread_weight must not be negative, reread_timeout_s must be positive")
+        if not 0 <= self.reread_sentences <= 32 or self.reread_weight < 0 or self.reread_timeout_s <= 0:
+            # One Score call reads each sentence and each of their titles: at most 64 contexts.
+            raise ValueError("reread_sentences must be 0 to 32, reread_weight not negative, reread_timeout_s positive")
         if not 0 <= 2 * self.rerank_reserved <= self.rerank_candidates:
             raise ValueError("rerank_reserved must be between 0 and half of rerank_candidates (dense and BM25 "
                              "each get that many seats)")
@@ -344,7 +349,8 @@ class RouterService:
             rerank_search=s.search_rerank, prompt=s.prompt, verify=s.verify,
             abstain_below=s.abstain_below if s.abstain_below >= 0 else None, quote_min_score=s.quote_min_score,
             evidence=EvidenceConfig(sentences=s.evidence_sentences, tokens=s.evidence_tokens),
-            reread=RereadConfig(s.reread_sentences, s.reread_weight, s.reread_timeout_s),
+            reread=RereadConfig(s.reread_sentences, s.reread_weight, s.reread_timeout_s,
+                                s.reread_abstain_below if s.reread_abstain_below >= 0 else None),
             verifier=VerifierConfig(max_paraphrase_new_words=s.max_paraphrase_new_words,
                                     max_new_words=s.max_new_words),
             max_question_tokens=s.max_question_tokens, max_chunks_per_request=s.max_chunks_per_request,

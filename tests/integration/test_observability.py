@@ -82,6 +82,8 @@ def test_one_ask_is_one_trace_across_every_service(mesh, collector):
     searched = {(next(a.value.int_value for a in s.attributes if a.key == "ragloom.shard"),
                  next(a.value.string_value for a in s.attributes if a.key == "ragloom.retrieval")) for s in shard_spans}
     assert searched == {(0, "dense"), (1, "dense"), (0, "lexical"), (1, "lexical")}  # hybrid: both, on every shard
+    reread = next(s for _, s in spans if s.name == "reread")  # with the lift the abstention gate judged
+    assert any(a.key == "ragloom.lift" and a.value.double_value > 0 for a in reread.attributes)
     generate = next(s for _, s in spans if s.name == "generate")
     assert any(a.key == "ragloom.time_to_first_token_ms" and a.value.double_value > 0 for a in generate.attributes)
 

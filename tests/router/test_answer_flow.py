@@ -8,7 +8,7 @@ from fabric.errors import Unavailable, Unimplemented
 from router.cache import Cache, MemoryBackend
 from router.cached import CachedRag
 from router.config import RagConfig
-from router.domain import ABSTENTION, AskDone, AskQuery, AskSources, AskToken, Generated, Hit
+from router.domain import ABSTENTION, AskDone, AskQuery, AskSources, AskToken, Generated, Hit, Likelihoods
 from router.evidence import Scored, Span
 from router.rag import Rag
 from router.reread import RereadConfig
@@ -73,7 +73,8 @@ class FakeShards:
 
 
 class FakeGenerator:
-    """Streams `pieces`; scores (Score) with `read(context)` when given, else cannot (UNIMPLEMENTED)."""
+    """Streams `pieces`; scores (Score) with `read(context)` when given (a 10-token question), else cannot
+    (UNIMPLEMENTED)."""
 
     def __init__(self, *pieces, read=None, fails=None):
         self.pieces = pieces
@@ -91,7 +92,7 @@ class FakeGenerator:
         if self.read is None:
             raise Unimplemented("cannot score")
         self.scored.append((list(contexts), continuation))
-        return [self.read(c) for c in contexts]
+        return Likelihoods([self.read(c) for c in contexts], 10)
 
     async def close(self):
         pass
@@ -178,10 +179,11 @@ async def test_time_to_first_token_counts_from_the_start_of_the_ask(verify):
     assert 0 < done.timings.time_to_first_token_ms <= done.timings.total_ms
 
 
-def _reader(likelihoods):
-    """A reader that finds the question likeliest after the sentence it is given the highest figure for."""
+def _reader(likelihoods, otherwise=-8.0):
+    """A reader that finds the question likeliest after the sentence it is given the highest figure for, and
+    `otherwise` after anything else (a title read alone)."""
     def read(context):
-        return next(lp for words, lp in likelihoods.items() if words in context)
+        return next((lp for words, lp in likelihoods.items() if words in context), otherwise)
     return read
 
 
@@ -193,8 +195,11 @@ async def test_the_generators_reading_reorders_the_evidence_the_answer_is_built_
     question = "How many passes does shred make unless told otherwise?"
     sources, _, done = await ask(rag, question)
     (contexts, continuation), = generator.scored
-    assert continuation == question and len(contexts) == 3  # every evidence span, each read on its own
+    # Every evidence span, each read on its own; then each title read alone, the reading's baseline.
+    assert continuation == question and len(contexts) == 3 + 2
     assert any(c.startswith("Passage: shred 1: shred overwrites") and c.endswith("Question: ") for c in contexts)
+    assert contexts[3:] == [f"Passage: {t}\nPlease write a question based on this passage.\nQuestion: "
+                            for t in ("shred 1", "watch 1")]
     best = sources.sources[0][1]
     assert best.text == SHRED and best.evidence[0].start == 0  # 0.8 + 0 beats 0.9 - 0.3 * 2
     assert done.timings.reread_ms > 0 and not done.degraded
@@ -219,3 +224,20 @@ async def test_without_a_reading_the_rerankers_order_stands():
         rag, _ = make_rag(generator, **config)
         await ask(rag)
         assert not generator.scored
+
+
+async def test_evidence_that_lifts_the_question_no_more_than_its_title_abstains_without_generating():
+    # The best sentence reads -1.0 a token against -1.5 for its title alone: 0.5 x 10 tokens = 5 nats of lift.
+    likelihoods = {"shred overwrites the specified": -1.0, "-n, --iterations": -2.0, "watch runs": -3.0}
+    generator = FakeGenerator("It overwrites the specified files repeatedly.", read=_reader(likelihoods, -1.5))
+    rag, _ = make_rag(generator, reread=RereadConfig(abstain_below=5.5))
+    sources, text, done = await ask(rag)
+    assert done.abstained and text == ABSTENTION and not generator.requests  # nothing generated
+    assert sources.sources[0][1].text == SHRED and sources.sources[0][1].evidence[0].start == 0  # re-read order
+    assert done.timings.reread_ms > 0
+    # Just above the lift, or with the gate off, the answer is built as before.
+    for config in (RereadConfig(abstain_below=4.5), RereadConfig(abstain_below=None)):
+        generator = FakeGenerator("It overwrites the specified files repeatedly.", read=_reader(likelihoods, -1.5))
+        rag, _ = make_rag(generator, reread=config)
+        _, text, done = await ask(rag)
+        assert not done.abstained and generator.requests and "overwrites the specified files" in text
