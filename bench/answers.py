@@ -68,7 +68,7 @@ CONFIGS = {
     "no-rerank": ["--no-rerank"],
     "no-reserve": ["--rerank-reserved", "0"],  # the rerank candidates by fused rank alone
     "no-reread": ["--reread-sentences", "0"],  # the reranker's order, not re-read by the generator's model
-    "no-lift": ["--reread-abstain-below", "-1"],  # re-read, but never abstaining on the reading's lift
+    "lift-5": ["--reread-abstain-below", "5"],  # abstaining when the reading lifts the question under 5 nats
     # Never abstains on the lift, and reads each ask's lift from the router's log: the figures at every
     # lift threshold, from one run (an answer the gate lets through does not depend on the threshold).
     "lift-curve": ["--reread-abstain-below", "-1", "--log-level", "DEBUG"],

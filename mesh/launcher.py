@@ -409,7 +409,7 @@ def run_up(spec: MeshSpec) -> int:
         # The CLI finds the development token in the default data folder; elsewhere it must be told.
         folder = "" if Path(data_dir) == default_data_dir() else f" --data-dir {shlex.quote(str(data_dir))}"
         lines += [f"  try: ragloom ingest{folder} --sample && "
-                  f"ragloom ask{folder} \"Who decoded the bee dance language?\"",
+                  f"ragloom ask{folder} \"How do honeybees tell each other where flowers are?\"",
                   f"  (clients find the API at {public}: the default, or --router / RAGLOOM_ROUTER"
                   + (f"; this mesh's token with --data-dir {shlex.quote(str(data_dir))} or RAGLOOM_DATA_DIR)"
                      if folder else ")"),

@@ -19,7 +19,9 @@ reranker cannot tell them from answers; but none of them makes that question muc
 command's name alone does. So the `lift` of the sentence the answer would be built from is the question's
 log-likelihood after it less that after its title read alone (what the topic explains), in nats over the
 whole question: a pointwise mutual information of question and sentence, given the document. Below
-`abstain_below` the ask abstains (the README's run J).
+`abstain_below` the ask abstains (the README's run J). Off by default: a short question about the document's
+own subject ("What is photosynthesis?") is as likely after the title alone as after the sentence that answers
+it, so its lift is small too.
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ class RereadConfig:
     weight: float = 0.5
     #: Longest the reading may take; past it the reranker's order stands.
     timeout_s: float = 3.0
-    #: Abstain when the chosen sentence's `lift` (nats over the question) is below this; None: never.
-    abstain_below: float | None = 5.0
+    #: Abstain when the chosen sentence's `lift` (nats over the question) is below this; None (the default): never.
+    abstain_below: float | None = None
 
 
 def pool(hits: Sequence[Hit], n: int) -> list[tuple[int, Span]]:

@@ -92,9 +92,10 @@ class Settings(ServiceSettings):
                                        "the best-read one's (fitted on the two labelled sets)")
     reread_timeout_s: float = option(3.0, "longest the re-reading may take; past it the reranker's order stands")
     reread_abstain_below: float = option(
-        5.0, "abstain when the re-read sentence the answer would be built from makes the question likelier than "
-             "its document's title read alone by less than this many nats (fitted as --abstain-below: under 10 % "
-             "of the answerable questions of either labelled set fall below it); a negative value never abstains")
+        -1.0, "abstain when the re-read sentence the answer would be built from makes the question likelier than "
+              "its document's title read alone by less than this many nats (5 suits corpora asked specific "
+              "questions: see the README's run J); negative, the default, never abstains: a short question about "
+              "a document's own subject (\"What is photosynthesis?\") has a small lift too")
     evidence_sentences: int = option(3, "most evidence sentences in the prompt")
     evidence_tokens: int = option(160, "token budget of the evidence in the prompt")
     verify: bool = option(True, "check each answer sentence against the evidence; drop what is unsupported")
