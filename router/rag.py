@@ -240,13 +240,17 @@ class Rag:
         contexts = reread.prompts(hits, read)
         try:
             with span(_tracer, "reread", **{"ragloom.sentences": len(read)}) as current:
+                # The titles read alone give the lift: for the gate, or for whoever traces or debugs the asks.
+                judged = (config.abstain_below is not None or current.is_recording()
+                          or log.isEnabledFor(logging.DEBUG))
+                baselines = reread.baselines(hits, read) if judged else []
                 DOWNSTREAM_CALLS.labels("generator").inc()
-                reading = await self.generator.score(contexts + reread.baselines(hits, read), question, deadline,
+                reading = await self.generator.score(contexts + baselines, question, deadline,
                                                      timeout_s=config.timeout_s)
                 logprobs = reading.mean_logprob[: len(read)]
                 out = reread.rescore(hits, read, logprobs, config.weight)
                 lift = reread.lift(hits, read, logprobs, reading.mean_logprob[len(read):],
-                                   reading.continuation_tokens, out[0])
+                                   reading.continuation_tokens, out[0]) if judged else None
                 if lift is not None:
                     current.set_attribute("ragloom.lift", lift)
                     log.debug("reread: lift %.2f nats (abstain below %s)", lift, config.abstain_below)

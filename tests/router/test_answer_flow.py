@@ -195,11 +195,9 @@ async def test_the_generators_reading_reorders_the_evidence_the_answer_is_built_
     question = "How many passes does shred make unless told otherwise?"
     sources, _, done = await ask(rag, question)
     (contexts, continuation), = generator.scored
-    # Every evidence span, each read on its own; then each title read alone, the reading's baseline.
-    assert continuation == question and len(contexts) == 3 + 2
+    # Every evidence span, each read on its own (no lift to judge: the gate is off, and nobody traces).
+    assert continuation == question and len(contexts) == 3
     assert any(c.startswith("Passage: shred 1: shred overwrites") and c.endswith("Question: ") for c in contexts)
-    assert contexts[3:] == [f"Passage: {t}\nPlease write a question based on this passage.\nQuestion: "
-                            for t in ("shred 1", "watch 1")]
     best = sources.sources[0][1]
     assert best.text == SHRED and best.evidence[0].start == 0  # 0.8 + 0 beats 0.9 - 0.3 * 2
     assert done.timings.reread_ms > 0 and not done.degraded
@@ -233,6 +231,9 @@ async def test_evidence_that_lifts_the_question_no_more_than_its_title_abstains_
     rag, _ = make_rag(generator, reread=RereadConfig(abstain_below=5.5))
     sources, text, done = await ask(rag)
     assert done.abstained and text == ABSTENTION and not generator.requests  # nothing generated
+    (contexts, _), = generator.scored  # the three sentences, then each title read alone: the baseline
+    assert contexts[3:] == [f"Passage: {t}\nPlease write a question based on this passage.\nQuestion: "
+                            for t in ("shred 1", "watch 1")]
     assert sources.sources[0][1].text == SHRED and sources.sources[0][1].evidence[0].start == 0  # re-read order
     assert done.timings.reread_ms > 0
     # Just above the lift, or with the gate off, the answer is built as before.
